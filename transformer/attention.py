@@ -1,0 +1,450 @@
+"""Scaled dot-product attention (paper section 3.2.1, equation 1) and its kernel registry.
+
+.. math:: \\mathrm{Attention}(Q, K, V) = \\mathrm{softmax}\\left(\\frac{QK^T}{\\sqrt{d_k}}\\right) V
+
+:func:`scaled_dot_product_attention` is a drop-in for
+``torch.nn.functional.scaled_dot_product_attention``: same arguments, same
+broadcasting, same mask convention, plus a ``kernel`` keyword that picks the
+implementation. The front door validates every argument once, then hands the
+untouched arguments to the chosen kernel, so every kernel shares one signature.
+
+Notation (used in every shape comment): B batch, H heads (Hq query heads, Hk key/value
+heads under GQA), L target/query length, S source/key length, E query/key head dim
+(``d_k``), Ev value head dim (``d_v``). ``...`` is any number of batch dimensions.
+
+Conventions pinned by the spec suite:
+
+* bool ``attn_mask``: ``True`` = may attend; float ``attn_mask``: added to the scores;
+  it broadcasts to ``(..., L, S)``;
+* ``is_causal=True`` is the top-left aligned lower-triangular mask; given together with
+  ``attn_mask`` both apply (a key must be allowed by each), as in torch >= 2.5 on CPU;
+* a query row with no key it may attend to yields zeros and zero gradients, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from transformer.masks import causal_mask
+
+__all__ = [
+    "AttentionKernel",
+    "attention_weights",
+    "available_kernels",
+    "reference_attention",
+    "register_kernel",
+    "scaled_dot_product_attention",
+    "torch_attention",
+]
+
+
+class AttentionKernel(Protocol):
+    """The signature every kernel shares: ``torch.nn.functional.scaled_dot_product_attention``'s.
+
+    Kernels receive arguments the front door has already validated.
+    """
+
+    def __call__(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class _Entry:
+    fn: AttentionKernel
+    # Answers "can this kernel run on tensors of this device?"
+    is_available: Callable[[torch.device], bool]
+    # Higher wins when ``kernel=None``; negative priorities are never picked by default.
+    priority: int
+
+
+_KERNELS: dict[str, _Entry] = {}
+
+
+def _always(device: torch.device) -> bool:
+    return True
+
+
+def register_kernel(
+    name: str,
+    fn: AttentionKernel,
+    *,
+    is_available: Callable[[torch.device], bool] | None = None,
+    priority: int = -1,
+) -> None:
+    """Register an attention kernel under ``name``.
+
+    Args:
+        name: the name passed as ``kernel=`` to :func:`scaled_dot_product_attention`.
+        fn: a callable with the signature of ``torch.nn.functional.scaled_dot_product_attention``
+            (no ``kernel`` argument). It receives validated arguments.
+        is_available: ``device -> bool``; ``None`` means every device.
+        priority: when ``kernel=None`` the available kernel with the highest priority
+            runs; the default ``-1`` keeps a user kernel from being picked implicitly.
+
+    Raises:
+        TypeError: ``name`` is not a non-empty string or ``fn`` is not callable.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_kernel: name must be a non-empty str, got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"register_kernel: fn must be callable, got {type(fn).__name__}")
+    _KERNELS[name] = _Entry(fn, is_available or _always, priority)
+
+
+def available_kernels(device: torch.device | str | None = None) -> list[str]:
+    """Names of the kernels usable on ``device`` (default CPU), best first."""
+    dev = torch.device("cpu" if device is None else device)
+    usable = [(entry.priority, name) for name, entry in _KERNELS.items() if entry.is_available(dev)]
+    return [name for _, name in sorted(usable, key=lambda pn: (-pn[0], pn[1]))]
+
+
+def _pick_kernel(kernel: str | None, device: torch.device) -> AttentionKernel:
+    if kernel is None:
+        best = [n for n in available_kernels(device) if _KERNELS[n].priority >= 0]
+        if not best:  # pragma: no cover - "reference" is registered below
+            raise RuntimeError(f"no attention kernel is available on {device}")
+        return _KERNELS[best[0]].fn
+    if not isinstance(kernel, str):
+        raise TypeError(f"kernel must be a str or None, got {type(kernel).__name__}")
+    if kernel not in _KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; known kernels: {sorted(_KERNELS)}")
+    entry = _KERNELS[kernel]
+    if not entry.is_available(device):
+        raise ValueError(
+            f"kernel {kernel!r} is not available on device {device}; "
+            f"available there: {available_kernels(device)}"
+        )
+    return entry.fn
+
+
+# --------------------------------------------------------------------------------------
+# Validation: done once, at the front door, so kernels can trust their arguments.
+# --------------------------------------------------------------------------------------
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got dtype {t.dtype}")
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., seq_len, head_dim), got {_shape(t)}")
+    return t
+
+
+def _validate(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument and what was seen."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(
+            "query, key and value must share a dtype, got "
+            f"query {query.dtype}, key {key.dtype}, value {value.dtype}"
+        )
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            "query, key and value must be on one device, got "
+            f"query {query.device}, key {key.device}, value {value.device}"
+        )
+    if query.size(-1) != key.size(-1):
+        raise ValueError(
+            "query and key must have the same head dim E: "
+            f"query {_shape(query)} has E={query.size(-1)}, key {_shape(key)} has E={key.size(-1)}"
+        )
+    if key.size(-2) != value.size(-2):
+        raise ValueError(
+            "key and value must have the same sequence length S: "
+            f"key {_shape(key)} has S={key.size(-2)}, value {_shape(value)} has S={value.size(-2)}"
+        )
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    q_batch, k_batch, v_batch = query.shape[:-2], key.shape[:-2], value.shape[:-2]
+    if enable_gqa:
+        if query.dim() < 3 or key.dim() < 3 or value.dim() < 3:
+            raise ValueError(
+                "enable_gqa=True needs a heads dimension (..., H, L, E); got "
+                f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}"
+            )
+        hq, hk, hv = query.size(-3), key.size(-3), value.size(-3)
+        if hk != hv or hk == 0 or hq % hk != 0:
+            raise ValueError(
+                "enable_gqa=True needs key and value heads equal and dividing the query heads; "
+                f"got query heads {hq}, key heads {hk}, value heads {hv}"
+            )
+        # The heads dims are reconciled by repetition; the rest must broadcast.
+        q_batch, k_batch, v_batch = q_batch[:-1], k_batch[:-1], v_batch[:-1]
+    try:
+        batch = torch.broadcast_shapes(q_batch, k_batch, v_batch)
+    except RuntimeError:
+        raise ValueError(
+            "batch dims of query, key and value do not broadcast: "
+            f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}"
+        ) from None
+    L, S = query.size(-2), key.size(-2)
+    if enable_gqa:
+        batch = (*batch, query.size(-3))
+    scores_shape = (*batch, L, S)
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(
+                f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}"
+            )
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise ValueError(
+                "attn_mask must be bool (True = may attend) or floating point (added to the "
+                f"scores), got dtype {attn_mask.dtype}"
+            )
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+        try:
+            fits = torch.broadcast_shapes(attn_mask.shape, scores_shape) == scores_shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"attn_mask of shape {_shape(attn_mask)} does not broadcast to the attention "
+                f"scores (..., L, S) = {scores_shape}"
+            )
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"scale must be finite, got {scale}")
+
+
+# --------------------------------------------------------------------------------------
+# Kernels.
+# --------------------------------------------------------------------------------------
+
+
+def repeat_kv_heads(query: Tensor, kv: Tensor) -> Tensor:
+    """Grouped-query attention: repeat each key/value head for its group of query heads.
+
+    ``(..., Hk, S, E) -> (..., Hq, S, E)``, head ``j`` serving query heads
+    ``j*g .. j*g+g-1`` with ``g = Hq // Hk`` (``repeat_interleave``, like torch).
+    """
+    groups = query.size(-3) // kv.size(-3)
+    return kv if groups == 1 else kv.repeat_interleave(groups, dim=-3)
+
+
+def safe_softmax(scores: Tensor) -> Tensor:
+    """Softmax over the last dim that gives an all-zero row where every score is ``-inf``.
+
+    The plain softmax divides 0 by 0 there and returns NaN, which then poisons the
+    gradients of every other row sharing a weight. Subtracting the (detached) row
+    max leaves the result unchanged (softmax is shift invariant) and keeps ``exp``
+    from overflowing.
+    """
+    if scores.size(-1) == 0:
+        return scores
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    unnormalised = torch.exp(scores - row_max)
+    denom = unnormalised.sum(dim=-1, keepdim=True)
+    return unnormalised / torch.where(denom == 0, torch.ones_like(denom), denom)
+
+
+def attention_weights(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """The attention weights of equation 1: ``softmax(QK^T / sqrt(d_k) + mask)``.
+
+    Shapes: query ``(..., L, E)``, key ``(..., S, E)``, SDPA-convention ``attn_mask``
+    broadcastable to ``(..., L, S)``; returns ``(..., L, S)``, each row summing to one
+    (or all zeros where no key is allowed).
+    """
+    L, S = query.size(-2), key.size(-2)
+    # 1/sqrt(d_k): "to counteract" the dot products growing large (section 3.2.1).
+    scale_factor = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    scores = (query @ key.transpose(-2, -1)) * scale_factor  # (..., L, S)
+    if is_causal:
+        scores = scores.masked_fill(~causal_mask(L, S, device=query.device), float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
+    return safe_softmax(scores)
+
+
+def reference_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Equation 1 written plainly: the executable spec every other kernel is held to.
+
+    Materialises the full ``(..., L, S)`` score matrix; clarity over speed.
+
+    Shapes: query ``(..., L, E)``, key ``(..., S, E)``, value ``(..., S, Ev)``,
+    attn_mask broadcastable to ``(..., L, S)``; returns ``(..., L, Ev)``.
+    """
+    if enable_gqa:
+        key, value = repeat_kv_heads(query, key), repeat_kv_heads(query, value)
+    weights = attention_weights(query, key, attn_mask, is_causal, scale)  # (..., L, S)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p, training=True)
+    return weights @ value  # (..., L, Ev)
+
+
+def _allowed_rows(attn_mask: Tensor | None, is_causal: bool, L: int, S: int) -> Tensor | None:
+    """``(..., L, 1)`` bool: does the row have at least one key it may attend to?
+
+    ``None`` means every row does (no mask, or causal alone with ``S > 0``).
+    """
+    if attn_mask is None:
+        return None if S > 0 else torch.zeros(L, 1, dtype=torch.bool)
+    allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
+    if is_causal:
+        allowed = allowed & causal_mask(L, S, device=attn_mask.device)
+    return allowed.any(dim=-1, keepdim=True)
+
+
+def torch_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """torch's own SDPA, for comparison, wrapped to honour this package's guarantees.
+
+    The wrapper (a) applies ``is_causal`` together with ``attn_mask``, which older torch
+    rejects, (b) repeats GQA heads itself, since ``enable_gqa`` only exists in torch >= 2.5,
+    and (c) gives zero output and zero gradient to rows with no allowed key on every
+    backend: such rows are given every key (so the softmax is finite) and then zeroed.
+    """
+    if enable_gqa:
+        key, value = repeat_kv_heads(query, key), repeat_kv_heads(query, value)
+    L, S = query.size(-2), key.size(-2)
+    if attn_mask is not None and attn_mask.dim() < 2:
+        # torch's SDPA rejects masks of fewer than two dims although they broadcast.
+        attn_mask = attn_mask.expand(L, S)
+    if attn_mask is not None and is_causal:
+        causal = causal_mask(L, S, device=query.device)
+        if attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & causal
+        else:
+            attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
+        is_causal = False
+    if S == 0 or L == 0:
+        return reference_attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
+    rows = _allowed_rows(attn_mask, is_causal, L, S)
+    if rows is not None and attn_mask is not None:
+        attn_mask = attn_mask.masked_fill(~rows, True if attn_mask.dtype == torch.bool else 0.0)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(query.dtype)
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+    )
+    if rows is not None:
+        out = out.masked_fill(~rows, 0.0)
+    return out
+
+
+register_kernel("reference", reference_attention, priority=0)
+register_kernel("torch", torch_attention, priority=-1)
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    kernel: str | None = None,
+) -> Tensor:
+    """Scaled dot-product attention, interchangeable with torch's (section 3.2.1, eq. 1).
+
+    Args:
+        query: ``(..., L, E)``.
+        key: ``(..., S, E)``; batch dims broadcast with the query's.
+        value: ``(..., S, Ev)``.
+        attn_mask: broadcastable to ``(..., L, S)``; bool ``True`` = may attend, float is
+            added to the scores.
+        dropout_p: dropout on the attention weights, applied whenever ``> 0`` (like torch's
+            functional form, it does not look at a module's training flag).
+        is_causal: apply the top-left aligned causal mask (query ``i`` sees keys ``<= i``).
+        scale: multiplies ``QK^T``; defaults to ``1/sqrt(E)``.
+        enable_gqa: repeat key/value heads (dim ``-3``) to the query's head count.
+        kernel: implementation name (see :func:`available_kernels`); ``None`` = best for
+            the device.
+
+    Returns:
+        ``(..., L, Ev)``. Rows with no key to attend to are zeros (and get zero gradient).
+
+    Raises:
+        TypeError: an argument has the wrong type (e.g. an integer ``query``).
+        ValueError: shapes/dtypes do not fit, ``dropout_p`` is outside ``[0, 1)``, or the
+            kernel name is unknown or unavailable on the device.
+    """
+    _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    fn = _pick_kernel(kernel, query.device)
+    return fn(
+        query,
+        key,
+        value,
+        attn_mask=attn_mask,
+        dropout_p=float(dropout_p),
+        is_causal=is_causal,
+        scale=None if scale is None else float(scale),
+        enable_gqa=enable_gqa,
+    )

@@ -1,0 +1,343 @@
+"""Multi-head attention (paper section 3.2.2), interchangeable with ``torch.nn.MultiheadAttention``.
+
+.. math::
+    \\mathrm{MultiHead}(Q, K, V) = \\mathrm{Concat}(\\mathrm{head}_1, \\dots, \\mathrm{head}_h) W^O,
+    \\quad \\mathrm{head}_i = \\mathrm{Attention}(Q W_i^Q, K W_i^K, V W_i^V)
+
+Each head sees its own *learned* projection of the whole embedding (``W_i^Q`` is a
+``d_model x d_k`` slice of ``in_proj_weight``), never a slice of the embedding itself.
+
+Constructor, forward signature, defaults, return values and ``state_dict`` keys are
+torch's, so ``load_state_dict`` works in both directions. Masks follow torch's module
+convention (bool ``True`` = masked out; float added). Departures from torch, each a
+guarantee of this package: rows with no key left to attend to give zeros (torch gives
+NaN), and bad input raises ``ValueError``/``TypeError`` where torch asserts.
+
+Notation: B batch, L target length, S source length, E embed_dim (``d_model``),
+H num_heads (``h``), D head_dim (``d_k = d_v = E / H``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transformer.attention import attention_weights, scaled_dot_product_attention
+from transformer.masks import merge_module_masks
+
+__all__ = ["MultiheadAttention"]
+
+
+def _pad_one_key(mask: Tensor | None) -> Tensor | None:
+    """Append one never-masked key column to a module-convention mask (``..., S) -> (..., S+1)``.
+
+    Used for the extra key that ``add_bias_kv`` / ``add_zero_attn`` append: it is
+    always visible, whatever the mask's dtype.
+    """
+    if mask is None:
+        return None
+    return torch.cat([mask, mask.new_zeros((*mask.shape[:-1], 1))], dim=-1)
+
+
+def _check_mask_dtype(name: str, mask: Tensor | None) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ValueError(
+            f"{name} must be bool (True = masked out) or floating point (added to the "
+            f"scores), got dtype {mask.dtype}"
+        )
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention of section 3.2.2 with ``torch.nn.MultiheadAttention``'s API.
+
+    Args:
+        embed_dim: total model dimension ``d_model`` (E).
+        num_heads: number of heads ``h``; must divide ``embed_dim``.
+        dropout: dropout on the attention weights, active in training mode only.
+        bias: add biases to the input and output projections.
+        add_bias_kv: append a learned key and value (``bias_k``, ``bias_v``) to the sequence.
+        add_zero_attn: append an all-zero key and value (after projection).
+        kdim, vdim: feature sizes of key and value (default ``embed_dim``); when either
+            differs, separate ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` are used.
+        batch_first: inputs are ``(B, L, E)`` instead of ``(L, B, E)``.
+
+    Shape:
+        - query ``(L, B, E)`` (``(B, L, E)`` if batch_first) or unbatched ``(L, E)``;
+        - key ``(S, B, kdim)``, value ``(S, B, vdim)`` (likewise);
+        - key_padding_mask ``(B, S)`` or ``(S,)``; attn_mask ``(L, S)`` or ``(B*H, L, S)``;
+        - output like query; weights ``(B, L, S)`` averaged or ``(B, H, L, S)``.
+    """
+
+    __constants__: ClassVar[list[str]] = ["batch_first"]
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, "
+                f"num_heads={num_heads}"
+            )
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+
+        self.in_proj_weight: nn.Parameter | None
+        self.q_proj_weight: nn.Parameter | None
+        self.k_proj_weight: nn.Parameter | None
+        self.v_proj_weight: nn.Parameter | None
+        if self._qkv_same_embed_dim:
+            # W^Q, W^K, W^V of every head, stacked: (3E, E).
+            self.in_proj_weight = nn.Parameter(torch.empty((3 * embed_dim, embed_dim), **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty((embed_dim, embed_dim), **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty((embed_dim, self.kdim), **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty((embed_dim, self.vdim), **factory))
+            self.register_parameter("in_proj_weight", None)
+        self.in_proj_bias: nn.Parameter | None
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        # W^O: (E, E).
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.bias_k: nn.Parameter | None
+        self.bias_v: nn.Parameter | None
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
+            self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
+        else:
+            self.bias_k = self.bias_v = None
+        self.add_zero_attn = add_zero_attn
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """torch's init: xavier-uniform projections, zero biases, xavier-normal bias_k/v."""
+        for w in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+            if w is not None:
+                nn.init.xavier_uniform_(w)
+        if self.in_proj_bias is not None:
+            nn.init.constant_(self.in_proj_bias, 0.0)
+        if self.out_proj.bias is not None:
+            nn.init.constant_(self.out_proj.bias, 0.0)
+        for b in (self.bias_k, self.bias_v):
+            if b is not None:
+                nn.init.xavier_normal_(b)
+
+    def _projection_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(W^Q, W^K, W^V)`` of all heads: ``(E, E)``, ``(E, kdim)``, ``(E, vdim)``."""
+        if self.in_proj_weight is not None:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+            return w_q, w_k, w_v
+        assert self.q_proj_weight is not None
+        assert self.k_proj_weight is not None
+        assert self.v_proj_weight is not None
+        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+
+    def _in_projection(
+        self, query: Tensor, key: Tensor, value: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Project inputs to ``Q W^Q``, ``K W^K``, ``V W^V`` for every head at once.
+
+        ``(B, L, E), (B, S, kdim), (B, S, vdim) -> (B, L, E), (B, S, E), (B, S, E)``.
+        """
+        w_q, w_k, w_v = self._projection_weights()
+        b_q: Tensor | None
+        b_k: Tensor | None
+        b_v: Tensor | None
+        if self.in_proj_bias is None:
+            b_q = b_k = b_v = None
+        else:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        if self.in_proj_weight is not None and query is key and key is value:
+            # Self-attention: one (3E, E) matmul instead of three.
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+            return q, k, v
+        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+    def _check_inputs(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None,
+    ) -> bool:
+        """Validate shapes/dtypes like torch's ``_mha_shape_check``; return ``is_batched``."""
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating point tensor, got dtype {t.dtype}")
+        _check_mask_dtype("key_padding_mask", key_padding_mask)
+        _check_mask_dtype("attn_mask", attn_mask)
+        if query.dim() not in (2, 3):
+            raise ValueError(
+                f"query must be 3-D (batched) or 2-D (unbatched), got shape {tuple(query.shape)}"
+            )
+        is_batched = query.dim() == 3
+        want = query.dim()
+        for name, t in (("key", key), ("value", value)):
+            if t.dim() != want:
+                raise ValueError(
+                    f"{name} must be {want}-D like query {tuple(query.shape)}, got {tuple(t.shape)}"
+                )
+        if key_padding_mask is not None and key_padding_mask.dim() != want - 1:
+            raise ValueError(
+                f"key_padding_mask must be {want - 1}-D for a {want}-D query, "
+                f"got shape {tuple(key_padding_mask.shape)}"
+            )
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            raise ValueError(f"attn_mask must be 2-D or 3-D, got shape {tuple(attn_mask.shape)}")
+        for name, t, dim in (
+            ("query", query, self.embed_dim),
+            ("key", key, self.kdim),
+            ("value", value, self.vdim),
+        ):
+            if t.size(-1) != dim:
+                raise ValueError(
+                    f"{name} has {t.size(-1)} features in shape {tuple(t.shape)}, expected {dim}"
+                )
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ValueError(
+                "key and value must agree in sequence and batch dims, got "
+                f"key {tuple(key.shape)}, value {tuple(value.shape)}"
+            )
+        return is_batched
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend from ``query`` to ``key``/``value`` with ``num_heads`` learned projections.
+
+        Args:
+            query, key, value: see the class ``Shape`` section.
+            key_padding_mask: ``(B, S)``; bool ``True`` marks a key to ignore, float is added.
+            need_weights: also return the attention weights (computed explicitly).
+            attn_mask: ``(L, S)`` or ``(B*H, L, S)``; bool ``True`` = masked out, float added.
+            average_attn_weights: average the returned weights over heads.
+            is_causal: a hint that ``attn_mask`` is the causal mask (as in torch, it
+                requires ``attn_mask``).
+
+        Returns:
+            ``(output, weights)``: output shaped like ``query`` with ``E`` features;
+            weights ``(B, L, S)`` (or ``(B, H, L, S)``), ``None`` if not ``need_weights``.
+        """
+        is_batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
+        if is_causal and attn_mask is None:
+            raise ValueError(
+                "is_causal=True is a hint that attn_mask is causal and needs attn_mask; "
+                "build one with Transformer.generate_square_subsequent_mask"
+            )
+        if not is_batched:
+            # (L, E) -> (1, L, E); masks gain the batch dim too.
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            # (L, B, E) -> (B, L, E): work batch first inside.
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+
+        B, L, _ = query.shape
+        S = key.size(1)
+        H, D = self.num_heads, self.head_dim
+        if key.size(0) != B:
+            raise ValueError(f"query batch size {B} differs from key batch size {key.size(0)}")
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, S):
+            shape = (B, S) if is_batched else (S,)
+            raise ValueError(
+                f"key_padding_mask must have shape {shape}, got "
+                f"{tuple(key_padding_mask.shape if is_batched else key_padding_mask.shape[1:])}"
+            )
+        if attn_mask is not None:
+            allowed = [(L, S), (B * H, L, S)]
+            if tuple(attn_mask.shape) not in allowed:
+                raise ValueError(
+                    f"attn_mask must have shape (L, S) = {(L, S)} or (B*num_heads, L, S) = "
+                    f"{(B * H, L, S)}, got {tuple(attn_mask.shape)}"
+                )
+
+        q, k, v = self._in_projection(query, key, value)  # (B, L, E), (B, S, E), (B, S, E)
+        if self.bias_k is not None and self.bias_v is not None:
+            k = torch.cat([k, self.bias_k.expand(B, 1, -1)], dim=1)  # (B, S+1, E)
+            v = torch.cat([v, self.bias_v.expand(B, 1, -1)], dim=1)
+            attn_mask, key_padding_mask = _pad_one_key(attn_mask), _pad_one_key(key_padding_mask)
+        q = q.view(B, L, H, D).transpose(1, 2)  # (B, H, L, D)
+        k = k.view(B, k.size(1), H, D).transpose(1, 2)  # (B, H, S', D)
+        v = v.view(B, v.size(1), H, D).transpose(1, 2)  # (B, H, S', D)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros((B, H, 1, D))], dim=2)  # (B, H, S'+1, D)
+            v = torch.cat([v, v.new_zeros((B, H, 1, D))], dim=2)
+            attn_mask, key_padding_mask = _pad_one_key(attn_mask), _pad_one_key(key_padding_mask)
+        S = k.size(2)
+
+        dropout_p = self.dropout if self.training else 0.0
+        weights: Tensor | None = None
+        if need_weights:
+            mask = merge_module_masks(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
+            weights = attention_weights(q, k, mask)  # (B, H, L, S)
+            attended = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
+            out = attended @ v  # (B, H, L, D)
+            weights = attended.mean(dim=1) if average_attn_weights else attended
+        else:
+            # As torch does: with no padding mask the causal hint selects the causal
+            # kernel path (cheaper: blocks above the diagonal are skipped).
+            use_causal = is_causal and key_padding_mask is None
+            mask = (
+                None
+                if use_causal
+                else merge_module_masks(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
+            )
+            out = scaled_dot_product_attention(q, k, v, mask, dropout_p, use_causal)  # (B, H, L, D)
+        # Concat(head_1, ..., head_h): heads side by side along the feature axis.
+        out = out.transpose(1, 2).reshape(B, L, H * D)  # (B, L, E)
+        out = self.out_proj(out)
+
+        if not is_batched:
+            out = out.squeeze(0)  # (L, E)
+            if weights is not None:
+                weights = weights.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)  # (L, B, E)
+        return out, weights
