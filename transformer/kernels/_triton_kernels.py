@@ -1,0 +1,728 @@
+"""The ``@triton.jit`` kernels of the FlashAttention-2 kernel (imported lazily, needs triton).
+
+This module imports :mod:`triton` at the top, so only
+:mod:`transformer.kernels.triton_flash` imports it, and only when the ``"triton"``
+kernel is first called. That keeps ``import transformer`` fast and working without
+triton, and lets ``TRITON_INTERPRET=1`` (read by ``triton.jit`` when a kernel is
+*decorated*) be set any time before that first call.
+
+Algorithm: FlashAttention-2 (Dao, 2023), i.e. equation 1 of "Attention Is All You Need"
+(section 3.2.1) computed tile by tile without ever storing the ``(L, S)`` score matrix:
+
+* forward: one program per (query block, batch*head). It streams key/value blocks
+  through an *online softmax* (running row max ``m`` and row sum ``l``, rescaling the
+  accumulator when the max grows) and stores ``O`` and the per-row log-sum-exp ``LSE``.
+* backward: ``P`` is *recomputed* blockwise from ``Q``, ``K`` and ``LSE``
+  (``P = exp(S - LSE)``), never stored. With ``D = rowsum(dO * O)``,
+  ``dV = P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - D)``, ``dQ = scale * dS K`` and
+  ``dK = scale * dS^T Q``. One kernel owns a key block and loops over query blocks
+  (``dK``, ``dV``); another owns a query block and loops over key blocks (``dQ``), so no
+  atomics are needed and the result is deterministic.
+
+Conventions shared by every kernel:
+
+* tensors are 4-D ``(Bo, H, seq, dim)`` given by pointer + strides, so broadcast
+  (stride 0) and non-contiguous inputs need no copy; query head ``h`` reads key/value
+  head ``h // GROUP`` (grouped-query attention without repeating K/V);
+* scores live in the log2 domain: ``qk_scale = scale * log2(e)``, so ``exp2`` replaces
+  ``exp``; ``LSE`` is stored in that domain and is ``+inf`` for a row with no allowed
+  key, which makes every recomputed ``P`` of that row exactly ``0`` (zero output and
+  zero gradients instead of NaN);
+* ``MASK_KIND``: 0 no mask, 1 bool mask (loaded as uint8, nonzero = may attend),
+  2 float mask (added to the scores);
+* dropout keeps an element when ``rand(seed, offset) >= p`` with the Philox counter
+  ``offset = (bh * L + row) * S + col`` (int64); forward and both backward kernels
+  evaluate the very same expression, so they agree on every kept element.
+"""
+
+# Kernel parameters carry no annotations besides ``tl.constexpr``: triton.jit reads
+# annotations to decide how to specialise arguments, so mypy's untyped-def check is off here.
+# mypy: disable-error-code="no-untyped-def"
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Triton's interpreter (3.9) gets two bf16 operations wrong: it multiplies bf16 tiles as
+# their raw uint16 bits, and it rounds fp32 -> bf16 towards zero (a bias that adds up in
+# dV = P^T dO). Under it, bf16 dot operands are widened to fp32 and casts round to nearest
+# even on the bits, as a GPU does. Read once, like triton.jit reads TRITON_INTERPRET.
+_INTERPRETER_BF16_FIXES = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+# --------------------------------------------------------------------------------------
+# Small shared pieces.
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mm(a, b, acc, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``acc + a @ b`` accumulated in ``ACC_DTYPE`` (``acc`` may be ``None``)."""
+    if _INTERPRETER_BF16_FIXES and a.dtype == tl.bfloat16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr):
+    """``x.to(dtype)``, rounding to nearest even also under the interpreter (see above)."""
+    if _INTERPRETER_BF16_FIXES and dtype == tl.bfloat16:
+        # Round the fp32 bits at bit 16 (ties to even); the truncating cast is then exact.
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _load_consts(Consts):
+    """``(qk_scale, sm_scale, 1 / (1 - dropout_p), log2(e))`` in the accumulator dtype.
+
+    They come through memory rather than as float arguments because triton passes a
+    Python float as fp32, which would cap the float64 path at fp32 accuracy.
+    """
+    return tl.load(Consts), tl.load(Consts + 1), tl.load(Consts + 2), tl.load(Consts + 3)
+
+
+@triton.jit
+def _keep(seed, bh, rows, cols, L, S, dropout_p):
+    """Dropout keep-mask of the (rows x cols) tile of head ``bh``; rows/cols broadcast."""
+    offsets = (bh.to(tl.int64) * L + rows.to(tl.int64)) * S + cols.to(tl.int64)
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_keep_mask_kernel(
+    Out,
+    L,
+    S,
+    seed,
+    dropout_p,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Write the keep-mask the attention kernels use, as uint8 ``(BH, L, S)`` (for tests)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(seed, bh, rows[:, None], cols[None, :], L, S, dropout_p)
+    offs = (bh.to(tl.int64) * L + rows[:, None]) * S + cols[None, :]
+    tl.store(Out + offs, keep.to(tl.uint8), mask=(rows[:, None] < L) & (cols[None, :] < S))
+
+
+# --------------------------------------------------------------------------------------
+# Forward.
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    mask_base,
+    offs_m,
+    offs_e,
+    offs_ev,
+    lo,
+    hi,
+    bh,
+    L,
+    S,
+    qk_scale,
+    log2e,
+    seed,
+    dropout_p,
+    stride_ks,
+    stride_ke,
+    stride_vs,
+    stride_ve,
+    stride_ml,
+    stride_ms,
+    E: tl.constexpr,
+    EV: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHECK_BOUNDS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Online softmax over key blocks ``lo .. hi`` (section 3 of FlashAttention-2).
+
+    ``CHECK_BOUNDS`` is off for blocks fully inside ``S`` and fully below the causal
+    diagonal, so the common blocks skip the masking work.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_ok = cols < S
+        # K^T tile (E, N): loading it transposed saves a transpose before the dot. The
+        # loads of full blocks carry no sequence mask (and no head-dim mask when E is a
+        # power of two), which keeps the hot loop free of predication.
+        k_ptrs = k_base + cols[None, :] * stride_ks + offs_e[:, None] * stride_ke
+        v_ptrs = v_base + cols[:, None] * stride_vs + offs_ev[None, :] * stride_ve
+        if CHECK_BOUNDS:
+            k_t = tl.load(k_ptrs, mask=kv_ok[None, :] & (offs_e[:, None] < E), other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
+        else:
+            if E == BLOCK_E:
+                k_t = tl.load(k_ptrs)
+            else:
+                k_t = tl.load(k_ptrs, mask=offs_e[:, None] < E, other=0.0)
+            if EV == BLOCK_EV:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=offs_ev[None, :] < EV, other=0.0)
+        s = _mm(q, k_t, None, PRECISION, ACC_DTYPE) * qk_scale
+        if CHECK_BOUNDS:
+            allowed = kv_ok[None, :]
+            if IS_CAUSAL:
+                allowed = allowed & (cols[None, :] <= offs_m[:, None])
+            s = tl.where(allowed, s, float("-inf"))
+        if MASK_KIND != 0:
+            mask_tile = tl.load(
+                mask_base + offs_m[:, None] * stride_ml + cols[None, :] * stride_ms,
+                mask=(offs_m[:, None] < L) & kv_ok[None, :],
+                other=0,
+            )
+            if MASK_KIND == 1:
+                s = tl.where(mask_tile != 0, s, float("-inf"))
+            else:
+                s = s + mask_tile.to(ACC_DTYPE) * log2e
+        # A row whose keys so far are all masked keeps m = -inf; exponentiate against 0
+        # there so that exp2(-inf - -inf) never produces NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        # l sums the undropped P: dropout acts on the normalised weights (torch's order).
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = _keep(seed, bh, offs_m[:, None], cols[None, :], L, S, dropout_p)
+            p = tl.where(keep, p, 0.0)
+        acc = _mm(_to(p, v.dtype), v, acc, PRECISION, ACC_DTYPE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_fwd(
+    Q,
+    K,
+    V,
+    Mask,
+    Out,
+    Lse,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_qe,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_ke,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ve,
+    stride_mb,
+    stride_mh,
+    stride_ml,
+    stride_ms,
+    stride_ob,
+    stride_oh,
+    stride_ol,
+    stride_oe,
+    H,
+    L,
+    S,
+    Consts,
+    seed,
+    dropout_p,
+    seq_bucket,
+    GROUP: tl.constexpr,
+    E: tl.constexpr,
+    EV: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One query block of one (batch, head): ``O = softmax(Q K^T * scale + mask) V``."""
+    # A 1-D grid (query blocks fastest) has no 65535 limit on batch*heads and runs the
+    # blocks that share one K/V side by side, which is kind to the L2 cache.
+    qk_scale, _, inv_keep, log2e = _load_consts(Consts)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(L, BLOCK_M)
+    start_m = (pid % num_m) * BLOCK_M
+    bh = pid // num_m
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    kv_h = h // GROUP
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    o_base = Out + b * stride_ob + h * stride_oh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    row_ok = offs_m < L
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
+        mask=row_ok[:, None] & (offs_e[None, :] < E),
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=ACC_DTYPE)
+
+    if IS_CAUSAL:
+        # Top-left aligned: row i sees keys 0..i. Blocks right of the last row's
+        # diagonal are skipped; blocks left of the first row's diagonal need no mask.
+        hi = tl.minimum(S, start_m + BLOCK_M)
+        full_end = (tl.minimum(S, start_m + 1) // BLOCK_N) * BLOCK_N
+    else:
+        hi = S
+        full_end = (S // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, offs_e, offs_ev,
+        0, full_end, bh, L, S, qk_scale, log2e, seed, dropout_p,
+        stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+        E, EV, BLOCK_E, BLOCK_EV, BLOCK_N, False, IS_CAUSAL, MASK_KIND, HAS_DROPOUT,
+        ACC_DTYPE, PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, offs_e, offs_ev,
+        full_end, hi, bh, L, S, qk_scale, log2e, seed, dropout_p,
+        stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+        E, EV, BLOCK_E, BLOCK_EV, BLOCK_N, True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT,
+        ACC_DTYPE, PRECISION,
+    )  # fmt: skip
+
+    # l == 0 exactly when the row has no allowed key: output 0 and LSE = +inf.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if HAS_DROPOUT:
+        out = out * inv_keep
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(
+        o_base + offs_m[:, None] * stride_ol + offs_ev[None, :] * stride_oe,
+        _to(out, Out.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_ev[None, :] < EV),
+    )
+    tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------
+# Backward.
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess(
+    Out,
+    DOut,
+    Delta,
+    stride_ob,
+    stride_oh,
+    stride_ol,
+    stride_oe,
+    stride_db,
+    stride_dh,
+    stride_dl,
+    stride_de,
+    H,
+    L,
+    EV: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """``D = rowsum(dO * O)``, which equals ``rowsum(P * dP)`` (FlashAttention-2, eq. for dS)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(L, BLOCK_M)
+    start_m = (pid % num_m) * BLOCK_M
+    bh = pid // num_m
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    ok = (offs_m[:, None] < L) & (offs_ev[None, :] < EV)
+    o_base = Out + b * stride_ob + h * stride_oh
+    do_base = DOut + b * stride_db + h * stride_dh
+    o = tl.load(
+        o_base + offs_m[:, None] * stride_ol + offs_ev[None, :] * stride_oe, mask=ok, other=0.0
+    ).to(ACC_DTYPE)
+    do = tl.load(
+        do_base + offs_m[:, None] * stride_dl + offs_ev[None, :] * stride_de, mask=ok, other=0.0
+    ).to(ACC_DTYPE)
+    tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dkdv(
+    Q,
+    K,
+    V,
+    Mask,
+    DOut,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_qe,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_ke,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ve,
+    stride_mb,
+    stride_mh,
+    stride_ml,
+    stride_ms,
+    stride_db,
+    stride_dh,
+    stride_dl,
+    stride_de,
+    stride_dkb,
+    stride_dkh,
+    stride_dks,
+    stride_dke,
+    stride_dvb,
+    stride_dvh,
+    stride_dvs,
+    stride_dve,
+    H,
+    L,
+    S,
+    Consts,
+    seed,
+    dropout_p,
+    seq_bucket,
+    GROUP: tl.constexpr,
+    E: tl.constexpr,
+    EV: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One key block of one (batch, kv head): ``dK`` and ``dV``, summed over its query heads.
+
+    Works on transposed tiles (keys x queries) so that ``dV += P^T dO`` and
+    ``dK += dS^T Q`` need no transpose of ``P``. Query rows past ``L`` and rows with no
+    allowed key read ``LSE = +inf`` and so contribute ``P = 0``. Key rows past ``S``
+    compute garbage that is never stored and never mixes into other rows.
+    """
+    qk_scale, sm_scale, inv_keep, log2e = _load_consts(Consts)
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(S, BLOCK_N)
+    start_n = (pid % num_n) * BLOCK_N
+    bhk = pid // num_n
+    HK = H // GROUP
+    b = (bhk // HK).to(tl.int64)
+    kv_h = (bhk % HK).to(tl.int64)
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    col_ok = offs_n < S
+    k_ok = col_ok[:, None] & (offs_e[None, :] < E)
+    v_ok = col_ok[:, None] & (offs_ev[None, :] < EV)
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+    k = tl.load(
+        k_base + offs_n[:, None] * stride_ks + offs_e[None, :] * stride_ke, mask=k_ok, other=0.0
+    )
+    v = tl.load(
+        v_base + offs_n[:, None] * stride_vs + offs_ev[None, :] * stride_ve, mask=v_ok, other=0.0
+    )
+    dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=ACC_DTYPE)
+    # Query rows above this block's first key never see it under the causal mask.
+    lo = (start_n // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
+    offs_mb = tl.arange(0, BLOCK_M)
+    for g in range(GROUP):
+        h = kv_h * GROUP + g
+        bh = b * H + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DOut + b * stride_db + h * stride_dh
+        mask_base = Mask + b * stride_mb + h * stride_mh
+        for start_m in range(lo, L, BLOCK_M):
+            rows = start_m + offs_mb
+            row_ok = rows < L
+            q = tl.load(
+                q_base + rows[:, None] * stride_ql + offs_e[None, :] * stride_qe,
+                mask=row_ok[:, None] & (offs_e[None, :] < E),
+                other=0.0,
+            )
+            lse = tl.load(Lse + bh * L + rows, mask=row_ok, other=float("inf"))
+            s_t = _mm(k, tl.trans(q), None, PRECISION, ACC_DTYPE)
+            s_t = s_t * qk_scale  # (N, M)
+            if IS_CAUSAL:
+                s_t = tl.where(offs_n[:, None] <= rows[None, :], s_t, float("-inf"))
+            if MASK_KIND != 0:
+                mask_t = tl.load(
+                    mask_base + rows[None, :] * stride_ml + offs_n[:, None] * stride_ms,
+                    mask=row_ok[None, :] & col_ok[:, None],
+                    other=0,
+                )
+                if MASK_KIND == 1:
+                    s_t = tl.where(mask_t != 0, s_t, float("-inf"))
+                else:
+                    s_t = s_t + mask_t.to(ACC_DTYPE) * log2e
+            p_t = tl.exp2(s_t - lse[None, :])  # recomputed P^T, never stored
+            do = tl.load(
+                do_base + rows[:, None] * stride_dl + offs_ev[None, :] * stride_de,
+                mask=row_ok[:, None] & (offs_ev[None, :] < EV),
+                other=0.0,
+            )
+            dp_t = _mm(v, tl.trans(do), None, PRECISION, ACC_DTYPE)
+            if HAS_DROPOUT:
+                keep_t = _keep(seed, bh, rows[None, :], offs_n[:, None], L, S, dropout_p)
+                p_drop_t = tl.where(keep_t, p_t * inv_keep, 0.0)
+                dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
+            else:
+                p_drop_t = p_t
+            dv = _mm(_to(p_drop_t, do.dtype), do, dv, PRECISION, ACC_DTYPE)
+            delta = tl.load(Delta + bh * L + rows, mask=row_ok, other=0.0)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = _mm(_to(ds_t, q.dtype), q, dk, PRECISION, ACC_DTYPE)
+    dk = dk * sm_scale
+    dk_ptrs = DK + b * stride_dkb + kv_h * stride_dkh
+    dk_ptrs += offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke
+    dv_ptrs = DV + b * stride_dvb + kv_h * stride_dvh
+    dv_ptrs += offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve
+    tl.store(dk_ptrs, _to(dk, DK.dtype.element_ty), mask=k_ok)
+    tl.store(dv_ptrs, _to(dv, DV.dtype.element_ty), mask=v_ok)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dq(
+    Q,
+    K,
+    V,
+    Mask,
+    DOut,
+    Lse,
+    Delta,
+    DQ,
+    DS,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_qe,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_ke,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ve,
+    stride_mb,
+    stride_mh,
+    stride_ml,
+    stride_ms,
+    stride_db,
+    stride_dh,
+    stride_dl,
+    stride_de,
+    stride_dqb,
+    stride_dqh,
+    stride_dql,
+    stride_dqe,
+    H,
+    L,
+    S,
+    Consts,
+    seed,
+    dropout_p,
+    seq_bucket,
+    GROUP: tl.constexpr,
+    E: tl.constexpr,
+    EV: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    STORE_DS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One query block of one (batch, head): ``dQ = scale * sum_j dS_j K_j``.
+
+    With ``STORE_DS`` it also writes ``dS`` (the gradient of the natural-domain scores,
+    which is the gradient of an additive float mask) to the contiguous ``(Bo*H, L, S)``
+    buffer ``DS``; blocks skipped under the causal mask are left as they are (zeros).
+    """
+    qk_scale, sm_scale, inv_keep, log2e = _load_consts(Consts)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(L, BLOCK_M)
+    start_m = (pid % num_m) * BLOCK_M
+    bh = pid // num_m
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    kv_h = h // GROUP
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    offs_nb = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < L
+    q_ok = row_ok[:, None] & (offs_e[None, :] < E)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DOut + b * stride_db + h * stride_dh
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe, mask=q_ok, other=0.0
+    )
+    do = tl.load(
+        do_base + offs_m[:, None] * stride_dl + offs_ev[None, :] * stride_de,
+        mask=row_ok[:, None] & (offs_ev[None, :] < EV),
+        other=0.0,
+    )
+    lse = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC_DTYPE)
+    hi = tl.minimum(S, start_m + BLOCK_M) if IS_CAUSAL else S
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_nb
+        col_ok = cols < S
+        k_t = tl.load(
+            k_base + cols[None, :] * stride_ks + offs_e[:, None] * stride_ke,
+            mask=col_ok[None, :] & (offs_e[:, None] < E),
+            other=0.0,
+        )
+        v_t = tl.load(
+            v_base + cols[None, :] * stride_vs + offs_ev[:, None] * stride_ve,
+            mask=col_ok[None, :] & (offs_ev[:, None] < EV),
+            other=0.0,
+        )
+        s = _mm(q, k_t, None, PRECISION, ACC_DTYPE) * qk_scale
+        # Keys past S must be masked here: exp2(0 - LSE) overflows for very negative LSE.
+        allowed = col_ok[None, :]
+        if IS_CAUSAL:
+            allowed = allowed & (cols[None, :] <= offs_m[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+        if MASK_KIND != 0:
+            mask_tile = tl.load(
+                mask_base + offs_m[:, None] * stride_ml + cols[None, :] * stride_ms,
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0,
+            )
+            if MASK_KIND == 1:
+                s = tl.where(mask_tile != 0, s, float("-inf"))
+            else:
+                s = s + mask_tile.to(ACC_DTYPE) * log2e
+        p = tl.exp2(s - lse[:, None])
+        dp = _mm(do, v_t, None, PRECISION, ACC_DTYPE)
+        if HAS_DROPOUT:
+            keep = _keep(seed, bh, offs_m[:, None], cols[None, :], L, S, dropout_p)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        if STORE_DS:
+            ds_offs = (bh.to(tl.int64) * L + offs_m[:, None]) * S + cols[None, :]
+            tl.store(DS + ds_offs, ds, mask=row_ok[:, None] & col_ok[None, :])
+        dq = _mm(_to(ds, k_t.dtype), tl.trans(k_t), dq, PRECISION, ACC_DTYPE)
+    dq = dq * sm_scale
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh
+    dq_ptrs += offs_m[:, None] * stride_dql + offs_e[None, :] * stride_dqe
+    tl.store(dq_ptrs, _to(dq, DQ.dtype.element_ty), mask=q_ok)
+
+
+# --------------------------------------------------------------------------------------
+# Autotuned launchers for real GPUs (the interpreter uses one small fixed config).
+# --------------------------------------------------------------------------------------
+
+# Re-tune per head dims, sequence-length bucket (next power of two of max(L, S)) and
+# variant; triton adds the tensors' dtypes to the key itself.
+_TUNE_KEY = ["E", "EV", "seq_bucket", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT", "GROUP"]
+
+
+def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+        for m, n, w, st in shapes
+    ]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Configs too big for a GPU's shared memory
+# (e.g. fp32 at head dim 128) fail to compile and are dropped by the autotuner; the
+# 32 x 32 ones fit everywhere.
+FWD_CONFIGS = _configs(
+    [
+        (128, 64, 4, 3),
+        (128, 64, 8, 3),
+        (128, 128, 8, 3),
+        (128, 32, 4, 4),
+        (64, 64, 4, 3),
+        (64, 32, 4, 4),
+        (32, 32, 4, 2),
+    ]
+)
+BWD_DKDV_CONFIGS = _configs(
+    [
+        (32, 128, 8, 3),
+        (64, 128, 8, 3),
+        (32, 64, 4, 3),
+        (64, 64, 4, 3),
+        (32, 32, 4, 2),
+    ]
+)
+BWD_DQ_CONFIGS = _configs(
+    [
+        (128, 32, 8, 3),
+        (128, 64, 8, 3),
+        (64, 32, 4, 3),
+        (64, 64, 4, 3),
+        (32, 32, 4, 2),
+    ]
+)
+
+attn_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd)
+attn_bwd_dkdv_tuned = triton.autotune(BWD_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv)
+attn_bwd_dq_tuned = triton.autotune(BWD_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq)
+
+attn_fwd = _attn_fwd
+attn_bwd_dkdv = _attn_bwd_dkdv
+attn_bwd_dq = _attn_bwd_dq
+bwd_preprocess = _bwd_preprocess
+dropout_keep_mask_kernel = _dropout_keep_mask_kernel
