@@ -19,6 +19,20 @@ Conventions pinned by the spec suite:
 * ``is_causal=True`` is the top-left aligned lower-triangular mask; given together with
   ``attn_mask`` both apply (a key must be allowed by each), as in torch >= 2.5 on CPU;
 * a query row with no key it may attend to yields zeros and zero gradients, never NaN.
+
+Non-finite numbers (the contract ``spec_tests/test_numerical_robustness.py`` and
+``property_tests/test_hostile_inputs.py`` pin down):
+
+* finite query/key/value with a bool mask, or a float mask of finite values and
+  ``-inf`` (``-1e9`` and ``finfo.min`` included), give a finite result and finite
+  gradients, as long as the scaled scores ``QK^T * scale`` are themselves finite in
+  the working dtype (scores ~1e4 are fine; an overflowing ``QK^T`` is not representable);
+* NaN/inf *in* query, key or value propagate as in torch, never into a finite-looking
+  wrong answer: an output row whose query holds NaN, or that attends to a key/value
+  holding NaN, is non-finite. The damage stays inside its ``(batch, head)`` slice (and a
+  NaN query stays in its own row); other slices are bit-for-bit what they would be
+  without it. A NaN at a *masked-out* position may still spread within its slice
+  (``0 * NaN``), as in torch: mask values, do not rely on masking NaN away.
 """
 
 from __future__ import annotations
@@ -295,7 +309,10 @@ def attention_weights(
     """
     L, S = query.size(-2), key.size(-2)
     # 1/sqrt(d_k): "to counteract" the dot products growing large (section 3.2.1).
-    scale_factor = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    # With d_k = 0 every score is an empty sum (0) and any scale gives torch's uniform
+    # weights; 1.0 avoids dividing by zero.
+    d_k = query.size(-1)
+    scale_factor = (1.0 / math.sqrt(d_k) if d_k > 0 else 1.0) if scale is None else scale
     scores = (query @ key.transpose(-2, -1)) * scale_factor  # (..., L, S)
     if is_causal:
         scores = scores.masked_fill(~causal_mask(L, S, device=query.device), float("-inf"))
@@ -364,10 +381,21 @@ def torch_attention(
     """
     if enable_gqa:
         key, value = repeat_kv_heads(query, key), repeat_kv_heads(query, value)
+    # torch's SDPA sizes its output from the query's batch dims and fails when key or
+    # value carry more; expanding all three to the broadcast batch (views) fixes that.
+    batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    query = query.expand(*batch, *query.shape[-2:])  # (..., L, E)
+    key = key.expand(*batch, *key.shape[-2:])  # (..., S, E)
+    value = value.expand(*batch, *value.shape[-2:])  # (..., S, Ev)
     L, S = query.size(-2), key.size(-2)
     if attn_mask is not None and attn_mask.dim() < 2:
         # torch's SDPA rejects masks of fewer than two dims although they broadcast.
         attn_mask = attn_mask.expand(L, S)
+    if attn_mask is None and is_causal and scale is not None and scale <= 0.0:
+        # torch's causal path multiplies its -inf by the scale: -inf * 0 is NaN and
+        # -inf * -1 is +inf. An explicit mask is applied after the scale.
+        attn_mask = causal_mask(L, S, device=query.device)
+        is_causal = False
     if attn_mask is not None and is_causal:
         causal = causal_mask(L, S, device=query.device)
         if attn_mask.dtype == torch.bool:
@@ -391,6 +419,9 @@ def torch_attention(
         is_causal=is_causal,
         scale=scale,
     )
+    # torch's CPU flash kernel returns zeros for a row whose scores are all NaN (a NaN
+    # in the query), hiding the NaN; the math path and every other kernel show it.
+    out = out.masked_fill(torch.isnan(query).any(dim=-1, keepdim=True), float("nan"))
     if rows is not None:
         out = out.masked_fill(~rows, 0.0)
     return out

@@ -202,6 +202,16 @@ class MultiheadAttention(nn.Module):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if not t.is_floating_point():
                 raise TypeError(f"{name} must be a floating point tensor, got dtype {t.dtype}")
+        # Under autocast the projections cast their inputs themselves, so mixed dtypes are
+        # legal there; elsewhere a mismatch would fail deep inside F.linear.
+        param_dtype = self.out_proj.weight.dtype
+        if not torch.is_autocast_enabled(query.device.type) and not (
+            query.dtype == key.dtype == value.dtype == param_dtype
+        ):
+            raise ValueError(
+                f"query, key and value must have the module's dtype {param_dtype}, got "
+                f"query {query.dtype}, key {key.dtype}, value {value.dtype}"
+            )
         _check_mask_dtype("key_padding_mask", key_padding_mask)
         _check_mask_dtype("attn_mask", attn_mask)
         if query.dim() not in (2, 3):
@@ -329,7 +339,13 @@ class MultiheadAttention(nn.Module):
                 if use_causal
                 else merge_module_masks(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
             )
-            out = scaled_dot_product_attention(q, k, v, mask, dropout_p, use_causal)  # (B, H, L, D)
+            if dropout_p >= 1.0:
+                # Every weight dropped (torch allows dropout=1.0): the heads output zeros
+                # with zero gradients; the kernels take p in [0, 1) only.
+                out = scaled_dot_product_attention(q, k, v, mask, 0.0, use_causal) * 0.0
+            else:
+                out = scaled_dot_product_attention(q, k, v, mask, dropout_p, use_causal)
+            # out: (B, H, L, D)
         # Concat(head_1, ..., head_h): heads side by side along the feature axis.
         out = out.transpose(1, 2).reshape(B, L, H * D)  # (B, L, E)
         out = self.out_proj(out)
