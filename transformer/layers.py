@@ -1,0 +1,574 @@
+"""Encoder and decoder layers and stacks (paper section 3.1, Figure 1), as in torch.nn.
+
+Each encoder layer has two sub-layers, multi-head self-attention (section 3.2.2) and the
+position-wise feed-forward network (section 3.3); each decoder layer inserts a third,
+attention over the encoder output ("memory"), between them. Every sub-layer is wrapped
+as ``LayerNorm(x + Dropout(Sublayer(x)))`` (post-norm, the paper's choice and torch's
+default); ``norm_first=True`` gives the pre-norm variant ``x + Dropout(Sublayer(LayerNorm(x)))``,
+a departure from the paper that trains more stably in deep stacks.
+
+Constructor arguments, defaults, forward signatures, attribute names and ``state_dict``
+keys are those of ``torch.nn.TransformerEncoderLayer``, ``TransformerDecoderLayer``,
+``TransformerEncoder``, ``TransformerDecoder`` and ``Transformer``, minus the fast-path
+switches ``enable_nested_tensor`` and ``mask_check``: weights load in both directions with
+``load_state_dict(strict=True)`` and outputs then match. Code that walks ``layers`` and
+reads ``self_attn`` / ``multihead_attn`` / ``linear1`` / ``norm1`` ... works on both.
+
+Departures from torch, each deliberate:
+
+* no fast path: torch's encoder, in eval mode with gradients off and a
+  ``src_key_padding_mask``, may pack the batch into a nested tensor and writes ``0`` at
+  padded positions of the output; we always compute every position, so outputs at
+  padded positions differ there (real positions agree);
+* a query with no key left to attend to gives zeros (torch gives NaN), inherited from
+  :class:`~transformer.MultiheadAttention`;
+* bad constructor arguments raise ``ValueError`` naming the argument (torch asserts or
+  raises ``RuntimeError``).
+
+Notation: B batch, S source length, T (or L) target length, E ``d_model``, H ``nhead``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transformer.feed_forward import Activation, check_dropout, get_activation, position_wise
+from transformer.masks import square_subsequent_mask
+from transformer.multi_head_attention import MultiheadAttention
+
+__all__ = [
+    "Transformer",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+]
+
+
+def _check_layer_args(d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
+    """Validate the arguments every layer shares; ``ValueError`` names the culprit."""
+    for name, value in (
+        ("d_model", d_model),
+        ("nhead", nhead),
+        ("dim_feedforward", dim_feedforward),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if d_model % nhead != 0:
+        raise ValueError(
+            f"d_model must be divisible by nhead, got d_model={d_model}, nhead={nhead}"
+        )
+    check_dropout(dropout)
+
+
+def _check_num_layers(num_layers: int) -> None:
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+
+
+def _clones(layer: nn.Module, n: int) -> nn.ModuleList:
+    """``n`` independent deep copies of ``layer`` in a ``ModuleList`` (so all are in state_dict)."""
+    return nn.ModuleList([copy.deepcopy(layer) for _ in range(n)])
+
+
+def _seq_len(x: Tensor, batch_first: bool) -> int:
+    """Sequence length of a ``(T, E)``, ``(T, B, E)`` or ``(B, T, E)`` input."""
+    if x.dim() == 2:
+        return x.size(0)
+    return x.size(1 if batch_first else 0)
+
+
+def _stack_batch_first(layers: nn.ModuleList) -> bool:
+    """The ``batch_first`` of a stack, read from its first layer's self-attention (as torch)."""
+    return bool(getattr(layers[0].self_attn, "batch_first", False))
+
+
+def _detect_is_causal(mask: Tensor | None, is_causal: bool | None, size: int) -> bool:
+    """Torch's causal-mask detection: an explicit hint wins; ``None`` compares the mask.
+
+    The hint only lets attention skip the masked blocks; results are the same either way,
+    because :class:`MultiheadAttention` still uses the mask whenever it must (e.g. with a
+    key padding mask).
+    """
+    if is_causal is not None:
+        return is_causal
+    if mask is None or tuple(mask.shape) != (size, size):
+        return False
+    causal = square_subsequent_mask(size, device=mask.device, dtype=mask.dtype)
+    return bool((mask == causal).all())
+
+
+class TransformerEncoderLayer(nn.Module):
+    """One encoder layer (section 3.1): self-attention, then the feed-forward network.
+
+    Post-norm (paper): ``x = norm1(x + SA(x)); x = norm2(x + FF(x))``.
+    Pre-norm (``norm_first``): ``x = x + SA(norm1(x)); x = x + FF(norm2(x))``.
+    Dropout is applied to each sub-layer's output before the residual sum (section 5.4).
+
+    Args:
+        d_model: model size E (must be divisible by ``nhead``).
+        nhead: number of attention heads H.
+        dim_feedforward: inner size of the feed-forward network (``d_ff``).
+        dropout: dropout rate used everywhere in the layer, in ``[0, 1]``.
+        activation: ``"relu"``, ``"gelu"`` or a unary callable.
+        layer_norm_eps: ``eps`` of the layer norms.
+        batch_first: inputs are ``(B, S, E)`` instead of ``(S, B, E)``.
+        norm_first: pre-norm instead of the paper's post-norm.
+        bias: biases in the linear maps and layer norms.
+
+    Shape:
+        - src ``(S, B, E)``, ``(B, S, E)`` if batch_first, or unbatched ``(S, E)``;
+        - src_mask ``(S, S)`` or ``(B*H, S, S)``; src_key_padding_mask ``(B, S)`` or ``(S,)``
+          (module convention: bool ``True`` = masked out, float added);
+        - output: same as src.
+    """
+
+    __constants__ = ("norm_first",)
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str | Activation = F.relu,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_layer_args(d_model, nhead, dim_feedforward, dropout)
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.self_attn = MultiheadAttention(
+            d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **factory
+        )
+        # Feed-forward network of section 3.3, kept flat (linear1/linear2) for torch's keys.
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
+        self.norm_first = norm_first
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        # Residual dropout (section 5.4) after the attention and after the FFN.
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.activation = get_activation(activation)
+
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        """Self-attention then FFN over ``src``; ``is_causal`` hints that ``src_mask`` is causal."""
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
+            x = self.norm2(x + self._ff_block(x))
+        return x
+
+    def _sa_block(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None,
+        key_padding_mask: Tensor | None,
+        is_causal: bool,
+    ) -> Tensor:
+        out = self.self_attn(
+            x,
+            x,
+            x,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            need_weights=False,
+            is_causal=is_causal,
+        )[0]
+        return self.dropout1(out)
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        return self.dropout2(
+            position_wise(x, self.linear1, self.activation, self.dropout, self.linear2)
+        )
+
+
+class TransformerDecoderLayer(nn.Module):
+    """One decoder layer (section 3.1): masked self-attention, attention over memory, FFN.
+
+    Post-norm (paper): ``x = norm1(x + SA(x)); x = norm2(x + MHA(x, mem)); x = norm3(x + FF(x))``.
+    Pre-norm (``norm_first``): each sub-layer sees ``norm_k(x)`` and is added to ``x``.
+    The target self-attention is causal only through ``tgt_mask`` (section 3.2.3); pass
+    :meth:`Transformer.generate_square_subsequent_mask` as torch requires.
+
+    Args: as :class:`TransformerEncoderLayer`.
+
+    Shape:
+        - tgt ``(T, B, E)``, ``(B, T, E)`` if batch_first, or unbatched ``(T, E)``;
+        - memory ``(S, B, E)`` (likewise);
+        - tgt_mask ``(T, T)`` or ``(B*H, T, T)``; memory_mask ``(T, S)`` or ``(B*H, T, S)``;
+        - tgt_key_padding_mask ``(B, T)``; memory_key_padding_mask ``(B, S)``;
+        - output: same as tgt.
+    """
+
+    __constants__ = ("norm_first",)
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str | Activation = F.relu,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_layer_args(d_model, nhead, dim_feedforward, dropout)
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.self_attn = MultiheadAttention(
+            d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **factory
+        )
+        # Encoder-decoder attention: queries from the decoder, keys/values from memory.
+        self.multihead_attn = MultiheadAttention(
+            d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **factory
+        )
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
+        self.norm_first = norm_first
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.activation = get_activation(activation)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+        tgt_is_causal: bool = False,
+        memory_is_causal: bool = False,
+    ) -> Tensor:
+        """Pass ``tgt`` through the three sub-layers, attending to ``memory`` in the second."""
+        x = tgt
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            x = x + self._mha_block(
+                self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal
+            )
+            x = x + self._ff_block(self.norm3(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+            x = self.norm2(
+                x
+                + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+            )
+            x = self.norm3(x + self._ff_block(x))
+        return x
+
+    def _sa_block(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None,
+        key_padding_mask: Tensor | None,
+        is_causal: bool,
+    ) -> Tensor:
+        out = self.self_attn(
+            x,
+            x,
+            x,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            is_causal=is_causal,
+            need_weights=False,
+        )[0]
+        return self.dropout1(out)
+
+    def _mha_block(
+        self,
+        x: Tensor,
+        mem: Tensor,
+        attn_mask: Tensor | None,
+        key_padding_mask: Tensor | None,
+        is_causal: bool,
+    ) -> Tensor:
+        out = self.multihead_attn(
+            x,
+            mem,
+            mem,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            is_causal=is_causal,
+            need_weights=False,
+        )[0]
+        return self.dropout2(out)
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        return self.dropout3(
+            position_wise(x, self.linear1, self.activation, self.dropout, self.linear2)
+        )
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of ``num_layers`` encoder layers (N = 6 in the paper), then an optional norm.
+
+    Each layer is an independent deep copy of ``encoder_layer`` (same initial weights, as
+    in torch), held in the ``nn.ModuleList`` ``layers``. ``norm`` is the final layer norm
+    that pre-norm stacks need (``Transformer`` always passes one, like torch).
+
+    Shape: see :class:`TransformerEncoderLayer`.
+    """
+
+    __constants__ = ("norm",)
+
+    def __init__(
+        self,
+        encoder_layer: nn.Module,
+        num_layers: int,
+        norm: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        _check_num_layers(num_layers)
+        self.layers = _clones(encoder_layer, num_layers)
+        self.num_layers = num_layers
+        self.norm = norm
+
+    def forward(
+        self,
+        src: Tensor,
+        mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+    ) -> Tensor:
+        """Run the layers in turn; ``is_causal=None`` detects a causal ``mask`` like torch."""
+        batch_first = _stack_batch_first(self.layers)
+        is_causal = _detect_is_causal(mask, is_causal, _seq_len(src, batch_first))
+        output = src
+        for layer in self.layers:
+            output = layer(
+                output,
+                src_mask=mask,
+                is_causal=is_causal,
+                src_key_padding_mask=src_key_padding_mask,
+            )
+        if self.norm is not None:
+            output = self.norm(output)
+        return output
+
+
+class TransformerDecoder(nn.Module):
+    """A stack of ``num_layers`` decoder layers (N = 6 in the paper), then an optional norm.
+
+    Layers live in the ``nn.ModuleList`` ``layers`` (deep copies of ``decoder_layer``), so an
+    incremental (KV-cache) decoder can walk them exactly as it walks torch's.
+
+    Shape: see :class:`TransformerDecoderLayer`.
+    """
+
+    __constants__ = ("norm",)
+
+    def __init__(
+        self,
+        decoder_layer: nn.Module,
+        num_layers: int,
+        norm: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        _check_num_layers(num_layers)
+        self.layers = _clones(decoder_layer, num_layers)
+        self.num_layers = num_layers
+        self.norm = norm
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+        tgt_is_causal: bool | None = None,
+        memory_is_causal: bool = False,
+    ) -> Tensor:
+        """Run the layers in turn; ``tgt_is_causal=None`` detects a causal ``tgt_mask``."""
+        batch_first = _stack_batch_first(self.layers)
+        tgt_is_causal = _detect_is_causal(tgt_mask, tgt_is_causal, _seq_len(tgt, batch_first))
+        output = tgt
+        for layer in self.layers:
+            output = layer(
+                output,
+                memory,
+                tgt_mask=tgt_mask,
+                memory_mask=memory_mask,
+                tgt_key_padding_mask=tgt_key_padding_mask,
+                memory_key_padding_mask=memory_key_padding_mask,
+                tgt_is_causal=tgt_is_causal,
+                memory_is_causal=memory_is_causal,
+            )
+        if self.norm is not None:
+            output = self.norm(output)
+        return output
+
+
+class Transformer(nn.Module):
+    """The encoder-decoder of section 3.1 (Figure 1) without embeddings or output projection.
+
+    Defaults are the paper's base model (``d_model=512``, ``nhead=8``, 6 + 6 layers,
+    ``dim_feedforward=2048``, dropout 0.1) and torch's (post-norm, ReLU, sequence-first).
+    Both stacks end with a ``LayerNorm`` like torch's. Every weight matrix is initialised
+    with Xavier-uniform, as torch does.
+
+    Args:
+        d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
+        norm_first, bias: as :class:`TransformerEncoderLayer`.
+        num_encoder_layers, num_decoder_layers: stack depths N.
+        custom_encoder, custom_decoder: modules used instead of the default stacks.
+
+    Shape:
+        - src ``(S, B, E)`` (``(B, S, E)`` if batch_first, or unbatched ``(S, E)``);
+        - tgt ``(T, B, E)`` (likewise); masks as in the layers;
+        - output ``(T, B, E)`` (like tgt).
+    """
+
+    def __init__(
+        self,
+        d_model: int = 512,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str | Activation = F.relu,
+        custom_encoder: nn.Module | None = None,
+        custom_decoder: nn.Module | None = None,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        layer_args = (
+            d_model,
+            nhead,
+            dim_feedforward,
+            dropout,
+            activation,
+            layer_norm_eps,
+            batch_first,
+            norm_first,
+            bias,
+        )
+        self.encoder: nn.Module
+        self.decoder: nn.Module
+        if custom_encoder is not None:
+            self.encoder = custom_encoder
+        else:
+            self.encoder = TransformerEncoder(
+                TransformerEncoderLayer(*layer_args, **factory),
+                num_encoder_layers,
+                nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory),
+            )
+        if custom_decoder is not None:
+            self.decoder = custom_decoder
+        else:
+            self.decoder = TransformerDecoder(
+                TransformerDecoderLayer(*layer_args, **factory),
+                num_decoder_layers,
+                nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory),
+            )
+        self._reset_parameters()
+        self.d_model = d_model
+        self.nhead = nhead
+        self.batch_first = batch_first
+
+    def _reset_parameters(self) -> None:
+        """Xavier-uniform on every matrix (biases and norms keep their defaults), as torch."""
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(
+        self,
+        src: Tensor,
+        tgt: Tensor,
+        src_mask: Tensor | None = None,
+        tgt_mask: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+        src_is_causal: bool | None = None,
+        tgt_is_causal: bool | None = None,
+        memory_is_causal: bool = False,
+    ) -> Tensor:
+        """Encode ``src`` into memory, then decode ``tgt`` against it (Figure 1)."""
+        for name, value in (("src", src), ("tgt", tgt)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
+        if src.dim() != tgt.dim():
+            raise ValueError(
+                f"src and tgt must both be batched (3-D) or unbatched (2-D), got src "
+                f"{tuple(src.shape)} and tgt {tuple(tgt.shape)}"
+            )
+        if src.dim() == 3:
+            batch_dim = 0 if self.batch_first else 1
+            if src.size(batch_dim) != tgt.size(batch_dim):
+                raise ValueError(
+                    f"the batch size of src and tgt must be equal, got src {tuple(src.shape)} "
+                    f"and tgt {tuple(tgt.shape)} (batch_first={self.batch_first})"
+                )
+        if src.size(-1) != self.d_model or tgt.size(-1) != self.d_model:
+            raise ValueError(
+                f"the feature size of src and tgt must equal d_model={self.d_model}, got src "
+                f"{tuple(src.shape)} and tgt {tuple(tgt.shape)}"
+            )
+        memory = self.encoder(
+            src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal
+        )
+        output: Tensor = self.decoder(
+            tgt,
+            memory,
+            tgt_mask=tgt_mask,
+            memory_mask=memory_mask,
+            tgt_key_padding_mask=tgt_key_padding_mask,
+            memory_key_padding_mask=memory_key_padding_mask,
+            tgt_is_causal=tgt_is_causal,
+            memory_is_causal=memory_is_causal,
+        )
+        return output
+
+    @staticmethod
+    def generate_square_subsequent_mask(
+        sz: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """The ``(sz, sz)`` float causal mask of torch: ``-inf`` above the diagonal, else ``0``.
+
+        Section 3.2.3: position ``i`` of the decoder may attend to positions ``<= i`` only.
+        """
+        return square_subsequent_mask(sz, device=device, dtype=dtype)
