@@ -1,0 +1,367 @@
+"""Spec of token-by-token generation: greedy decoding, beam search and the KV cache.
+
+``greedy_decode`` and ``beam_search`` (module ``transformer.generate``) feed the decoder
+its own outputs one token at a time. The suite pins: the KV cache changes nothing (the
+tokens of a cached run are exactly those of re-decoding the whole prefix at each step,
+and a cached step's logits equal the teacher-forced ones); the result format (no BOS,
+EOS kept, ``pad_id`` after it); batch elements finish independently; beam search with
+one beam is greedy decoding; a wide enough beam finds the best sequence under GNMT's
+length-penalised objective (paper section 6.1), which the test computes by brute force;
+and the errors on bad arguments.
+
+Random models do not end sequences by themselves, so tests push the EOS logit up
+through the output bias until the rows of a batch end at different steps.
+
+Notation: B batch, S source length, T generated length, V target vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import pytest
+import torch
+from torch import Tensor
+
+from transformer.generate import CachedDecoder, FullDecoder, beam_search, greedy_decode
+from transformer.model import Seq2SeqTransformer
+from transformer.testing import assert_close
+
+spec = functools.partial(pytest.mark.spec, component="generation", section="extra")
+
+PAD, BOS, EOS = 0, 1, 2
+V = 17
+
+
+def make_model(
+    seed: int,
+    *,
+    vocab: int = V,
+    norm_first: bool = False,
+    dtype: torch.dtype = torch.float32,
+    **overrides: object,
+) -> Seq2SeqTransformer:
+    """A small random model (head dim 8, untied output so that tokens vary), in eval mode."""
+    fields: dict[str, object] = {
+        "src_vocab_size": vocab,
+        "tgt_vocab_size": vocab,
+        "d_model": 24,
+        "nhead": 3,
+        "num_encoder_layers": 2,
+        "num_decoder_layers": 2,
+        "dim_feedforward": 40,
+        "dropout": 0.0,
+        "max_len": 300,
+        "tie_output": False,
+    }
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = Seq2SeqTransformer(**fields)  # type: ignore[arg-type]
+    for layer in model.transformer.decoder.layers:
+        # The pre-norm variant: every decoder layer's forward reads this one flag.
+        layer.norm_first = norm_first
+    return model.to(dtype).eval()
+
+
+def sources(seed: int, lengths: list[int], vocab: int = V) -> Tensor:
+    """``(B, max(lengths))`` source ids in ``[3, vocab)``, right-padded with ``PAD``."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (len(lengths), max(lengths)), generator=gen)
+    for b, n in enumerate(lengths):
+        ids[b, n:] = PAD
+    return ids
+
+
+def eos_steps(tokens: Tensor) -> list[int | None]:
+    """1-based step at which each row generated EOS (``None``: it never did)."""
+    return [int(row.tolist().index(EOS)) + 1 if EOS in row.tolist() else None for row in tokens]
+
+
+def end_rows_at_different_steps(
+    model: Seq2SeqTransformer, src: Tensor, max_len: int
+) -> list[int | None]:
+    """Set the EOS output bias so that the rows of ``src`` end at different steps; return the steps.
+
+    With EOS impossible, greedy decoding follows one trajectory per row; along it,
+    ``margin[b, t]`` (best other logit minus the EOS logit) says that EOS is picked at
+    the first step where the EOS bias exceeds the margin. The bias is set between two
+    margins, where the first-EOS steps of the rows are most varied (some rows may never
+    end). The EOS row of the output weight is amplified so that the EOS logit moves
+    from step to step.
+    """
+    with torch.no_grad():
+        model.output.weight[EOS] *= 4.0
+        model.output.bias[EOS] = -1e4
+        trajectory = greedy_decode(model, src, max_len, BOS, EOS, use_cache=False)
+        model.output.bias[EOS] = 0.0
+        tgt_in = torch.cat([torch.full((src.size(0), 1), BOS), trajectory[:, :-1]], dim=1)
+        logits = model(src, tgt_in).double()  # (B, T, V)
+    others = logits.clone()
+    others[..., [EOS, PAD]] = float("-inf")
+    margin = others.max(dim=-1).values - logits[..., EOS]  # (B, T)
+    levels = margin.flatten().sort().values.tolist()
+    best: tuple[int, float, list[int | None]] | None = None
+    for low, high in itertools.pairwise(levels):
+        if high - low < 1e-3:  # too close to separate reliably in float32
+            continue
+        bias = (low + high) / 2
+        fired = margin < bias  # (B, T)
+        steps = [int(row.nonzero()[0]) + 1 if bool(row.any()) else None for row in fired]
+        variety = len(set(steps)) + int(any(s is not None and s > 1 for s in steps))
+        if best is None or variety > best[0]:
+            best = (variety, bias, steps)
+    assert best is not None and best[0] >= 4, (
+        f"test setup: rows cannot be made to end apart ({best})"
+    )
+    with torch.no_grad():
+        model.output.bias[EOS] = best[1]
+    return best[2]
+
+
+# --------------------------------------------------------------------------------------
+# The KV cache changes nothing.
+# --------------------------------------------------------------------------------------
+
+
+@spec(kind="equivalence")
+@pytest.mark.parametrize("seed", [1, 4, 6])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_cached_greedy_returns_exactly_the_tokens_of_full_redecoding(
+    seed: int, norm_first: bool
+) -> None:
+    """Greedy decoding with the KV cache returns exactly the tokens of re-decoding the whole prefix at every step, for a batch whose rows differ in length and end at different steps (post-norm and pre-norm)."""
+    model = make_model(seed, norm_first=norm_first)
+    src = sources(seed, [9, 1, 6, 4, 7])
+    steps = end_rows_at_different_steps(model, src, max_len=15)
+    cached = greedy_decode(model, src, 15, BOS, EOS, use_cache=True)
+    full = greedy_decode(model, src, 15, BOS, EOS, use_cache=False)
+    assert eos_steps(cached) == steps
+    assert torch.equal(cached, full), f"cached\n{cached}\nfull\n{full}"
+
+
+@spec(kind="equivalence")
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_cached_step_logits_equal_teacher_forced_logits(norm_first: bool) -> None:
+    """Each ``CachedDecoder.step`` (one new position, cached keys/values) gives the logits that the teacher-forced ``forward`` gives at that position, as does ``FullDecoder.step``."""
+    model = make_model(3, norm_first=norm_first, dtype=torch.float64)
+    src = sources(4, [7, 2, 5])
+    gen = torch.Generator().manual_seed(5)
+    tgt = torch.randint(3, V, (3, 11), generator=gen)
+    tgt[:, 0] = BOS
+    with torch.no_grad():
+        forward = model(src, tgt)  # (B, T, V)
+        cached, full = CachedDecoder(model, src), FullDecoder(model, src)
+        for t in range(11):
+            assert_close(cached.step(tgt[:, : t + 1]), forward[:, t], msg=f"cached, position {t}")
+            assert_close(full.step(tgt[:, : t + 1]), forward[:, t], msg=f"full, position {t}")
+
+
+@spec(kind="equivalence")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cached_beam_search_returns_the_tokens_of_uncached_beam_search(seed: int) -> None:
+    """Beam search with the KV cache (reordered as beams are re-ranked) returns exactly the result of re-decoding every prefix."""
+    model = make_model(seed + 10)
+    src = sources(seed, [8, 3, 6])
+    end_rows_at_different_steps(model, src, max_len=12)
+    cached = beam_search(model, src, 12, BOS, EOS, beam_size=3)
+    full = beam_search(model, src, 12, BOS, EOS, beam_size=3, use_cache=False)
+    assert torch.equal(cached, full), f"cached\n{cached}\nfull\n{full}"
+
+
+# --------------------------------------------------------------------------------------
+# Result format and batch behaviour.
+# --------------------------------------------------------------------------------------
+
+
+@spec(kind="shape")
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_result_starts_after_bos_keeps_eos_and_is_padded_after_it(search: str) -> None:
+    """Each row starts with the first generated token (no BOS), holds no padding before its EOS, keeps the EOS, holds only ``pad_id`` after it, and the width is that of the longest row (<= ``max_len``)."""
+    model = make_model(6)
+    src = sources(7, [5, 8, 2, 6])
+    max_len = 14
+    steps = end_rows_at_different_steps(model, src, max_len)
+    if search == "greedy":
+        out = greedy_decode(model, src, max_len, BOS, EOS)
+    else:
+        out = beam_search(model, src, max_len, BOS, EOS, beam_size=3)
+        steps = eos_steps(out)
+    assert out.dtype == torch.int64
+    lengths = [max_len if s is None else s for s in steps]
+    assert out.shape == (4, max(lengths))
+    for row, n, step in zip(out.tolist(), lengths, steps, strict=True):
+        assert PAD not in row[:n], row
+        assert all(token == PAD for token in row[n:]), row
+        if step is not None:
+            assert row[n - 1] == EOS and EOS not in row[: n - 1], row
+    # No BOS in front: the first token is the argmax after BOS alone.
+    with torch.no_grad():
+        first = model(src, torch.full((4, 1), BOS))[:, 0]
+    first[:, PAD] = float("-inf")
+    if search == "greedy":
+        assert torch.equal(out[:, 0], first.argmax(dim=-1))
+
+
+@spec(kind="equivalence")
+def test_batch_elements_finish_independently() -> None:
+    """Decoding a batch gives each row what decoding it alone gives: a row that ended early neither stops nor changes the others."""
+    model = make_model(8)
+    src = sources(9, [6, 3, 7, 5])
+    max_len = 12
+    end_rows_at_different_steps(model, src, max_len)
+    for search in (greedy_decode, functools.partial(beam_search, beam_size=3)):
+        batch = search(model, src, max_len, BOS, EOS)
+        for b in range(4):
+            n = int((src[b] != PAD).sum())
+            alone = search(model, src[b : b + 1, :n], max_len, BOS, EOS)[0]
+            row = batch[b]
+            assert torch.equal(row[: alone.numel()], alone), f"row {b}"
+            assert bool((row[alone.numel() :] == PAD).all()), f"row {b}"
+
+
+@spec(kind="shape")
+def test_rows_without_eos_run_to_max_len_and_pad_is_never_generated() -> None:
+    """Without EOS a row has exactly ``max_len`` tokens; the padding token is never generated even when its logit is the largest."""
+    model = make_model(11)
+    with torch.no_grad():
+        model.output.bias[EOS] = -1e4
+        model.output.bias[PAD] = 1e4
+    src = sources(12, [4, 2])
+    for out in (
+        greedy_decode(model, src, 9, BOS, EOS),
+        beam_search(model, src, 9, BOS, EOS, beam_size=2),
+    ):
+        assert out.shape == (2, 9)
+        assert not bool((out == PAD).any())
+        assert not bool((out == EOS).any())
+
+
+@spec(kind="equivalence")
+def test_generation_runs_in_eval_mode_without_autograd_and_restores_the_mode() -> None:
+    """A model in training mode with dropout decodes deterministically (eval mode inside), builds no autograd graph, and is back in training mode afterwards."""
+    model = make_model(13, dropout=0.5).train()
+    src = sources(14, [5, 3])
+    first = greedy_decode(model, src, 8, BOS, EOS)
+    assert model.training
+    assert all(m.training for m in model.modules())
+    second = beam_search(model, src, 8, BOS, EOS, beam_size=1)
+    assert model.training
+    assert torch.equal(first, second)
+    assert not first.requires_grad
+
+
+# --------------------------------------------------------------------------------------
+# Beam search (section 6.1: beam size 4, length penalty alpha = 0.6).
+# --------------------------------------------------------------------------------------
+
+
+@spec(kind="equivalence")
+@pytest.mark.parametrize("seed", [0, 1, 2, 4])
+def test_beam_search_with_one_beam_returns_the_greedy_tokens(seed: int) -> None:
+    """``beam_search(beam_size=1)`` returns exactly what ``greedy_decode`` returns, whatever the length penalty."""
+    model = make_model(seed + 20)
+    src = sources(seed, [7, 2, 9, 4])
+    end_rows_at_different_steps(model, src, max_len=13)
+    greedy = greedy_decode(model, src, 13, BOS, EOS)
+    for alpha in (0.0, 0.6, 2.0):
+        beam = beam_search(model, src, 13, BOS, EOS, beam_size=1, length_penalty=alpha)
+        assert torch.equal(beam, greedy), f"alpha {alpha}\nbeam\n{beam}\ngreedy\n{greedy}"
+
+
+def objective(model: Seq2SeqTransformer, src: Tensor, hypothesis: list[int], alpha: float) -> float:
+    """GNMT's ranking score ``log P(Y | X) / ((5 + |Y|) / 6) ** alpha``, written out (§6.1).
+
+    ``P`` is the model's distribution over tokens other than padding (never generated);
+    ``|Y|`` counts the tokens including EOS.
+    """
+    tgt_in = torch.tensor([[BOS, *hypothesis[:-1]]])
+    with torch.no_grad():
+        logits = model(src, tgt_in)[0].double()  # (T, V)
+    logits[:, PAD] = float("-inf")
+    logp = logits.log_softmax(dim=-1)
+    total = sum(float(logp[t, token]) for t, token in enumerate(hypothesis))
+    return total / ((5 + len(hypothesis)) / 6) ** alpha
+
+
+def every_hypothesis(vocab: int, max_len: int) -> list[list[int]]:
+    """Every output of at most ``max_len`` tokens: ending at its first EOS, or EOS-free at ``max_len``."""
+    tokens = [t for t in range(vocab) if t not in (PAD, EOS)]
+    out: list[list[int]] = []
+    for n in range(max_len):
+        out += [[*prefix, EOS] for prefix in itertools.product(tokens, repeat=n)]
+    out += [list(seq) for seq in itertools.product(tokens, repeat=max_len)]
+    return out
+
+
+@spec(kind="equivalence")
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.5, 3.0])
+def test_wide_beam_finds_the_best_sequence_under_the_length_penalty(alpha: float) -> None:
+    """A beam wide enough to keep every hypothesis returns the sequence with the highest ``log P / lp`` over all outputs (found by brute force), so it never scores below greedy decoding (§6.1)."""
+    vocab, max_len = 6, 3
+    model = make_model(31, vocab=vocab, dtype=torch.float64)
+    with torch.no_grad():
+        model.output.bias[EOS] += 1.0  # EOS competitive, so lengths 1..3 all matter
+    src = sources(32, [4], vocab=vocab)
+    candidates = every_hypothesis(vocab, max_len)
+    scores = [objective(model, src, h, alpha) for h in candidates]
+    best = candidates[max(range(len(candidates)), key=scores.__getitem__)]
+    beam = beam_search(
+        model, src, max_len, BOS, EOS, beam_size=len(candidates), length_penalty=alpha
+    )
+    found = [t for t in beam[0].tolist() if t != PAD]
+    assert found == best, (
+        f"beam {found} ({objective(model, src, found, alpha):.6f}), best {best} ({max(scores):.6f})"
+    )
+    greedy = [t for t in greedy_decode(model, src, max_len, BOS, EOS)[0].tolist() if t != PAD]
+    assert objective(model, src, found, alpha) >= objective(model, src, greedy, alpha)
+
+
+@spec(kind="equivalence")
+def test_length_penalty_changes_which_length_wins() -> None:
+    """The length penalty takes part in the ranking: across alphas 0 and 3 the exhaustive beam's choice follows the brute-force optimum, which differs in length between them (§6.1)."""
+    vocab, max_len = 6, 3
+    chosen: dict[float, list[int]] = {}
+    for seed in range(40, 60):
+        model = make_model(seed, vocab=vocab, dtype=torch.float64)
+        with torch.no_grad():
+            model.output.bias[EOS] += 1.0
+        src = sources(seed, [3], vocab=vocab)
+        for alpha in (0.0, 3.0):
+            out = beam_search(model, src, max_len, BOS, EOS, beam_size=64, length_penalty=alpha)
+            chosen[alpha] = [t for t in out[0].tolist() if t != PAD]
+        if len(chosen[0.0]) != len(chosen[3.0]):
+            break
+    else:
+        raise AssertionError("no seed made the length penalty matter")
+    assert len(chosen[3.0]) > len(chosen[0.0]), "a larger alpha favours longer outputs"
+
+
+# --------------------------------------------------------------------------------------
+# Errors.
+# --------------------------------------------------------------------------------------
+
+
+@spec(kind="error")
+def test_bad_arguments_raise_errors_naming_them() -> None:
+    """``max_len < 1``, ``beam_size < 1``, a negative length penalty, BOS/EOS outside the vocabulary and a source that is not 2-D integer ids raise ``ValueError``/``TypeError`` naming the argument."""
+    model = make_model(0)
+    src = sources(1, [3])
+    with pytest.raises(ValueError, match="max_len must be at least 1, got 0"):
+        greedy_decode(model, src, 0, BOS, EOS)
+    with pytest.raises(ValueError, match="beam_size must be at least 1, got 0"):
+        beam_search(model, src, 5, BOS, EOS, beam_size=0)
+    with pytest.raises(ValueError, match="length_penalty must be a number >= 0"):
+        beam_search(model, src, 5, BOS, EOS, length_penalty=-0.5)
+    with pytest.raises(
+        ValueError, match=f"eos_id={V} is outside the target vocabulary of size {V}"
+    ):
+        greedy_decode(model, src, 5, BOS, V)
+    with pytest.raises(TypeError, match="src must hold integer token ids"):
+        greedy_decode(model, src.float(), 5, BOS, EOS)
+    with pytest.raises(ValueError, match=r"src must be 2-D \(B, T\)"):
+        beam_search(model, src[0], 5, BOS, EOS)
+    with pytest.raises(TypeError, match="max_len must be an int"):
+        greedy_decode(model, src, 5.0, BOS, EOS)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="model must be a Seq2SeqTransformer"):
+        greedy_decode(model.transformer, src, 5, BOS, EOS)  # type: ignore[arg-type]

@@ -1,0 +1,552 @@
+"""Training recipe: Adam and the learning-rate schedule (§5.3), label smoothing (§5.4), and runs.
+
+Each recipe value is recomputed here from the paper's formula, independently of
+``transformer.training``. The run tests use a tiny model (E=16, one layer each side,
+dropout on, so the dropout RNG matters) on the built-in ``copy`` task and compare
+whole runs: same seed, same metrics; a stopped and resumed run, the losses of an
+uninterrupted one, bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from transformer.checkpoint import load_checkpoint
+from transformer.data import make_batch, make_task
+from transformer.model import ModelConfig
+from transformer.testing import assert_close
+from transformer.tokenizer import Tokenizer
+from transformer.training import (
+    TrainConfig,
+    build_model,
+    evaluate,
+    inverse_sqrt_lr,
+    make_optimizer,
+    make_scheduler,
+    read_metrics,
+    sequence_loss,
+    shard_batch,
+    train,
+    translate,
+)
+
+spec = functools.partial(pytest.mark.spec, component="training")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP contention costs seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def paper_lrate(step_num: int, d_model: int, warmup_steps: int) -> float:
+    """§5.3 eq. 3, written out: d_model^-0.5 * min(step_num^-0.5, step_num * warmup_steps^-1.5)."""
+    return (1.0 / math.sqrt(d_model)) * min(1.0 / math.sqrt(step_num), step_num / warmup_steps**1.5)
+
+
+# --------------------------------------------------------------------------- §5.3
+
+
+@spec(section="5.3", kind="equivalence")
+@pytest.mark.parametrize("d_model, warmup", [(512, 40), (59, 7), (16, 1)])
+def test_scheduler_gives_each_step_the_paper_learning_rate(d_model: int, warmup: int) -> None:
+    """The k-th optimizer step runs with lrate = d_model^-0.5 * min(k^-0.5, k * warmup^-1.5) (§5.3 eq. 3)."""
+    weight = nn.Parameter(torch.zeros(3))
+    optimizer = make_optimizer(nn.ParameterList([weight]))
+    scheduler = make_scheduler(optimizer, d_model, warmup)
+    for step_num in range(1, 3 * warmup + 20):
+        used = optimizer.param_groups[0]["lr"]  # the rate the coming step will use
+        assert used == pytest.approx(paper_lrate(step_num, d_model, warmup), rel=1e-12)
+        weight.grad = torch.ones(3)
+        optimizer.step()
+        scheduler.step()
+
+
+@spec(section="5.3", kind="equivalence")
+def test_learning_rate_rises_linearly_to_warmup_then_decays_as_inverse_sqrt() -> None:
+    """The rate peaks at step warmup with value (d_model * warmup)^-0.5, then falls as step^-0.5 (§5.3)."""
+    d_model, warmup = 97, 13
+    rates = [inverse_sqrt_lr(k, d_model, warmup) for k in range(1, 200)]
+    assert max(rates) == pytest.approx((d_model * warmup) ** -0.5, rel=1e-12)
+    assert rates.index(max(rates)) + 1 == warmup
+    assert rates[4] / rates[0] == pytest.approx(5.0, rel=1e-12)  # linear warm-up
+    assert rates[100 - 1] / rates[25 - 1] == pytest.approx(0.5, rel=1e-12)  # (25 / 100)^0.5
+    assert inverse_sqrt_lr(100, d_model, warmup, scale=2.5) == pytest.approx(
+        2.5 * paper_lrate(100, d_model, warmup), rel=1e-12
+    )
+
+
+@spec(section="5.3", kind="error")
+def test_schedule_step_numbers_start_at_one() -> None:
+    """step_num is 1-based in §5.3; step 0 raises ValueError rather than dividing by zero."""
+    with pytest.raises(ValueError, match="step is 1-based, got 0"):
+        inverse_sqrt_lr(0, 512, 4000)
+
+
+@spec(section="5.3", kind="equivalence")
+def test_optimizer_is_adam_with_the_paper_hyperparameters() -> None:
+    """Adam with beta1 = 0.9, beta2 = 0.98, eps = 1e-9, no weight decay (§5.3)."""
+    optimizer = make_optimizer(nn.Linear(3, 2))
+    assert type(optimizer) is torch.optim.Adam
+    group = optimizer.param_groups[0]
+    assert group["betas"] == (0.9, 0.98)
+    assert group["eps"] == 1e-9
+    assert group["weight_decay"] == 0
+    assert group["amsgrad"] is False
+
+
+@spec(section="5.3", kind="equivalence")
+def test_first_two_adam_steps_match_the_update_rule_written_out() -> None:
+    """Two steps of optimizer + schedule equal Adam's bias-corrected update with the §5.3 values, in float64."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(7, dtype=torch.float64))
+    grads = [torch.randn(7, dtype=torch.float64) for _ in range(2)]
+    optimizer = make_optimizer(nn.ParameterList([weight]))
+    scheduler = make_scheduler(optimizer, d_model=59, warmup=5)
+
+    expected = weight.detach().clone()
+    m = torch.zeros(7, dtype=torch.float64)
+    v = torch.zeros(7, dtype=torch.float64)
+    beta1, beta2, eps = 0.9, 0.98, 1e-9
+    for t, g in enumerate(grads, start=1):
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)
+        expected -= paper_lrate(t, 59, 5) * m_hat / (v_hat.sqrt() + eps)
+
+        weight.grad = g.clone()
+        optimizer.step()
+        scheduler.step()
+    torch.testing.assert_close(weight.detach(), expected, rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------- §5.4
+
+
+def smoothed_loss_reference(
+    logits: torch.Tensor, targets: torch.Tensor, pad_id: int, eps: float
+) -> torch.Tensor:
+    """Label smoothing written out in float64: q = eps/V everywhere plus 1 - eps on the reference."""
+    logits, V = logits.double(), logits.size(-1)
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for b in range(targets.size(0)):
+        for t in range(targets.size(1)):
+            y = int(targets[b, t])
+            if y == pad_id:
+                continue
+            q = torch.full((V,), eps / V, dtype=torch.float64)
+            q[y] += 1.0 - eps
+            log_p = logits[b, t] - torch.logsumexp(logits[b, t], dim=0)
+            total = total - (q * log_p).sum()
+            count += 1
+    return total / count
+
+
+@spec(section="5.4", kind="equivalence")
+@pytest.mark.parametrize("eps", [0.1, 0.0, 0.37])
+def test_label_smoothed_loss_matches_the_target_distribution_written_out(eps: float) -> None:
+    """The loss is the cross-entropy against (1 - eps) one-hot + eps/V uniform, averaged over non-pad tokens (§5.4)."""
+    torch.manual_seed(1)
+    B, T, V, pad = 3, 7, 11, 0
+    logits = torch.randn(B, T, V, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(1, V, (B, T))
+    targets[0, 4:] = pad
+    targets[2, 1:] = pad
+    ours = sequence_loss(logits, targets, pad_id=pad, label_smoothing=eps)
+    torch.testing.assert_close(ours, smoothed_loss_reference(logits, targets, pad, eps))
+
+
+@spec(section="5.4", kind="masking")
+def test_padded_target_positions_neither_count_nor_receive_gradient() -> None:
+    """Logits at pad targets change neither the loss nor the mean's denominator, and get zero gradient."""
+    torch.manual_seed(2)
+    logits = torch.randn(2, 5, 9, requires_grad=True)
+    targets = torch.tensor([[4, 5, 6, 0, 0], [7, 0, 0, 0, 0]])
+    loss = sequence_loss(logits, targets, pad_id=0, label_smoothing=0.1)
+    loss.backward()
+    assert logits.grad is not None
+    pad_rows = targets == 0
+    assert torch.count_nonzero(logits.grad[pad_rows]) == 0
+    assert torch.count_nonzero(logits.grad[~pad_rows].abs().sum(-1)) == 4
+
+    scrambled = logits.detach().clone()
+    scrambled[pad_rows] = 1e4 * torch.randn(int(pad_rows.sum()), 9)
+    again = sequence_loss(scrambled, targets, pad_id=0, label_smoothing=0.1)
+    torch.testing.assert_close(again, loss.detach())
+
+
+@spec(section="5.4", kind="error")
+def test_sequence_loss_rejects_mismatched_shapes() -> None:
+    """Logits (B, T, V) and targets of another (B, T) raise ValueError naming both shapes."""
+    with pytest.raises(ValueError, match=r"\(2, 5, 9\) and \(2, 4\)"):
+        sequence_loss(torch.zeros(2, 5, 9), torch.zeros(2, 4, dtype=torch.long), pad_id=0)
+
+
+# --------------------------------------------------------------------------- config
+
+
+@spec(section="extra", kind="error")
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("steps", 0, "steps must be a positive integer"),
+        ("batch_size", 2.5, "batch_size must be a positive integer"),
+        ("warmup", True, "warmup must be a positive integer"),
+        ("lr_scale", 0.0, "lr_scale must be positive"),
+        ("label_smoothing", 1.0, r"label_smoothing must be in \[0, 1\)"),
+        ("clip_norm", -1.0, "clip_norm must be positive or None"),
+        ("max_seconds", 0, "max_seconds must be positive or None"),
+    ],
+)
+def test_train_config_rejects_bad_values(field: str, value: object, message: str) -> None:
+    """Each bad TrainConfig value raises ValueError naming the field."""
+    with pytest.raises(ValueError, match=f"TrainConfig.{message}"):
+        TrainConfig(**{field: value})  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@functools.cache
+def _copy_data() -> tuple[Tokenizer, tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+    split = make_task("copy", seed=0, n_train=96, n_heldout=7)
+    tokenizer = Tokenizer.train([t for pair in split.train for t in pair], vocab_size=40)
+    return tokenizer, split.train, split.heldout
+
+
+def _tiny_config(vocab_size: int, **overrides: object) -> ModelConfig:
+    fields: dict[str, object] = {
+        "src_vocab_size": vocab_size,
+        "tgt_vocab_size": vocab_size,
+        "d_model": 16,
+        "nhead": 2,
+        "num_encoder_layers": 1,
+        "num_decoder_layers": 1,
+        "dim_feedforward": 24,
+        "dropout": 0.1,
+        "max_len": 64,
+        "share_embeddings": True,
+    }
+    fields.update(overrides)
+    return ModelConfig(**fields)  # type: ignore[arg-type]
+
+
+def _run(out: Path, steps: int, *, seed: int = 0, resume: bool = False, **overrides: object):  # type: ignore[no-untyped-def]
+    """Train the tiny model on copy; a resume rebuilds everything from scratch like a new process."""
+    tokenizer, train_pairs, _ = _copy_data()
+    settings: dict[str, object] = {
+        "steps": steps,
+        "batch_size": 8,
+        "warmup": 5,
+        "lr_scale": 2.0,
+        "seed": seed,
+        "log_every": 3,
+        "checkpoint_every": 1000,
+    }
+    settings.update(overrides)
+    model = build_model(_tiny_config(tokenizer.vocab_size), seed)
+    result = train(
+        model,
+        tokenizer,
+        train_pairs,
+        out,
+        TrainConfig(**settings),  # type: ignore[arg-type]
+        resume=resume,
+        progress=False,
+    )
+    return model, result
+
+
+def _curve(records: list[dict[str, object]]) -> list[tuple[object, ...]]:
+    """What must repeat exactly: step, losses and rate (wall-time fields cannot)."""
+    return [(r["step"], r["loss"], r["nll"], r["lr"]) for r in records]
+
+
+@spec(section="extra", kind="equivalence")
+def test_same_seed_gives_identical_metrics_and_weights(tmp_path: Path) -> None:
+    """Two runs with one seed log the same losses and end with the same weights; another seed does not."""
+    model_a, run_a = _run(tmp_path / "a", 12)
+    model_b, run_b = _run(tmp_path / "b", 12)
+    _, run_c = _run(tmp_path / "c", 12, seed=1)
+    assert _curve(run_a.history) == _curve(run_b.history)
+    for (name, a), b in zip(
+        model_a.state_dict().items(), model_b.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert [r["loss"] for r in run_a.history] != [r["loss"] for r in run_c.history]
+
+
+@spec(section="extra", kind="equivalence")
+@pytest.mark.parametrize("stop", [6, 7])
+def test_stopped_and_resumed_run_repeats_the_uninterrupted_run_bit_for_bit(
+    tmp_path: Path, stop: int
+) -> None:
+    """Stop at step 6 (on the logging grid) or 7 (off it), resume: same losses, rates and final weights as one run."""
+    full_model, full = _run(tmp_path / "full", 15)
+    _, first = _run(tmp_path / "split", stop)
+    assert first.step == stop
+    resumed_model, resumed = _run(tmp_path / "split", 15, resume=True)
+    assert resumed.step == 15
+    assert _curve(resumed.history) == _curve(full.history)
+    assert _curve(read_metrics(tmp_path / "split" / "metrics.jsonl")) == _curve(full.history)
+    for (name, a), b in zip(
+        full_model.state_dict().items(), resumed_model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+@spec(section="extra", kind="equivalence")
+def test_run_stopped_by_time_limit_resumes_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    """A run cut short by max_seconds saves where it stopped; resuming it gives the uninterrupted losses."""
+    _, full = _run(tmp_path / "full", 9)
+    _, cut = _run(tmp_path / "cut", 9, max_seconds=1e-9)
+    assert cut.step == 1
+    _, resumed = _run(tmp_path / "cut", 9, resume=True)
+    assert _curve(resumed.history) == _curve(full.history)
+
+
+@spec(section="extra", kind="error")
+def test_resume_with_other_trajectory_settings_is_refused(tmp_path: Path) -> None:
+    """Resuming with another batch size or warm-up raises ValueError listing what changed."""
+    _run(tmp_path, 3)
+    with pytest.raises(ValueError, match=r"cannot resume.*batch_size: 8 -> 4"):
+        _run(tmp_path, 6, resume=True, batch_size=4)
+
+
+@spec(section="extra", kind="error")
+def test_resume_without_a_checkpoint_raises_file_not_found(tmp_path: Path) -> None:
+    """--resume of a directory that holds no checkpoint raises FileNotFoundError naming it."""
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        _run(tmp_path / "never", 3, resume=True)
+
+
+@spec(section="extra", kind="shape")
+def test_run_writes_metrics_jsonl_loss_plot_and_checkpoint(tmp_path: Path) -> None:
+    """A run leaves metrics.jsonl (one record per log step), a PNG loss plot and checkpoint/."""
+    _, result = _run(tmp_path, 10)
+    lines = (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [3, 6, 9, 10]  # every 3 steps, then the last
+    for record in records:
+        assert set(record) >= {"step", "loss", "nll", "lr", "tokens_per_s", "elapsed"}
+        assert math.isfinite(record["loss"]) and record["tokens_per_s"] > 0
+        # The logged rate is the one the step used: lr of its step number.
+        assert record["lr"] == pytest.approx(2.0 * paper_lrate(record["step"], 16, 5))
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "checkpoint").is_dir()
+    assert records == result.history
+
+
+@spec(section="5.4", kind="equivalence")
+def test_logged_nll_is_the_unsmoothed_loss_and_smoothing_raises_the_floor(tmp_path: Path) -> None:
+    """With eps_ls = 0 the logged loss equals the cross-entropy; with 0.1 it is larger (§5.4 smoothing)."""
+    _, plain = _run(tmp_path / "plain", 6, label_smoothing=0.0)
+    _, smooth = _run(tmp_path / "smooth", 6, label_smoothing=0.1)
+    assert all(r["loss"] == pytest.approx(r["nll"], rel=1e-6) for r in plain.history)
+    assert all(r["loss"] > r["nll"] for r in smooth.history)
+
+
+@spec(section="extra", kind="equivalence")
+def test_untrained_baseline_is_the_model_before_its_first_step() -> None:
+    """build_model(config, seed) gives the same weights for the same seed and leaves the caller's RNG alone."""
+    config = _tiny_config(40)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a, b, c = build_model(config, 5), build_model(config, 5), build_model(config, 6)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters(), strict=True))
+
+
+@spec(section="extra", kind="equivalence")
+def test_evaluate_scores_exact_match_and_bleu_against_the_references() -> None:
+    """Outputs equal to the references score 1.0 and BLEU 100; replacing 3 of 7 references scores 4/7."""
+    tokenizer, _, heldout = _copy_data()
+    model = build_model(_tiny_config(tokenizer.vocab_size), 0)
+    sources = [s for s, _ in heldout]
+    outputs = [tokenizer.decode(ids) for ids in translate(model, tokenizer, sources, max_len=12)]
+    assert len(outputs) == 7
+    perfect = evaluate(model, tokenizer, list(zip(sources, outputs, strict=True)), max_len=12)
+    assert perfect.exact_match == 1.0 and perfect.outputs == outputs
+    if all(outputs):  # sacrebleu scores empty hypotheses 0 even against empty references
+        assert perfect.bleu == pytest.approx(100.0)
+    wrong = [f"{o} zz" if i in (0, 3, 6) else o for i, o in enumerate(outputs)]
+    partial = evaluate(model, tokenizer, list(zip(sources, wrong, strict=True)), max_len=12)
+    assert partial.exact_match == pytest.approx(4 / 7)
+
+
+# --------------------------------------------------------------------------- data parallel
+
+
+@spec(section="extra", kind="shape")
+def test_shards_partition_the_global_batch_rows_and_drop_only_padding() -> None:
+    """3 ranks get rows r, r+3, ... of a 7-row batch; the columns they drop are padding in all their rows."""
+    rows = [([5] * n, [6] * (8 - n)) for n in (1, 7, 2, 3, 1, 4, 2)]
+    batch = make_batch(rows, pad_id=0, bos_id=1, eos_id=2)
+    seen = []
+    for rank in range(3):
+        shard = shard_batch(batch, rank, 3, pad_id=0)
+        assert shard is not None and shard.n_tokens == batch.n_tokens
+        index = list(range(rank, 7, 3))
+        seen += index
+        for name in ("src", "tgt_in", "tgt_out"):
+            part, whole = getattr(shard, name), getattr(batch, name)[index]
+            assert torch.equal(part, whole[:, : part.size(1)])
+            assert torch.count_nonzero(whole[:, part.size(1) :]) == 0
+    assert sorted(seen) == list(range(7))
+    assert shard_batch(make_batch(rows[:1], pad_id=0, bos_id=1, eos_id=2), 1, 2, pad_id=0) is None
+
+
+@spec(section="5.4", kind="equivalence")
+def test_shard_losses_over_the_global_token_count_sum_to_the_batch_mean() -> None:
+    """Each shard's summed loss divided by the global token count adds up to the whole batch's mean loss."""
+    torch.manual_seed(4)
+    logits = torch.randn(5, 6, 13, dtype=torch.float64)
+    targets = torch.randint(1, 13, (5, 6))
+    targets[1, 2:] = 0
+    targets[4, 5:] = 0
+    whole = sequence_loss(logits, targets, pad_id=0, label_smoothing=0.1)
+    n = int((targets != 0).sum())
+    parts = [
+        sequence_loss(logits[r::2], targets[r::2], pad_id=0, label_smoothing=0.1, num_tokens=n)
+        for r in range(2)
+    ]
+    torch.testing.assert_close(parts[0] + parts[1], whole)
+
+
+@spec(section="extra", kind="equivalence")
+def test_bf16_autocast_training_gives_finite_losses_near_fp32(tmp_path: Path) -> None:
+    """Under torch.autocast(bfloat16) on CPU the run trains with finite losses close to the float32 run's."""
+    _, full = _run(tmp_path / "fp32", 6, log_every=1)
+    _, low = _run(tmp_path / "bf16", 6, log_every=1, autocast="bf16")
+    assert all(math.isfinite(r["loss"]) for r in low.history)
+    for a, b in zip(full.history, low.history, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 0.1 * a["loss"]
+    assert [r["loss"] for r in full.history] != [
+        r["loss"] for r in low.history
+    ]  # it did run in bf16
+
+
+def _cli_train(out: Path, *extra: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    argv = [*launcher] if launcher else [sys.executable]
+    argv += ["-m", "transformer", "train", "--task", "copy", "--n-train", "64", "--n-heldout", "4"]
+    argv += ["--batch-size", "8", "--d-model", "16", "--heads", "2", "--layers", "1", "--ff", "24"]
+    argv += ["--no-progress", "--out", str(out), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def _finish(process: subprocess.Popen[str]) -> None:
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stdout + stderr
+
+
+@pytest.mark.slow
+@spec(section="extra", kind="equivalence")
+def test_two_processes_with_half_batches_take_the_one_process_step(tmp_path: Path) -> None:
+    """torchrun with 2 gloo processes (half of each batch each) ends with the weights of 1 process on whole batches.
+
+    Compared with fp32 tolerances after 3 Adam steps, except the attention key biases,
+    whose true gradient is zero.
+    """
+    torchrun = Path(sys.executable).with_name("torchrun")
+    settings = ("--steps", "3", "--dropout", "0", "--log-every", "1")
+    _finish(_cli_train(tmp_path / "one", *settings))
+    launcher = (str(torchrun), "--standalone", "--nproc_per_node=2")
+    _finish(_cli_train(tmp_path / "two", *settings, launcher=launcher))
+    one, _ = load_checkpoint(tmp_path / "one" / "checkpoint")
+    two, meta = load_checkpoint(tmp_path / "two" / "checkpoint")
+    assert len(meta["training"]["rng"]) == 2  # both ranks' RNG states were saved
+    start = build_model(one.config, 0)
+    E = one.config.d_model
+    for (name, a), b, s in zip(
+        one.state_dict().items(),
+        two.state_dict().values(),
+        start.state_dict().values(),
+        strict=True,
+    ):
+        if name.endswith("weight") and "norm" not in name:
+            assert not torch.equal(a, s), name  # the step moved it: the comparison is not vacuous
+        if name.endswith("in_proj_bias"):
+            # The key bias has zero gradient in exact math (softmax ignores a shift shared by
+            # all keys of a query), so Adam normalises rounding noise there: skip [E, 2E).
+            a, b = torch.cat([a[:E], a[2 * E :]]), torch.cat([b[:E], b[2 * E :]])
+        assert_close(b, a, msg=name)
+    losses_one = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")]
+    losses_two = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")]
+    assert losses_two == pytest.approx(losses_one, rel=1e-5)
+
+
+@pytest.mark.slow
+@spec(section="extra", kind="equivalence")
+def test_training_killed_at_random_moments_resumes_to_the_uninterrupted_curve(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL a training process 5 times at seeded random moments: the checkpoint always loads, and --resume ends with the uninterrupted losses."""
+    settings = ("--steps", "60", "--log-every", "2", "--checkpoint-every", "3", "--warmup", "10")
+    _finish(_cli_train(tmp_path / "full", *settings))
+    run = tmp_path / "killed"
+    metrics = run / "metrics.jsonl"
+    rng = random.Random(7)
+    kills, resumes = 0, 0
+    while kills < 5:
+        resume = (run / "checkpoint").exists() or (run / "checkpoint.old").exists()
+        base = 0
+        if resume:
+            _, meta = load_checkpoint(run / "checkpoint")  # never damaged, whenever the kill hit
+            base = meta["training"]["step"]
+            assert 0 < base < 60
+            resumes += 1
+        started = time.time_ns()
+        process = _cli_train(run, *settings, *(("--resume",) if resume else ()))
+        # Wait until this process has passed a checkpoint step (every 3rd; logs every 2nd),
+        # then kill it a random moment later: mid-step, mid-log or mid-save.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            fresh = metrics.exists() and metrics.stat().st_mtime_ns > started
+            if fresh and _last_logged_step(metrics) > base + 3:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if process.poll() is not None:
+            break  # finished before the kill: nothing left to interrupt
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+        kills += 1
+    _finish(_cli_train(run, *settings, "--resume"))
+
+    def curve(name: str) -> list[tuple[float, float, float]]:
+        return [
+            (r["loss"], r["nll"], r["lr"]) for r in read_metrics(tmp_path / name / "metrics.jsonl")
+        ]
+
+    assert kills >= 3 and resumes >= 3
+    assert curve("killed") == curve("full")
+
+
+def _last_logged_step(path: Path) -> int:
+    """Step of the last complete record of metrics.jsonl (0 when there is none yet)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (OSError, ValueError, KeyError):
+        return 0

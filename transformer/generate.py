@@ -1,0 +1,419 @@
+"""Token-by-token generation: greedy decoding and beam search (paper section 6.1).
+
+Both searches feed the decoder its own previous outputs one token at a time. Each step
+either re-decodes the whole prefix through :meth:`Seq2SeqTransformer.decode`
+(``use_cache=False``, the executable spec) or runs only the newest position through the
+decoder layers, attending to cached keys and values (``use_cache=True``):
+
+* self-attention: the keys/values of earlier positions never change (a position sees
+  only positions ``<= t``, section 3.2.3), so each step appends one key/value per layer;
+* cross-attention: the keys/values are projections of the encoder memory, computed once.
+
+Both paths take their masks from :meth:`Seq2SeqTransformer.masks` and return the same
+tokens. Results exclude BOS, keep the EOS where one was generated and are padded with the
+model's ``pad_id`` after it. ``pad_id`` itself is never generated (unless it doubles as
+``eos_id``): it is not a token but the filler of the result.
+
+Notation: B batch, K beam size, N decoder rows (B, or B*K in beam search), S source
+length, t current position, H heads, D head dim, E ``d_model``, V target vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transformer.attention import scaled_dot_product_attention
+from transformer.feed_forward import position_wise
+from transformer.layers import TransformerDecoderLayer
+from transformer.masks import merge_module_masks
+from transformer.model import Seq2SeqTransformer, check_token_ids
+from transformer.multi_head_attention import MultiheadAttention
+
+__all__ = ["CachedDecoder", "FullDecoder", "beam_search", "gnmt_length_penalty", "greedy_decode"]
+
+
+def gnmt_length_penalty(length: int, alpha: float) -> float:
+    """GNMT's length penalty ``lp(Y) = ((5 + |Y|) / 6) ** alpha`` (paper section 6.1, alpha 0.6).
+
+    Beam search ranks finished hypotheses by ``log P(Y | X) / lp(Y)``, where ``|Y|``
+    counts the generated tokens including EOS.
+    """
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+    return value
+
+
+def _check_args(
+    model: object, src: object, max_len: object, bos_id: object, eos_id: object
+) -> tuple[Seq2SeqTransformer, Tensor]:
+    """Validate the arguments both searches share; return the model and ``src`` as int64."""
+    if not isinstance(model, Seq2SeqTransformer):
+        raise TypeError(f"model must be a Seq2SeqTransformer, got {type(model).__name__}")
+    vocab = model.config.tgt_vocab_size
+    ids = check_token_ids("src", src, model.config.src_vocab_size)
+    _check_int("max_len", max_len, 1)
+    for name, token in (("bos_id", bos_id), ("eos_id", eos_id)):
+        _check_int(name, token, 0)
+        assert isinstance(token, int)
+        if token >= vocab:
+            raise ValueError(f"{name}={token} is outside the target vocabulary of size {vocab}")
+    return model, ids
+
+
+@contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd for the duration; the mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _forbid_pad(logits: Tensor, pad_id: int, eos_id: int) -> Tensor:
+    """``logits`` ``(N, V)`` with the padding token made impossible (unless it is EOS)."""
+    if pad_id == eos_id:
+        return logits
+    logits = logits.clone()
+    logits[:, pad_id] = float("-inf")
+    return logits
+
+
+# --------------------------------------------------------------------------- decoders
+
+
+class FullDecoder:
+    """Step-by-step decoder without a cache: each step re-decodes the whole prefix.
+
+    The executable spec of :class:`CachedDecoder`: ``step`` is
+    :meth:`Seq2SeqTransformer.decode` of the prefix, last position. The source is encoded
+    once, at construction. Use it (like :class:`CachedDecoder`) in eval mode under
+    ``torch.no_grad()``, as :func:`greedy_decode` and :func:`beam_search` do.
+
+    Args:
+        model: the model to decode with.
+        src: ``(N, S)`` source ids, one row per decoder row.
+    """
+
+    def __init__(self, model: Seq2SeqTransformer, src: Tensor) -> None:
+        self.model = model
+        self.src = src  # (N, S)
+        self.memory = model.encode(src)  # (N, S, E)
+
+    def step(self, prefix: Tensor) -> Tensor:
+        """Logits ``(N, V)`` of the next token after ``prefix`` ``(N, t + 1)``."""
+        return self.model.decode(prefix, self.memory, self.src)[:, -1]  # (N, V)
+
+    def reorder(self, rows: Tensor) -> None:
+        """Nothing is cached per prefix; rows only move within a batch element's beams."""
+
+
+def _heads(x: Tensor, nhead: int) -> Tensor:
+    """``(N, T, E) -> (N, H, T, D)``: split the features into the heads of section 3.2.2."""
+    N, T, E = x.shape
+    return x.view(N, T, nhead, E // nhead).transpose(1, 2)  # (N, H, T, D)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """``(N, H, T, D) -> (N, T, H * D)``: Concat(head_1, ..., head_h) of section 3.2.2."""
+    N, H, T, D = x.shape
+    return x.transpose(1, 2).reshape(N, T, H * D)  # (N, T, E)
+
+
+def _in_projections(mha: MultiheadAttention) -> tuple[Tensor, Tensor | None]:
+    """The stacked ``(3E, E)`` ``W^Q, W^K, W^V`` and their ``(3E,)`` bias (or ``None``)."""
+    weight = mha.in_proj_weight
+    if weight is None or mha.bias_k is not None or mha.add_zero_attn:
+        raise ValueError(
+            "the KV cache needs attention with a packed in_proj_weight and neither "
+            "add_bias_kv nor add_zero_attn; decode with use_cache=False"
+        )
+    return weight, mha.in_proj_bias
+
+
+class CachedDecoder:
+    """Step-by-step decoder with a KV cache: each step runs only the newest position.
+
+    Per decoder layer it keeps the self-attention keys/values of the positions decoded
+    so far (one more per step) and the cross-attention keys/values of the memory
+    (projected once). A step walks the submodules of each ``TransformerDecoderLayer`` in
+    the order of its ``forward`` (post-norm or ``norm_first``), with the masks of
+    :meth:`Seq2SeqTransformer.masks`; dropout is left out, as eval mode does. Calls to
+    ``step`` must pass the growing prefix, one token longer each time.
+
+    Args:
+        model: the model to decode with (its attentions need a packed ``in_proj_weight``).
+        src: ``(N, S)`` source ids, one row per decoder row.
+    """
+
+    def __init__(self, model: Seq2SeqTransformer, src: Tensor) -> None:
+        self.model = model
+        self.src = src  # (N, S)
+        decoder = model.transformer.decoder
+        stack = decoder.layers
+        norm = decoder.norm
+        assert isinstance(stack, nn.ModuleList)
+        assert norm is None or isinstance(norm, nn.Module)
+        self.layers: list[TransformerDecoderLayer] = []
+        for layer in stack:
+            if not isinstance(layer, TransformerDecoderLayer):
+                raise TypeError(
+                    f"the KV cache walks TransformerDecoderLayer submodules, got "
+                    f"{type(layer).__name__}; decode with use_cache=False"
+                )
+            self.layers.append(layer)
+        self.norm = norm
+        self.nhead = model.config.nhead
+        memory = model.encode(src)  # (N, S, E)
+        masks = model.masks(src)
+        N, S, _ = memory.shape
+        # Every query of a step sees the same source keys: (N, 1, 1, S), SDPA convention.
+        self.cross_mask = merge_module_masks(
+            None, masks.src_key_padding, N, self.nhead, 1, S, memory.dtype
+        )
+        # Cross-attention keys/values depend on the memory only: project them once.
+        self.cross_kv: list[tuple[Tensor, Tensor]] = []
+        for layer in self.layers:
+            weight, bias = _in_projections(layer.multihead_attn)
+            _, w_k, w_v = weight.chunk(3)
+            b_k = b_v = None
+            if bias is not None:
+                _, b_k, b_v = bias.chunk(3)
+            k = _heads(F.linear(memory, w_k, b_k), self.nhead)  # (N, H, S, D)
+            v = _heads(F.linear(memory, w_v, b_v), self.nhead)  # (N, H, S, D)
+            self.cross_kv.append((k, v))
+        # Self-attention keys/values of positions 0..t-1, grown by one position per step.
+        self.self_kv: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
+
+    def _self_attention(
+        self, i: int, mha: MultiheadAttention, x: Tensor, mask: Tensor | None
+    ) -> Tensor:
+        """Self-attention of the newest position ``x`` ``(N, 1, E)`` over the cached prefix."""
+        weight, bias = _in_projections(mha)
+        q, k, v = F.linear(x, weight, bias).chunk(3, dim=-1)  # 3 x (N, 1, E)
+        q, k, v = _heads(q, self.nhead), _heads(k, self.nhead), _heads(v, self.nhead)
+        cached = self.self_kv[i]
+        if cached is not None:
+            k = torch.cat([cached[0], k], dim=2)  # (N, H, t + 1, D)
+            v = torch.cat([cached[1], v], dim=2)
+        self.self_kv[i] = (k, v)
+        out = scaled_dot_product_attention(q, k, v, mask)  # (N, H, 1, D)
+        result: Tensor = mha.out_proj(_merge_heads(out))  # (N, 1, E)
+        return result
+
+    def _cross_attention(self, i: int, mha: MultiheadAttention, x: Tensor) -> Tensor:
+        """Attention of the newest position ``x`` ``(N, 1, E)`` over the encoder memory."""
+        weight, bias = _in_projections(mha)
+        w_q = weight.chunk(3)[0]
+        b_q = None if bias is None else bias.chunk(3)[0]
+        q = _heads(F.linear(x, w_q, b_q), self.nhead)  # (N, H, 1, D)
+        k, v = self.cross_kv[i]
+        out = scaled_dot_product_attention(q, k, v, self.cross_mask)  # (N, H, 1, D)
+        result: Tensor = mha.out_proj(_merge_heads(out))  # (N, 1, E)
+        return result
+
+    def step(self, prefix: Tensor) -> Tensor:
+        """Logits ``(N, V)`` of the next token after ``prefix`` ``(N, t + 1)``.
+
+        The cache must hold positions ``0..t-1`` of this same prefix.
+        """
+        model = self.model
+        N, T = prefix.shape
+        # Embedding + position of the whole prefix, exactly as decode() computes it; the
+        # newest row is all this step needs.
+        x = model.embed(prefix, model.tgt_embedding)[:, -1:]  # (N, 1, E)
+        masks = model.masks(self.src, prefix)
+        # The last row of the causal mask with the target padding: (N, 1, 1, t + 1).
+        self_mask = merge_module_masks(
+            masks.tgt_causal[-1:], masks.tgt_key_padding, N, self.nhead, 1, T, x.dtype
+        )
+        for i, layer in enumerate(self.layers):
+            if layer.norm_first:
+                x = x + self._self_attention(i, layer.self_attn, layer.norm1(x), self_mask)
+                x = x + self._cross_attention(i, layer.multihead_attn, layer.norm2(x))
+                x = x + self._feed_forward(layer, layer.norm3(x))
+            else:
+                x = layer.norm1(x + self._self_attention(i, layer.self_attn, x, self_mask))
+                x = layer.norm2(x + self._cross_attention(i, layer.multihead_attn, x))
+                x = layer.norm3(x + self._feed_forward(layer, x))
+        if self.norm is not None:
+            x = self.norm(x)
+        logits: Tensor = model.output(x)[:, 0]  # (N, V)
+        return logits
+
+    @staticmethod
+    def _feed_forward(layer: TransformerDecoderLayer, x: Tensor) -> Tensor:
+        """The position-wise network of section 3.3 on ``x`` ``(N, 1, E)``."""
+        return position_wise(x, layer.linear1, layer.activation, layer.dropout, layer.linear2)
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep the self-attention cache of decoder rows ``rows`` ``(N,)`` (beam search).
+
+        Rows move only among the beams of one batch element, which share the source, so
+        the cross-attention keys/values and the source masks stay as they are.
+        """
+        self.self_kv = [
+            None if kv is None else (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
+            for kv in self.self_kv
+        ]
+
+
+def _decoder(
+    model: Seq2SeqTransformer, src: Tensor, use_cache: bool
+) -> CachedDecoder | FullDecoder:
+    return CachedDecoder(model, src) if use_cache else FullDecoder(model, src)
+
+
+# --------------------------------------------------------------------------- searches
+
+
+def greedy_decode(
+    model: Seq2SeqTransformer,
+    src: Tensor,
+    max_len: int,
+    bos_id: int,
+    eos_id: int,
+    use_cache: bool = True,
+) -> Tensor:
+    """Greedy decoding: at each step emit the most probable next token (section 6.1 uses beams).
+
+    Args:
+        model: the trained model; it runs in eval mode without autograd, its mode is restored.
+        src: ``(B, S)`` source ids, padded with the model's ``pad_id``.
+        max_len: the most tokens generated per sequence (EOS included), at least 1.
+        bos_id: the token the decoder starts from (not part of the result).
+        eos_id: ends a sequence; each batch element finishes on its own.
+        use_cache: attend with cached keys/values; ``False`` re-decodes the prefix at every
+            step (same tokens, quadratic cost).
+
+    Returns:
+        ``(B, T)`` int64 with ``T <= max_len``: the generated tokens, EOS kept, ``pad_id``
+        after it; ``T`` is the length of the longest row.
+    """
+    model, src = _check_args(model, src, max_len, bos_id, eos_id)
+    pad_id = model.pad_id
+    if src.size(0) == 0:
+        return src.new_empty((0, 0))  # no rows: the longest row has length 0
+    with _inference(model):
+        decoder = _decoder(model, src, use_cache)
+        B = src.size(0)
+        prefix = src.new_full((B, 1), bos_id)  # (B, 1)
+        finished = torch.zeros(B, dtype=torch.bool, device=src.device)
+        for _ in range(max_len):
+            logits = _forbid_pad(decoder.step(prefix), pad_id, eos_id)  # (B, V)
+            token = logits.argmax(dim=-1)  # (B,)
+            token = token.masked_fill(finished, pad_id)
+            prefix = torch.cat([prefix, token[:, None]], dim=1)  # (B, t + 2)
+            finished |= token == eos_id
+            if bool(finished.all()):
+                break
+    return prefix[:, 1:]
+
+
+def beam_search(
+    model: Seq2SeqTransformer,
+    src: Tensor,
+    max_len: int,
+    bos_id: int,
+    eos_id: int,
+    beam_size: int = 4,
+    length_penalty: float = 0.6,
+    *,
+    use_cache: bool = True,
+) -> Tensor:
+    """Beam search with GNMT's length penalty (section 6.1: beam size 4, alpha 0.6).
+
+    Each step extends every live hypothesis by every token and keeps the ``beam_size``
+    best by ``log P``, minus one slot per hypothesis already finished: a hypothesis that
+    picks EOS leaves the beam and waits, scored ``log P(Y | X) / lp(Y)`` (see
+    :func:`gnmt_length_penalty`). A batch element stops when no hypothesis is live, when none
+    can still beat its best finished one, or at ``max_len`` (live hypotheses then count as
+    finished). With ``beam_size=1`` this is greedy decoding, token for token.
+
+    Args:
+        model, src, max_len, bos_id, eos_id: as in :func:`greedy_decode`.
+        beam_size: hypotheses kept per batch element (K), at least 1.
+        length_penalty: alpha >= 0; 0 ranks by plain log-probability.
+        use_cache: decode with the KV cache (same result either way).
+
+    Returns:
+        ``(B, T)`` int64, ``T <= max_len``: the best hypothesis of each batch element,
+        EOS kept, padded with ``pad_id``.
+    """
+    model, src = _check_args(model, src, max_len, bos_id, eos_id)
+    K = _check_int("beam_size", beam_size, 1)
+    alpha = length_penalty
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0.0:
+        raise ValueError(f"length_penalty must be a number >= 0, got {alpha!r}")
+    pad_id = model.pad_id
+    B, device = src.size(0), src.device
+    if B == 0:
+        return src.new_empty((0, 0))  # as greedy_decode: no rows, width 0
+    with _inference(model):
+        decoder = _decoder(model, src.repeat_interleave(K, dim=0), use_cache)  # N = B*K rows
+        prefix = src.new_full((B * K, 1), bos_id)  # (B*K, 1)
+        # log P of each live hypothesis, in float64 so that adding a long prefix's score
+        # cannot merge two candidates; -inf marks an empty slot (only beam 0 at start).
+        scores = torch.full((B, K), float("-inf"), dtype=torch.float64, device=device)
+        scores[:, 0] = 0.0
+        slots = torch.full((B,), K, dtype=torch.long, device=device)  # K - finished count
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+        best = torch.full((B,), float("-inf"), dtype=torch.float64, device=device)
+        rank = torch.arange(K, device=device)[None, :]  # (1, K)
+        base = (torch.arange(B, device=device) * K)[:, None]  # (B, 1) first row of element b
+        last_lp = gnmt_length_penalty(max_len, alpha)
+        for t in range(max_len):
+            logits = _forbid_pad(decoder.step(prefix), pad_id, eos_id)  # (B*K, V)
+            logp = logits.double().log_softmax(dim=-1)  # (B*K, V)
+            V = logp.size(-1)
+            candidates = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V)
+            top, index = candidates.topk(K, dim=1)  # (B, K) best first
+            beam, token = index // V, index % V  # (B, K) each
+            chosen = (rank < slots[:, None]) & torch.isfinite(top)  # (B, K)
+            ended = chosen & (token == eos_id)
+            if t == max_len - 1:
+                ended = chosen  # out of room: live hypotheses count as finished
+            live = chosen & ~ended
+            rows = (base + beam).view(-1)  # (B*K,) source row of each candidate
+            for b, k in ended.nonzero().tolist():
+                tokens = [*prefix[rows[b * K + k], 1:].tolist(), int(token[b, k])]
+                score = float(top[b, k]) / gnmt_length_penalty(len(tokens), alpha)
+                finished[b].append((score, tokens))
+                best[b] = max(float(best[b]), score)
+            slots -= ended.sum(dim=1)
+            # Move live candidates to the front of each row, keeping their order.
+            order = torch.argsort((~live).to(torch.int8), dim=1, stable=True)  # (B, K)
+            live = live.gather(1, order)
+            scores = top.gather(1, order).masked_fill(~live, float("-inf"))
+            rows = (base + beam.gather(1, order)).view(-1)  # (B*K,)
+            token = token.gather(1, order).masked_fill(~live, pad_id).view(-1, 1)
+            # No live hypothesis can end above its score / lp(max_len): log P only falls
+            # and lp only grows (alpha >= 0). Stop elements whose best finished is higher.
+            hopeless = scores.max(dim=1).values / last_lp <= best  # (B,)
+            scores = scores.masked_fill(hopeless[:, None], float("-inf"))
+            if not bool(torch.isfinite(scores).any()):
+                break
+            decoder.reorder(rows)
+            prefix = torch.cat([prefix.index_select(0, rows), token], dim=1)  # (B*K, t + 2)
+    results = [max(hyps, key=lambda h: h[0])[1] for hyps in finished]
+    width = max(len(r) for r in results)
+    out = src.new_full((B, width), pad_id)
+    for b, tokens in enumerate(results):
+        out[b, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return out
