@@ -493,3 +493,34 @@ class TestFullSizeOnCuda:
         assert_error_within_reference(ours[0], ref_low[0], exact[0], msg="output")
         for name, g, g_ref, g_exact in zip("qkv", ours[1], ref_low[1], exact[1], strict=True):
             assert_error_within_reference(g, g_ref, g_exact, msg=f"grad of {name}")
+
+
+# --------------------------------------------------------------------------------------
+# Shapes.
+# --------------------------------------------------------------------------------------
+
+
+@spec(section="3.2.1", kind="shape")
+@pytest.mark.parametrize(
+    ("q_shape", "k_shape", "v_shape", "gqa", "expected"),
+    [
+        ((7, 16), (9, 16), (9, 24), False, (7, 24)),
+        ((2, 7, 16), (1, 9, 16), (2, 9, 8), False, (2, 7, 8)),
+        ((2, 3, 5, 16), (2, 3, 11, 16), (2, 3, 11, 16), False, (2, 3, 5, 16)),
+        ((1, 6, 5, 32), (1, 2, 11, 32), (1, 2, 11, 16), True, (1, 6, 5, 16)),
+    ],
+    ids=["unbatched-Ev24", "broadcast-batch", "B2-H3", "gqa-6-over-2"],
+)
+def test_output_has_query_rows_and_value_features(
+    q_shape: tuple[int, ...],
+    k_shape: tuple[int, ...],
+    v_shape: tuple[int, ...],
+    gqa: bool,
+    expected: tuple[int, ...],
+) -> None:
+    """query (..., L, E), key (..., S, E), value (..., S, Ev) give (..., L, Ev) with batch dims broadcast and query heads kept under GQA, in the query's dtype (§3.2.1)."""
+    q, k, v = randn(*q_shape, seed=1), randn(*k_shape, seed=2), randn(*v_shape, seed=3)
+    out = transformer.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, kernel="triton")
+    assert out.shape == expected
+    assert out.dtype == q.dtype
+    assert out.device == q.device

@@ -1,0 +1,467 @@
+"""``transformer bench attention``: the attention kernels timed side by side (SPEC §7).
+
+Every registered kernel (through :func:`transformer.scaled_dot_product_attention`),
+torch's own ``F.scaled_dot_product_attention`` ("torch-sdpa") and
+``torch.nn.MultiheadAttention`` ("torch-mha", which adds its input and output
+projections) are measured interleaved in one process: each repeat runs every
+candidate once, in turn, so machine noise hits them alike. Reported per row: median
+time, GFLOP/s, the ratio to torch SDPA and the peak memory.
+
+FLOPs follow FlashAttention-2's count: forward ``4 * B * H * L * S * E`` (the two
+matmuls ``QK^T`` and ``PV``), halved under ``is_causal``; backward 2.5x forward, so
+forward + backward is 3.5x.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` beyond the inputs; on CPU the
+peak of the bytes held by the CPU allocator during one run, recorded with
+``torch.profiler`` (``profile_memory=True``: every allocation and free, in order).
+
+Notation: B batch, H heads, L = S sequence length, E head dim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["BenchConfig", "add_bench_parser", "run_attention_bench"]
+
+TORCH_SDPA = "torch-sdpa"
+TORCH_MHA = "torch-mha"
+MODES = ("fwd", "fwd+bwd")
+DEFAULT_SEQ_LENS = (128, 256, 512, 1024, 2048, 4096, 8192)
+# Kernels that materialise (B, H, L, S) score matrices: skipped when those would not fit.
+_QUADRATIC = {"reference", "torch", TORCH_MHA}
+
+
+class BenchError(ValueError):
+    """A bad benchmark request (unknown kernel, missing device, bad size)."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure; defaults are the CLI's."""
+
+    device: str = "cpu"
+    kernels: tuple[str, ...] | None = None  # None: every registered kernel + torch ones
+    seq_lens: tuple[int, ...] = DEFAULT_SEQ_LENS
+    dtypes: tuple[str, ...] | None = None  # None: fp32, bf16 on CPU; fp16, bf16 on CUDA
+    batch: int = 4
+    heads: int = 8
+    head_dim: int = 64
+    modes: tuple[str, ...] = MODES
+    causal: tuple[bool, ...] = (False, True)
+    repeats: int = 5
+    warmup: int = 1
+    memory_budget_bytes: int | None = None  # None: half the free memory
+    out: str | None = None
+
+
+@dataclass
+class Row:
+    """One measured (or skipped) combination."""
+
+    kernel: str
+    dtype: str
+    seq_len: int
+    causal: bool
+    mode: str
+    median_ms: float | None = None
+    times_ms: list[float] = field(default_factory=list)
+    gflops: float | None = None
+    ratio_to_torch_sdpa: float | None = None
+    peak_memory_mib: float | None = None
+    skipped: str | None = None
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _flops(cfg: BenchConfig, L: int, causal: bool, mode: str) -> float:
+    fwd = 4.0 * cfg.batch * cfg.heads * L * L * cfg.head_dim
+    fwd = fwd / 2 if causal else fwd
+    return fwd * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def _free_memory(device: str) -> int:
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 8 << 30
+
+
+def _predicted_bytes(cfg: BenchConfig, kernel: str, L: int, dtype: torch.dtype) -> int:
+    """A rough upper bound: quadratic kernels keep ~4 (B, H, L, L) fp32 matrices alive."""
+    item = 4
+    inputs = 8 * cfg.batch * cfg.heads * L * cfg.head_dim * item
+    if kernel in _QUADRATIC:
+        return inputs + 4 * cfg.batch * cfg.heads * L * L * item
+    return inputs
+
+
+def _candidates(cfg: BenchConfig) -> list[str]:
+    from transformer.attention import available_kernels
+
+    known = available_kernels(cfg.device)
+    if cfg.kernels is None:
+        return [*known, TORCH_SDPA, TORCH_MHA]
+    unknown = [k for k in cfg.kernels if k not in (*known, TORCH_SDPA, TORCH_MHA)]
+    if unknown:
+        raise BenchError(
+            f"unknown kernel(s) {', '.join(unknown)} for device {cfg.device}; "
+            f"known: {', '.join([*known, TORCH_SDPA, TORCH_MHA])}"
+        )
+    names = list(cfg.kernels)
+    return names if TORCH_SDPA in names else [*names, TORCH_SDPA]  # the ratio's baseline
+
+
+def _check(cfg: BenchConfig) -> None:
+    if cfg.device not in ("cpu", "cuda"):
+        raise BenchError(f"--device must be cpu or cuda, got {cfg.device!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda requested but CUDA is not available")
+    for name in cfg.dtypes or ():
+        if name not in _DTYPES:
+            raise BenchError(f"unknown dtype {name!r}; known: {', '.join(_DTYPES)}")
+    for mode in cfg.modes:
+        if mode not in MODES:
+            raise BenchError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    sizes = {"batch": cfg.batch, "heads": cfg.heads, "head_dim": cfg.head_dim}
+    sizes.update({"repeats": cfg.repeats, **{f"seq_len {n}": n for n in cfg.seq_lens}})
+    bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+    if bad:
+        raise BenchError(f"sizes must be >= 1, got {', '.join(bad)}")
+
+
+def _make_call(
+    name: str, cfg: BenchConfig, L: int, dtype: torch.dtype, causal: bool, mode: str
+) -> Callable[[], None]:
+    """A closure running one forward (and backward) of ``name`` on fresh-seeded inputs."""
+    from transformer.attention import scaled_dot_product_attention
+
+    dev = torch.device(cfg.device)
+    gen = torch.Generator().manual_seed(0)
+    shape = (cfg.batch, cfg.heads, L, cfg.head_dim)
+    q, k, v = (torch.randn(shape, generator=gen).to(dev, dtype) for _ in range(3))
+    grad = mode == "fwd+bwd"
+    if name == TORCH_MHA:
+        E = cfg.heads * cfg.head_dim
+        mha = torch.nn.MultiheadAttention(E, cfg.heads, batch_first=True, device=dev, dtype=dtype)
+        x = q.transpose(1, 2).reshape(cfg.batch, L, E).requires_grad_(grad)  # (B, L, E)
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(L, device=dev, dtype=dtype)
+
+        def fn() -> Tensor:
+            kwargs = {"attn_mask": mask, "is_causal": True} if causal else {}
+            return mha(x, x, x, need_weights=False, **kwargs)[0]
+
+    else:
+        q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
+
+        def fn() -> Tensor:
+            if name == TORCH_SDPA:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return scaled_dot_product_attention(q, k, v, is_causal=causal, kernel=name)
+
+    def call() -> None:
+        if grad:
+            fn().sum().backward()
+        else:
+            with torch.no_grad():
+                fn()
+
+    return call
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _cpu_peak_bytes(call: Callable[[], None]) -> int:
+    """Peak bytes held by torch's CPU allocator during ``call``, from torch.profiler.
+
+    Each op's own net allocation (``self_cpu_memory_usage``, children excluded) and
+    each free outside an op (a ``[memory]`` event) is added in start-time order; a
+    temporary allocated and freed inside one op is not seen, so this is a lower bound.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    held = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
+def _peak_memory(cfg: BenchConfig, call: Callable[[], None]) -> int:
+    if cfg.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        call()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - before)
+    return _cpu_peak_bytes(call)
+
+
+def _hardware(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_attention_bench(
+    cfg: BenchConfig | None = None, *, log: Callable[[str], None] | None = print, **overrides: Any
+) -> dict[str, Any]:
+    """Measure every candidate kernel; return (and, with ``cfg.out``, write) the report.
+
+    ``overrides`` replace fields of ``cfg`` (e.g. ``run_attention_bench(seq_lens=(128,))``).
+    The report: ``device``, ``hardware``, ``torch``, ``config``, ``flops_model``,
+    ``memory_method`` and ``rows`` (one per kernel x dtype x length x causal x mode).
+    With ``cfg.out`` it is written to ``DIR/attention-<device>.json`` with a plot
+    ``DIR/attention-<device>.png`` (time and memory against length, log-log).
+
+    Raises:
+        BenchError: unknown kernel/dtype/mode, CUDA requested without CUDA, bad sizes.
+    """
+    import transformer.kernels  # noqa: F401  (registers the scratch kernels)
+
+    cfg = BenchConfig(**{**asdict(cfg or BenchConfig()), **overrides})
+    _check(cfg)
+    names = _candidates(cfg)
+    dtypes = cfg.dtypes or (("fp16", "bf16") if cfg.device == "cuda" else ("fp32", "bf16"))
+    budget = cfg.memory_budget_bytes or _free_memory(cfg.device) // 2
+    rows: list[Row] = []
+    for dtype_name in dtypes:
+        for L in cfg.seq_lens:
+            for causal in cfg.causal:
+                for mode in cfg.modes:
+                    rows += _measure_group(cfg, names, dtype_name, L, causal, mode, budget, log)
+    report = {
+        "device": cfg.device,
+        "hardware": _hardware(cfg.device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "config": asdict(cfg),
+        "flops_model": "fwd 4*B*H*L*S*E (halved if causal); fwd+bwd 3.5x fwd",
+        "memory_method": (
+            "torch.cuda.max_memory_allocated beyond inputs"
+            if cfg.device == "cuda"
+            else "peak of torch CPU allocator bytes during one run (torch.profiler, lower bound)"
+        ),
+        "rows": [asdict(r) for r in rows],
+    }
+    if cfg.out is not None:
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"attention-{cfg.device}.json").write_text(json.dumps(report, indent=2) + "\n")
+        _plot(report, out / f"attention-{cfg.device}.png")
+    if log is not None:
+        log(format_table(report))
+    return report
+
+
+def _measure_group(
+    cfg: BenchConfig,
+    names: Sequence[str],
+    dtype_name: str,
+    L: int,
+    causal: bool,
+    mode: str,
+    budget: int,
+    log: Callable[[str], None] | None,
+) -> list[Row]:
+    """Time every kernel on one (dtype, L, causal, mode), interleaved repeat by repeat."""
+    dtype = _DTYPES[dtype_name]
+    rows = {n: Row(n, dtype_name, L, causal, mode) for n in names}
+    calls: dict[str, Callable[[], None]] = {}
+    for name in names:
+        need = _predicted_bytes(cfg, name, L, dtype)
+        if need > budget:
+            rows[name].skipped = f"predicted {need / 2**30:.1f} GiB > budget {budget / 2**30:.1f}"
+            continue
+        try:
+            calls[name] = _make_call(name, cfg, L, dtype, causal, mode)
+            for _ in range(cfg.warmup):
+                calls[name]()
+        except (RuntimeError, ValueError, NotImplementedError) as err:
+            rows[name].skipped = f"error: {str(err).splitlines()[0][:200]}"
+            calls.pop(name, None)
+    for _ in range(cfg.repeats):
+        for name, call in calls.items():
+            _sync(cfg.device)
+            start = time.perf_counter()
+            call()
+            _sync(cfg.device)
+            rows[name].times_ms.append((time.perf_counter() - start) * 1e3)
+    flops = _flops(cfg, L, causal, mode)
+    for name in calls:
+        row = rows[name]
+        row.median_ms = statistics.median(row.times_ms)
+        row.gflops = flops / (row.median_ms * 1e-3) / 1e9
+        row.peak_memory_mib = _peak_memory(cfg, calls[name]) / 2**20
+    base = rows[TORCH_SDPA].median_ms if TORCH_SDPA in rows else None
+    for row in rows.values():
+        if base and row.median_ms is not None:
+            row.ratio_to_torch_sdpa = row.median_ms / base
+    if log is not None:
+        log(f"measured {dtype_name} L={L} causal={causal} {mode}")
+    return list(rows.values())
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report's rows as a fixed-width text table (skipped rows say why)."""
+    head = f"{'kernel':<12} {'dtype':<5} {'L':>6} {'causal':<6} {'mode':<8} "
+    head += f"{'median ms':>10} {'GFLOP/s':>8} {'x sdpa':>7} {'peak MiB':>9}"
+    lines = [f"{report['device']} | {report['hardware']} | torch {report['torch']}", head]
+    for r in report["rows"]:
+        key = f"{r['kernel']:<12} {r['dtype']:<5} {r['seq_len']:>6} "
+        key += f"{r['causal']!s:<6} {r['mode']:<8} "
+        if r["skipped"]:
+            lines.append(key + f"skipped: {r['skipped']}")
+            continue
+        ratio = r["ratio_to_torch_sdpa"]
+        lines.append(
+            key
+            + f"{r['median_ms']:>10.2f} {r['gflops']:>8.1f} "
+            + f"{(f'{ratio:.2f}' if ratio is not None else '-'):>7} {r['peak_memory_mib']:>9.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    """Time and peak memory against sequence length, log-log, one line per kernel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if not r["skipped"]]
+    groups = sorted({(r["dtype"], r["causal"], r["mode"]) for r in rows}, key=str)
+    fig, axes = plt.subplots(
+        2, max(1, len(groups)), figsize=(4 * max(1, len(groups)), 7), squeeze=False
+    )
+    for col, (dtype, causal, mode) in enumerate(groups):
+        for kernel in sorted({r["kernel"] for r in rows}):
+            sel = sorted(
+                (
+                    r
+                    for r in rows
+                    if (r["kernel"], r["dtype"], r["causal"], r["mode"])
+                    == (kernel, dtype, causal, mode)
+                ),
+                key=lambda r: r["seq_len"],
+            )
+            if not sel:
+                continue
+            xs = [r["seq_len"] for r in sel]
+            axes[0][col].plot(xs, [r["median_ms"] for r in sel], marker="o", label=kernel)
+            mem = [max(r["peak_memory_mib"], 1e-3) for r in sel]
+            axes[1][col].plot(xs, mem, marker="o", label=kernel)
+        axes[0][col].set_title(f"{dtype} {'causal' if causal else 'full'} {mode}", fontsize=9)
+        for row, label in ((0, "median time (ms)"), (1, "peak memory (MiB)")):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length L = S")
+            ax.set_ylabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"attention on {report['hardware']} (torch {report['torch']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+# Command line.
+# --------------------------------------------------------------------------------------
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(part) for part in text.replace(",", " ").split() if part]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid list {text!r}") from None
+
+    return parse
+
+
+def _flatten(values: list[list[Any]] | None) -> tuple[Any, ...] | None:
+    return None if values is None else tuple(v for group in values for v in group)
+
+
+def add_bench_parser(subparsers: Any) -> None:
+    """Register ``bench attention`` on the ``transformer`` command's subparsers."""
+    bench = subparsers.add_parser(
+        "bench", help="benchmark components", description="Benchmarks (never assert time)."
+    )
+    sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    p = sub.add_parser(
+        "attention",
+        help="time the attention kernels side by side",
+        description="Every registered kernel, torch SDPA and torch.nn.MultiheadAttention, "
+        "forward and forward+backward, causal and not; prints a table, writes JSON and a "
+        "plot to --out. FLOPs: 4*B*H*L*S*E forward (halved if causal), backward 2.5x.",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--kernels", type=_csv(str), nargs="+", help="names (default: all)")
+    p.add_argument("--seq-lens", type=_csv(int), nargs="+", help="default 128 ... 8192")
+    p.add_argument("--dtypes", type=_csv(str), nargs="+", help="fp32 bf16 (cpu), fp16 bf16 (cuda)")
+    p.add_argument("--batch", type=int, default=4, help="B (default 4)")
+    p.add_argument("--heads", type=int, default=8, help="H (default 8)")
+    p.add_argument("--head-dim", type=int, default=64, help="E (default 64)")
+    p.add_argument("--modes", type=_csv(str), nargs="+", help="fwd, fwd+bwd (default both)")
+    p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per kernel (median)")
+    p.add_argument("--out", default=None, metavar="DIR", help="write JSON and PNG here")
+    p.set_defaults(func=_cmd_bench_attention)
+
+
+def _cmd_bench_attention(args: argparse.Namespace) -> int:
+    causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    try:
+        run_attention_bench(
+            device=args.device,
+            kernels=_flatten(args.kernels),
+            seq_lens=_flatten(args.seq_lens) or DEFAULT_SEQ_LENS,
+            dtypes=_flatten(args.dtypes),
+            batch=args.batch,
+            heads=args.heads,
+            head_dim=args.head_dim,
+            modes=_flatten(args.modes) or MODES,
+            causal=causal,
+            repeats=args.repeats,
+            out=args.out,
+        )
+    except BenchError as err:
+        print(f"transformer bench attention: error: {err}", file=sys.stderr)
+        return 2
+    return 0

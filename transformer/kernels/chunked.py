@@ -1,0 +1,532 @@
+"""Chunked attention: equation 1 (section 3.2.1) by online softmax, O(L + S) extra memory.
+
+The ``(L, S)`` score matrix is never materialised, in the forward nor in the backward
+pass. Queries are cut into blocks of ``block_l`` rows and keys into blocks of
+``block_s`` columns; a tile is one (query block, key block) pair for a chunk of
+``(batch, head)`` slices, computed with batched matmuls. The forward pass keeps, per
+query row, a running max ``m`` and a running sum ``l`` of ``exp(s - m)`` (the online
+softmax of Milakov & Gimelshein 2018, as in FlashAttention), rescaling the partial
+output whenever the max grows. The backward pass (a custom
+:class:`torch.autograd.Function`) saves only the inputs, the output and the per-row
+log-sum-exp ``lse = m + log(l)``, and recomputes each tile's probabilities
+``P = exp(S - lse)`` (FlashAttention-2, Dao 2023, algorithm 2)::
+
+    dV += P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(dO * O)),
+    dQ += scale * dS K,   dK += scale * dS^T Q,   d(mask) = dS.
+
+Under ``is_causal`` a tile whose keys all lie after its last query is never computed,
+and a key block is cut at the query block's end. Masks are read tile by tile from
+their broadcast view, never expanded to ``(..., L, S)``. Grouped-query attention folds
+the ``g`` query heads of a key/value head into the rows of one matmul, so key/value
+heads are never repeated in memory. Dropout draws each tile's keep-mask from a
+generator seeded by (call seed, tile): the backward pass regenerates exactly the
+forward's mask, and one ``torch.manual_seed`` makes a call reproducible. fp16/bf16
+inputs are computed in fp32 and the results rounded back.
+
+Performance on CPU: a tile holds about :data:`TILE_ELEMENTS` scores so it stays in
+cache; large problems are split over worker threads, each running its ops
+single-threaded (one fork per call instead of one OpenMP fork/join per small op,
+which on a busy machine costs more than the op itself).
+
+Notation: B batch, H heads (Hq query heads, Hk key/value heads, ``g = Hq / Hk``), L
+target/query length, S source/key length, E query/key head dim, Ev value head dim,
+N the flattened ``(batch, key/value head)`` slices, c slices in a chunk, R = ``g * n``
+matmul rows of a query block of ``n`` rows, w key columns of a tile.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from transformer.attention import reference_attention, register_kernel
+
+__all__ = ["BLOCK_L", "BLOCK_S", "TILE_ELEMENTS", "chunked_attention"]
+
+#: Default query rows per tile; a module-level setting so tests can change it.
+BLOCK_L = 256
+#: Default key columns per tile.
+BLOCK_S = 512
+#: Scores per tile: slices are grouped until a tile holds about this many (2 MiB in fp32,
+#: a core's L2), so short sequences still get matmuls batched over many slices.
+TILE_ELEMENTS = 1 << 19
+#: Problems with fewer scores (N * g * L * S) run in the calling thread, where torch's
+#: own threads parallelise each op; larger ones are split over worker threads.
+PARALLEL_MIN_SCORES = 1 << 20
+
+_NEG_INF = float("-inf")
+# Spreads tile numbers over the seed space so neighbouring tiles get unrelated streams.
+_SEED_STRIDE = 0x9E3779B97F4A7C15
+_POOL_LOCK = threading.Lock()
+# (worker count, executor): one pool, rebuilt if torch's thread count changes.
+_POOL: list[tuple[int, ThreadPoolExecutor]] = []
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16 are accumulated in fp32 (FlashAttention's rule); fp32/fp64 stay as they are."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """A unit of work: slices ``n0:n1`` (chunk ``chunk``), query rows ``i0:i1`` (block ``qi``)."""
+
+    chunk: int
+    n0: int
+    n1: int
+    qi: int
+    i0: int
+    i1: int
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """What every tile needs; built once per call (shapes: see :func:`_layout`)."""
+
+    q: Tensor  # (N, g, L, E)
+    k: Tensor  # (N, S, E)
+    v: Tensor  # (N, S, Ev)
+    # (M, g', L', S'), each of g', L', S' full or 1 (broadcast); M is 1 or N slices.
+    mask: Tensor | None
+    # Index into the mask's first dim for each of the N slices; None when M == 1.
+    mask_index: Tensor | None
+    is_causal: bool
+    scale: float
+    dropout_p: float
+    seed: int
+    block_l: int
+    block_s: int
+
+    def key_blocks(self, i0: int, i1: int) -> list[tuple[int, int, int]]:
+        """``(kj, j0, j1)`` of the key blocks that query rows ``i0:i1`` must visit.
+
+        Under ``is_causal`` keys ``>= i1`` are masked for every row of the block, so
+        blocks holding only such keys are skipped; the keys before ``i0`` are seen by
+        every row (blocks that need no causal mask) and ``i0:i1`` is the diagonal, so
+        only the upper triangle of the diagonal blocks is computed in vain.
+        """
+        S = self.k.shape[1]
+        if not self.is_causal:
+            starts = range(0, S, self.block_s)
+            return [(kj, j0, min(j0 + self.block_s, S)) for kj, j0 in enumerate(starts)]
+        full, end = min(i0, S), min(i1, S)
+        blocks = [(j0, min(j0 + self.block_s, full)) for j0 in range(0, full, self.block_s)]
+        blocks += [(j0, min(j0 + self.block_s, end)) for j0 in range(full, end, self.block_s)]
+        return [(kj, j0, j1) for kj, (j0, j1) in enumerate(blocks)]
+
+    def tile_buffer(self) -> Tensor:
+        """Scratch for one tile's scores, reused across tiles (fresh pages are slow)."""
+        N, g, L, _ = self.q.shape
+        per_slice = g * min(self.block_l, L) * min(self.block_s, self.k.shape[1])
+        return self.q.new_empty(min(N, _slices_per_chunk(per_slice)) * per_slice)
+
+
+def _slices_per_chunk(per_slice: int) -> int:
+    """Slices batched into one tile so that it holds about :data:`TILE_ELEMENTS` scores."""
+    return max(1, TILE_ELEMENTS // max(1, per_slice))
+
+
+def _units(N: int, g: int, L: int, S: int, block_l: int, block_s: int) -> list[_Unit]:
+    """The work units, chunk by chunk; they depend on the sizes only, not on thread count."""
+    chunk = _slices_per_chunk(g * min(block_l, L) * min(block_s, S))
+    return [
+        _Unit(ci, n0, min(n0 + chunk, N), qi, i0, min(i0 + block_l, L))
+        for ci, n0 in enumerate(range(0, N, chunk))
+        for qi, i0 in enumerate(range(0, L, block_l))
+    ]
+
+
+def _tile_seed(seed: int, unit: _Unit, k_block: int) -> int:
+    tile = (unit.chunk * 1_000_003 + unit.qi) * 1_000_003 + k_block + 1
+    return (seed + tile * _SEED_STRIDE) % (2**63)
+
+
+def _keep_mask(like: Tensor, p: float, seed: int) -> Tensor:
+    """Dropout keep-mask (1 kept, 0 dropped) of one tile, the same in forward and backward."""
+    gen = torch.Generator(device=like.device)
+    gen.manual_seed(seed)
+    return torch.empty_like(like).bernoulli_(1.0 - p, generator=gen)
+
+
+def _mask_rows_cols(mask: Tensor, i0: int, i1: int, j0: int, j1: int) -> tuple[slice, slice]:
+    """Row and column slices of a mask that may broadcast (size 1) over L or S."""
+    rows = slice(i0, i1) if mask.size(-2) != 1 else slice(None)
+    cols = slice(j0, j1) if mask.size(-1) != 1 else slice(None)
+    return rows, cols
+
+
+def _mask_tile(pb: _Problem, unit: _Unit, j0: int, j1: int) -> Tensor | None:
+    """The mask of a tile, ``(c or 1, g', n', w')``: a view, copied only when per-slice."""
+    if pb.mask is None:
+        return None
+    rows, cols = _mask_rows_cols(pb.mask, unit.i0, unit.i1, j0, j1)
+    if pb.mask_index is None:
+        return pb.mask[:, :, rows, cols]
+    return pb.mask[pb.mask_index[unit.n0 : unit.n1], :, rows, cols]
+
+
+def _scores(pb: _Problem, unit: _Unit, qb: Tensor, j0: int, j1: int, buf: Tensor) -> Tensor:
+    """Masked, scaled scores ``(c, R, j1 - j0)`` of one tile, written into ``buf``.
+
+    ``qb`` is the unit's query block ``(c, R, E)``. Forbidden positions are ``-inf``.
+    Every tile of both passes goes through here, so a test can count tiles by
+    wrapping this function.
+    """
+    c, R = qb.shape[0], qb.shape[1]
+    n, w = unit.i1 - unit.i0, j1 - j0
+    s = buf[: c * R * w].view(c, R, w)
+    k_tile = pb.k[unit.n0 : unit.n1, j0:j1].transpose(1, 2)  # (c, E, w)
+    # beta=0: the buffer's old contents are ignored, NaN included.
+    s.baddbmm_(qb, k_tile, beta=0.0, alpha=pb.scale)  # (c, R, w)
+    if qb.shape[2] == 0:
+        s.zero_()  # an empty dot product is 0 (E = 0)
+    s4 = s.view(c, R // n, n, w)  # (c, g, n, w): broadcasts with the mask tile
+    if pb.is_causal and j1 - 1 > unit.i0:
+        # Query i0 + r may see key j0 + col iff col - r <= i0 - j0.
+        future = torch.ones(n, w, dtype=torch.bool, device=s.device).triu_(unit.i0 - j0 + 1)
+        s4.masked_fill_(future, _NEG_INF)
+    tile = _mask_tile(pb, unit, j0, j1)
+    if tile is not None:
+        if tile.dtype == torch.bool:
+            s4.masked_fill_(~tile, _NEG_INF)
+        else:
+            s4.add_(tile.to(s.dtype))
+    return s
+
+
+def _forward_units(pb: _Problem, units: list[_Unit], out: Tensor, lse: Tensor) -> None:
+    """Online softmax over the key blocks of each unit; writes its rows of ``out`` and ``lse``."""
+    g, E, Ev = pb.q.shape[1], pb.q.shape[3], pb.v.shape[2]
+    buf = pb.tile_buffer()
+    keep_scale = 1.0 / (1.0 - pb.dropout_p)
+    for u in units:
+        c, n = u.n1 - u.n0, u.i1 - u.i0
+        qb = pb.q[u.n0 : u.n1, :, u.i0 : u.i1].reshape(c, g * n, E)  # (c, R, E)
+        m = qb.new_full((c, g * n, 1), _NEG_INF)  # running max
+        l = qb.new_zeros(c, g * n, 1)  # running sum of exp(s - m)
+        acc = qb.new_zeros(c, g * n, Ev)  # running unnormalised output
+        m_use = m
+        for kj, j0, j1 in pb.key_blocks(u.i0, u.i1):
+            s = _scores(pb, u, qb, j0, j1, buf)
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            # A row that has seen no allowed key yet keeps max 0, so exp(-inf - 0) = 0.
+            m_use = m_new.masked_fill(m_new == _NEG_INF, 0.0)
+            p = s.sub_(m_use).exp_()  # (c, R, w) unnormalised probabilities
+            alpha = (m - m_use).exp_()  # rescales what was summed under the old max
+            l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
+            acc.mul_(alpha)
+            if pb.dropout_p > 0.0:
+                p.mul_(_keep_mask(p, pb.dropout_p, _tile_seed(pb.seed, u, kj)))
+            acc.baddbmm_(p, pb.v[u.n0 : u.n1, j0:j1], alpha=keep_scale)  # (c, R, Ev)
+            m = m_new
+        empty = l == 0  # no allowed key in the whole row
+        out[u.n0 : u.n1, :, u.i0 : u.i1] = (acc / l.masked_fill(empty, 1.0)).view(c, g, n, Ev)
+        # lse = +inf makes the backward's exp(s - lse) exactly 0 on such rows.
+        row_lse = (m_use + l.log()).masked_fill_(empty, math.inf)
+        lse[u.n0 : u.n1, :, u.i0 : u.i1] = row_lse.view(c, g, n)
+
+
+@dataclass(frozen=True)
+class _Grads:
+    """Gradient accumulators of one worker: ``dq (N, g, L, E)``, ``dk``, ``dv``, ``dmask``."""
+
+    dq: Tensor
+    dk: Tensor
+    dv: Tensor
+    dmask: Tensor | None
+
+
+def _backward_units(
+    pb: _Problem, units: list[_Unit], d_out: Tensor, delta: Tensor, lse: Tensor, grads: _Grads
+) -> None:
+    """FlashAttention-2's backward over the tiles of ``units``, adding into ``grads``."""
+    g, E, Ev = pb.q.shape[1], pb.q.shape[3], pb.v.shape[2]
+    buf, dp_buf = pb.tile_buffer(), pb.tile_buffer()
+    keep_scale = 1.0 / (1.0 - pb.dropout_p)
+    for u in units:
+        c, n = u.n1 - u.n0, u.i1 - u.i0
+        rows = (slice(u.n0, u.n1), slice(None), slice(u.i0, u.i1))
+        qb = pb.q[rows].reshape(c, g * n, E)  # (c, R, E)
+        dob = d_out[rows].reshape(c, g * n, Ev)  # (c, R, Ev)
+        lse_b = lse[rows].reshape(c, g * n, 1)
+        delta_b = delta[rows].reshape(c, g * n, 1)
+        dqb = qb.new_zeros(c, g * n, E)
+        for kj, j0, j1 in pb.key_blocks(u.i0, u.i1):
+            keys = (slice(u.n0, u.n1), slice(j0, j1))
+            s = _scores(pb, u, qb, j0, j1, buf)
+            p = s.sub_(lse_b).exp_()  # (c, R, w) normalised probabilities
+            dp = dp_buf[: p.numel()].view(p.shape)
+            dp.baddbmm_(dob, pb.v[keys].transpose(1, 2), beta=0.0)  # dO V^T, (c, R, w)
+            p_kept = p
+            if pb.dropout_p > 0.0:
+                keep = _keep_mask(p, pb.dropout_p, _tile_seed(pb.seed, u, kj))
+                dp.mul_(keep).mul_(keep_scale)
+                p_kept = p * keep
+            # Adding a contiguous product: a gemm straight into the strided dv/dk slice
+            # falls back to one small gemm per slice on CPU.
+            grads.dv[keys].add_(torch.bmm(p_kept.transpose(1, 2), dob), alpha=keep_scale)
+            ds = dp.sub_(delta_b).mul_(p)  # (c, R, w)
+            if grads.dmask is not None:
+                _add_mask_grad(pb, u, j0, j1, ds, grads.dmask)
+            dqb.baddbmm_(ds, pb.k[keys], alpha=pb.scale)  # (c, R, E)
+            grads.dk[keys].add_(torch.bmm(ds.transpose(1, 2), qb), alpha=pb.scale)
+        grads.dq[rows] += dqb.view(c, g, n, E)
+
+
+def _add_mask_grad(pb: _Problem, u: _Unit, j0: int, j1: int, ds: Tensor, dmask: Tensor) -> None:
+    """``d(mask) += dS`` of one tile, summed over the dims the mask broadcasts over."""
+    assert pb.mask is not None
+    rows, cols = _mask_rows_cols(pb.mask, u.i0, u.i1, j0, j1)
+    c, n = u.n1 - u.n0, u.i1 - u.i0
+    ds4 = ds.view(c, -1, n, j1 - j0)  # (c, g, n, w)
+    target = dmask[:, :, rows, cols]
+    if pb.mask_index is None:
+        target.add_(ds4.sum_to_size(target.shape))
+    else:
+        per_slice = ds4.sum_to_size((c, *target.shape[1:]))
+        # Several slices may share one mask entry (a broadcast batch or heads dim).
+        target.index_add_(0, pb.mask_index[u.n0 : u.n1], per_slice)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if _POOL and _POOL[0][0] != workers:
+            _POOL.pop()[1].shutdown(wait=False)
+        if not _POOL:
+            _POOL.append((workers, ThreadPoolExecutor(workers, "chunked-attention")))
+        return _POOL[0][1]
+
+
+def _run(
+    units: list[_Unit], scores: int, work: Callable[[list[_Unit], int], None], by_chunk: bool
+) -> int:
+    """Run ``work(units_of_worker, worker_index)`` on every unit; return the worker count.
+
+    Small problems run in the calling thread. Large ones are split over one worker
+    thread per torch thread, each running its ops single-threaded; with ``by_chunk`` a
+    chunk of slices never straddles two workers (so they never add into the same rows),
+    otherwise the caller gives every worker its own accumulators.
+    """
+    workers = torch.get_num_threads()
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace into a thread pool; traced code runs in the caller.
+        workers = 1
+    chunks = len({u.chunk for u in units})
+    if by_chunk:
+        workers = min(workers, chunks)
+    if workers <= 1 or scores < PARALLEL_MIN_SCORES or len(units) < 2:
+        work(units, 0)
+        return 1
+    if by_chunk:
+        parts = [[u for u in units if u.chunk % workers == w] for w in range(workers)]
+    else:
+        parts = [units[w::workers] for w in range(workers)]
+
+    def run_part(w: int) -> None:
+        # Each thread has its own OpenMP thread count; this sets the worker's only.
+        torch.set_num_threads(1)
+        with torch.no_grad():  # grad mode is per thread; the kernel builds no graph
+            work(parts[w], w)
+
+    threads = torch.get_num_threads()
+    try:
+        for future in [_pool(workers).submit(run_part, w) for w in range(workers)]:
+            future.result()
+    finally:
+        # set_num_threads also records the count new threads start with; put it back.
+        torch.set_num_threads(threads)
+    return workers
+
+
+def _split_by_chunk(units: list[_Unit]) -> bool:
+    """Can workers own whole chunks (no shared accumulators) and still share the work evenly?"""
+    chunks = len({u.chunk for u in units})
+    workers = torch.get_num_threads()
+    return chunks % workers == 0 or chunks >= 4 * workers
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """Online-softmax attention whose backward recomputes tiles from ``(q, k, v, out, lse)``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        mask_index: Tensor | None,
+        is_causal: bool,
+        scale: float,
+        dropout_p: float,
+        seed: int,
+        block_l: int,
+        block_s: int,
+    ) -> Tensor:
+        """``q (N, g, L, E)``, ``k (N, S, E)``, ``v (N, S, Ev)``, mask ``(M, g', L', S')``."""
+        pb = _Problem(
+            q, k, v, mask, mask_index, is_causal, scale, dropout_p, seed, block_l, block_s
+        )
+        N, g, L, _ = q.shape
+        S, Ev = k.shape[1], v.shape[2]
+        out = q.new_empty(N, g, L, Ev)
+        lse = q.new_empty(N, g, L)
+        units = _units(N, g, L, S, block_l, block_s)
+        _run(units, N * g * L * S, lambda part, w: _forward_units(pb, part, out, lse), False)
+        ctx.save_for_backward(q, k, v, out, lse, mask, mask_index)
+        ctx.config = (is_causal, scale, dropout_p, seed, block_l, block_s)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, d_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse, mask, mask_index = ctx.saved_tensors
+        pb = _Problem(q, k, v, mask, mask_index, *ctx.config)
+        N, g, L, _ = q.shape
+        S = k.shape[1]
+        d_out = d_out.contiguous()
+        # rowsum(dO * O) = rowsum(dP * P): the softmax backward's correction, dropout included.
+        delta = (d_out * out).sum(dim=-1)  # (N, g, L)
+        want_dmask = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
+        units = _units(N, g, L, S, pb.block_l, pb.block_s)
+        by_chunk = _split_by_chunk(units)
+        workers = torch.get_num_threads()
+
+        def zeros(shared: _Grads | None) -> _Grads:
+            # dq rows never overlap between workers; dk/dv/dmask may unless split by chunk.
+            return _Grads(
+                shared.dq if shared else torch.zeros_like(q),
+                shared.dk if shared and by_chunk else torch.zeros_like(k),
+                shared.dv if shared and by_chunk else torch.zeros_like(v),
+                torch.zeros(mask.shape, dtype=q.dtype, device=q.device) if want_dmask else None,
+            )
+
+        grads = [zeros(None)]
+        grads += [zeros(grads[0]) for _ in range(1, workers)]
+
+        def work(part: list[_Unit], w: int) -> None:
+            _backward_units(pb, part, d_out, delta, lse, grads[w])
+
+        used = _run(units, N * g * L * S, work, by_chunk)
+        total = grads[0]
+        for extra in grads[1:used]:
+            if not by_chunk:
+                total.dk.add_(extra.dk)
+                total.dv.add_(extra.dv)
+            if total.dmask is not None and extra.dmask is not None:
+                total.dmask.add_(extra.dmask)
+        dmask = None if total.dmask is None else total.dmask.to(mask.dtype)
+        return total.dq, total.dk, total.dv, dmask, None, None, None, None, None, None, None
+
+
+def _layout(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, enable_gqa: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, tuple[int, ...]]:
+    """Reshape to the kernel's layout; autograd undoes it (and sums broadcast gradients).
+
+    Returns ``q (N, g, L, E)``, ``k (N, S, E)``, ``v (N, S, Ev)``, the mask as
+    ``(M, g', L', S')`` (M = 1 when shared by all slices, else N; a broadcast L or S
+    dim stays 1: never expanded), the mask row of each slice (or None), and the
+    output's batch shape.
+    """
+    L, S, E, Ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
+    if enable_gqa:
+        outer = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        hq, hk = query.size(-3), key.size(-3)
+        g = hq // hk
+        batch: tuple[int, ...] = (*outer, hq)
+        kv_batch: tuple[int, ...] = (*outer, hk)
+    else:
+        batch = tuple(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+        kv_batch, g = batch, 1
+    N = math.prod(kv_batch)
+    # Expanded views; reshape copies only where a batch dim really broadcasts.
+    q = query.expand(*batch, L, E).reshape(N, g, L, E)  # (N, g, L, E)
+    k = key.expand(*kv_batch, S, E).reshape(N, S, E)  # (N, S, E)
+    v = value.expand(*kv_batch, S, Ev).reshape(N, S, Ev)  # (N, S, Ev)
+    if attn_mask is None:
+        return q, k, v, None, None, batch
+    if not attn_mask.requires_grad:
+        # An expanded (stride 0) dim holds one value: read it as a broadcast dim instead.
+        for dim in range(attn_mask.dim()):
+            if attn_mask.stride(dim) == 0 and attn_mask.size(dim) > 1:
+                attn_mask = attn_mask.narrow(dim, 0, 1)
+    # Leading 1s up to (*batch, L', S'), then the heads dim split into (Hk, g) or (1, 1).
+    mask = attn_mask.reshape((1,) * (len(batch) + 2 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if enable_gqa and mask.size(-3) != 1:
+        mask = mask.unflatten(-3, (batch[-1] // g, g))  # (*kv_batch', g, L', S')
+    else:
+        mask = mask.unsqueeze(-3)  # (*kv_batch', 1, L', S')
+    lead = mask.shape[:-3]  # each dim is 1 or the kv_batch dim
+    if math.prod(lead) == 1:
+        return q, k, v, mask.reshape(1, *mask.shape[-3:]), None, batch  # (1, g', L', S')
+    # Row of the (flattened) mask for each slice: a broadcast dim always reads row 0.
+    index = torch.zeros((), dtype=torch.long, device=mask.device)
+    for size, full in zip(lead, kv_batch, strict=True):
+        along = torch.arange(full, device=mask.device) if size != 1 else index.new_zeros(full)
+        index = (index.unsqueeze(-1) * size + along).reshape(-1)
+    mask = mask.reshape(-1, *mask.shape[-3:])  # (M, g', L', S'); copies only a strided mask
+    return q, k, v, mask, index.reshape(N), batch
+
+
+def chunked_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    block_l: int | None = None,
+    block_s: int | None = None,
+) -> Tensor:
+    """Equation 1 by online softmax over key and query blocks (section 3.2.1), O(L + S) memory.
+
+    Same arguments and result as :func:`transformer.attention.reference_attention`
+    (torch SDPA's signature), which were validated by the front door. Shapes: query
+    ``(..., L, E)``, key ``(..., S, E)``, value ``(..., S, Ev)``, attn_mask
+    broadcastable to ``(..., L, S)`` (bool True = may attend, float added; a float mask
+    that requires grad gets one); returns ``(..., L, Ev)``, zeros on rows with no
+    allowed key.
+
+    Args:
+        block_l: query rows per tile (default :data:`BLOCK_L`); results do not depend
+            on it beyond rounding (dropout masks do: they are drawn per tile).
+        block_s: key columns per tile (default :data:`BLOCK_S`).
+    """
+    block_l = BLOCK_L if block_l is None else block_l
+    block_s = BLOCK_S if block_s is None else block_s
+    if block_l < 1 or block_s < 1:
+        raise ValueError(f"block_l and block_s must be >= 1, got {block_l} and {block_s}")
+    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        # Nothing to tile (a zero length, head dim or batch): the reference's answer
+        # is the definition, and an empty mask has no layout to reshape into.
+        return reference_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+        )
+    d_k = query.size(-1)
+    # Like the reference: E = 0 gives empty (zero) dot products, and 1.0 avoids 1/0.
+    scale_factor = (1.0 / math.sqrt(d_k) if d_k > 0 else 1.0) if scale is None else scale
+    dtype = query.dtype
+    work = _compute_dtype(dtype)
+    q, k, v, mask, mask_index, batch = _layout(
+        query.to(work), key.to(work), value.to(work), attn_mask, enable_gqa
+    )
+    # One draw from the global generator: torch.manual_seed makes the call reproducible.
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
+    out = _ChunkedAttention.apply(
+        q, k, v, mask, mask_index, is_causal, scale_factor, dropout_p, seed, block_l, block_s
+    )  # (N, g, L, Ev)
+    return out.reshape(*batch, query.size(-2), value.size(-1)).to(dtype)  # (..., L, Ev)
+
+
+register_kernel("chunked", chunked_attention, priority=10)
