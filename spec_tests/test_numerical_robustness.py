@@ -1,0 +1,318 @@
+"""Numerical robustness: large logits, long sequences, extreme masks, low precision (ISSUE 8).
+
+Equation 1 (section 3.2.1) is a softmax, which is where fp16/bf16 and large scores
+bite: ``exp`` overflows, a fully masked row divides 0 by 0, and a ``-1e9`` mask added to
+a score is not what ``-inf`` is. Each test here runs every attention kernel usable on
+the CPU in fp32, fp16 and bf16 and holds it to two bars:
+
+* nothing non-finite comes out of finite inputs (forward and gradients);
+* accuracy by the low-precision rule of ``transformer.testing``: the error against a
+  float64 evaluation of the *same* (rounded) inputs is at most twice the error of the
+  reference kernel run in the same dtype (:func:`assert_error_within_reference`).
+
+The float64 reference is :func:`exact_attention`, equation 1 written plainly here.
+Notation: B batch, H heads, L target length, S source length, E head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import transformer
+from transformer import MultiheadAttention
+from transformer.testing import assert_close, assert_error_within_reference
+
+spec = functools.partial(pytest.mark.spec, section="3.2.1")
+
+KERNELS = [
+    pytest.param(name, id=name, marks=[pytest.mark.triton] if name == "triton" else [])
+    for name in transformer.available_kernels("cpu")
+]
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+]
+NEG_INF = float("-inf")
+
+
+def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def exact_attention(
+    query: Tensor, key: Tensor, value: Tensor, allowed: Tensor | None = None
+) -> Tensor:
+    """``softmax(Q K^T / sqrt(E)) V`` in float64 over the ``allowed`` keys; empty rows give 0."""
+    q, k, v = query.double(), key.double(), value.double()
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (..., L, S)
+    if allowed is None:
+        return torch.softmax(scores, dim=-1) @ v
+    has_key = allowed.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~allowed, NEG_INF).masked_fill(~has_key, 0.0)
+    return (torch.softmax(scores, dim=-1) * has_key) @ v  # (..., L, Ev)
+
+
+def sdpa(kernel: str, *args: Tensor, **kwargs: object) -> Tensor:
+    return transformer.scaled_dot_product_attention(*args, kernel=kernel, **kwargs)  # type: ignore[arg-type]
+
+
+def assert_finite(t: Tensor, what: str) -> None:
+    bad = (~torch.isfinite(t)).sum().item()
+    assert bad == 0, f"{what}: {bad} non-finite elements of {t.numel()}"
+
+
+def large_logit_inputs(
+    B: int, H: int, L: int, S: int, E: int, logit: float, seed: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v whose scaled scores ``q . k / sqrt(E)`` reach about ``logit`` in magnitude.
+
+    Rows of q and k are unit vectors scaled by ``sqrt(logit * sqrt(E))``, so a score is
+    ``logit * cos(angle)``: the softmax is nearly one-hot, the regime where a kernel that
+    forgets to subtract the row max overflows ``exp``.
+    """
+    radius = math.sqrt(logit * math.sqrt(E))
+    q = F.normalize(randn(B, H, L, E, seed=seed), dim=-1) * radius
+    k = F.normalize(randn(B, H, S, E, seed=seed + 1), dim=-1) * radius
+    v = randn(B, H, S, E, seed=seed + 2)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Attention kernels.
+# --------------------------------------------------------------------------------------
+
+
+@spec(component="attention", kind="property")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_large_logits_stay_finite_and_match_float64_reference(
+    kernel: str, dtype: torch.dtype
+) -> None:
+    """Scores of magnitude ~1e4 give finite outputs and gradients, as accurate as the reference kernel in the same dtype (§3.2.1: softmax with the row max subtracted)."""
+    q, k, v = large_logit_inputs(2, 2, 7, 37, 16, 1e4, seed=11, dtype=dtype)
+    exact = exact_attention(q, k, v)
+    ref_low = sdpa("reference", q, k, v)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = sdpa(kernel, *leaves)
+    assert_finite(out, "output")
+    assert_error_within_reference(out.detach(), ref_low, exact, msg=f"{kernel} {dtype}")
+    out.float().square().sum().backward()
+    for name, leaf in zip("qkv", leaves, strict=True):
+        assert leaf.grad is not None
+        assert_finite(leaf.grad, f"grad of {name}")
+
+
+def long_sequence_length(dtype: torch.dtype) -> int:
+    """S = 4096 in fp32 (past every block size); shorter in fp16/bf16 to stay fast."""
+    return 4099 if dtype == torch.float32 else 1031
+
+
+@spec(component="attention", kind="property")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_long_key_sequence_matches_float64_reference(kernel: str, dtype: torch.dtype) -> None:
+    """Attending over ~4096 keys (1031 in fp16/bf16) stays finite and as accurate as the reference kernel in the same dtype, with and without a causal mask."""
+    S = long_sequence_length(dtype)
+    q = randn(1, 2, 9, 24, seed=3, dtype=dtype)
+    k = randn(1, 2, S, 24, seed=4, dtype=dtype)
+    v = randn(1, 2, S, 12, seed=5, dtype=dtype)
+    for is_causal in (False, True):
+        allowed = torch.ones(9, S, dtype=torch.bool).tril() if is_causal else None
+        out = sdpa(kernel, q, k, v, is_causal=is_causal)
+        assert_finite(out, "output")
+        assert_error_within_reference(
+            out,
+            sdpa("reference", q, k, v, is_causal=is_causal),
+            exact_attention(q, k, v, allowed),
+            msg=f"{kernel} {dtype} causal={is_causal}",
+        )
+
+
+@spec(component="attention", kind="masking")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fully_masked_rows_are_zero_with_zero_gradient_in_every_dtype(
+    kernel: str, dtype: torch.dtype
+) -> None:
+    """Rows with no key to attend to (all-False bool mask, all -inf float mask, causal with L > S) give zeros and zero gradients in fp32, fp16 and bf16 (SPEC §1, never NaN)."""
+    L, S = 6, 4
+    q, k, v = (randn(2, 3, n, 8, seed=i, dtype=dtype) for i, n in enumerate((L, S, S)))
+    allowed = randn(L, S, seed=7) > 0
+    allowed[:, 0] = True
+    empty = torch.tensor([1, 4])
+    allowed[empty] = False
+    cases: dict[str, dict[str, object]] = {
+        "bool": {"attn_mask": allowed},
+        "float": {"attn_mask": torch.zeros(L, S, dtype=dtype).masked_fill(~allowed, NEG_INF)},
+        "causal": {"attn_mask": allowed, "is_causal": True},
+    }
+    for name, kwargs in cases.items():
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = sdpa(kernel, *leaves, **kwargs)
+        assert_finite(out, f"{name} output")
+        assert torch.equal(out[:, :, empty], torch.zeros_like(out[:, :, empty])), name
+        out.float().sum().backward()
+        for leaf in leaves:
+            assert leaf.grad is not None
+            assert_finite(leaf.grad, f"{name} gradient")
+        assert leaves[0].grad is not None
+        assert torch.equal(leaves[0].grad[:, :, empty], torch.zeros_like(q[:, :, empty])), name
+
+
+@spec(component="attention", kind="masking")
+@pytest.mark.parametrize("fill", [-1e9, "finfo.min"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_very_negative_finite_mask_acts_like_minus_inf_without_nan(
+    kernel: str, dtype: torch.dtype, fill: float | str
+) -> None:
+    """A float mask of -1e9 or finfo.min where a bool mask says False gives the bool mask's result on rows with an allowed key, and a finite convex combination of values (never NaN) on rows it masks entirely."""
+    L, S = 5, 9
+    q, k, v = (randn(1, 2, n, 16, seed=20 + i, dtype=dtype) for i, n in enumerate((L, S, S)))
+    allowed = randn(L, S, seed=9) > 0
+    allowed[:, 2] = True
+    allowed[3] = False  # a row the float mask masks entirely (finite, so not "empty")
+    value = torch.finfo(dtype).min if fill == "finfo.min" else float(fill)
+    # Built in fp32, then rounded: -1e9 becomes -inf in fp16, as it would for a user.
+    additive = torch.zeros(L, S).masked_fill(~allowed, value).to(dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = sdpa(kernel, *leaves, attn_mask=additive)
+    assert_finite(out, "output")
+    out.float().sum().backward()
+    for leaf in leaves:
+        assert leaf.grad is not None
+        assert_finite(leaf.grad, "gradient")
+    rows = torch.arange(L) != 3
+    with_bool = sdpa(kernel, q, k, v, attn_mask=allowed)
+    assert_close(out[:, :, rows].detach(), with_bool[:, :, rows], msg=f"{kernel} {dtype} {fill}")
+    # The masked row: -1e9 is -inf in fp16 (a zero row, by SPEC); otherwise the
+    # constant shift cancels in the softmax and the row averages the values.
+    row = out[:, :, 3].detach().double()
+    if math.isinf(additive[3, 0].item()):
+        assert torch.equal(row, torch.zeros_like(row))
+    else:
+        lo, hi = v.double().amin(dim=-2), v.double().amax(dim=-2)  # (1, 2, E)
+        slack = 2 * torch.finfo(dtype).eps * v.double().abs().amax()
+        assert bool(((row >= lo - slack) & (row <= hi + slack)).all()), "not a convex combination"
+
+
+@spec(component="attention", kind="masking")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_zero_scale_averages_the_allowed_values_without_nan(
+    kernel: str, dtype: torch.dtype
+) -> None:
+    """scale=0 makes every allowed score 0, so each row is the plain mean of the values it may see, causal included (torch's own causal path gives NaN here: -inf * 0)."""
+    L, S = 5, 3
+    q, k, v = (randn(2, n, 8, seed=40 + i, dtype=dtype) for i, n in enumerate((L, S, S)))
+    allowed = torch.ones(L, S, dtype=torch.bool).tril()
+    out = sdpa(kernel, q, k, v, is_causal=True, scale=0.0)
+    assert_finite(out, "output")
+    counts = allowed.sum(dim=-1, keepdim=True).double()  # (L, 1) keys each row sees
+    mean = (allowed.double() / counts) @ v.double()  # (2, L, Ev)
+    assert_error_within_reference(out, sdpa("reference", q, k, v, is_causal=True, scale=0.0), mean)
+
+
+# --------------------------------------------------------------------------------------
+# Modules: multi-head attention, layers, the model.
+# --------------------------------------------------------------------------------------
+
+
+@spec(component="multi_head_attention", section="3.2.2", kind="property")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mha_with_large_inputs_and_finfo_min_padding_is_finite_and_accurate(
+    dtype: torch.dtype,
+) -> None:
+    """MultiheadAttention on inputs of magnitude ~30 with a finfo.min key padding mask gives finite outputs, weights and gradients, as accurate as torch.nn.MultiheadAttention in the same dtype."""
+    torch.manual_seed(0)
+    ours = MultiheadAttention(24, 3, batch_first=True)
+    theirs = torch.nn.MultiheadAttention(24, 3, batch_first=True)
+    theirs.load_state_dict(ours.state_dict())
+    x = randn(2, 13, 24, seed=1) * 30
+    padding = torch.zeros(2, 13)
+    padding[0, 9:] = torch.finfo(torch.float32).min
+    exact, exact_w = ours.double()(x.double(), x.double(), x.double(), padding.double())
+    ours.to(dtype)
+    theirs.to(dtype)
+    x_low = x.to(dtype).requires_grad_(True)
+    out, weights = ours(x_low, x_low, x_low, padding.to(dtype))
+    ref, ref_w = theirs(x.to(dtype), x.to(dtype), x.to(dtype), padding.to(dtype))
+    assert weights is not None and ref_w is not None
+    assert_finite(out, "output")
+    assert_finite(weights, "weights")
+    assert_error_within_reference(out.detach(), ref.detach(), exact, msg=f"output {dtype}")
+    assert_error_within_reference(weights.detach(), ref_w.detach(), exact_w, msg=f"weights {dtype}")
+    out.float().square().mean().backward()
+    assert x_low.grad is not None
+    assert_finite(x_low.grad, "gradient")
+
+
+@spec(component="layers", section="3.1", kind="property")
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_encoder_layer_in_low_precision_is_as_accurate_as_torch(
+    dtype: torch.dtype, norm_first: bool
+) -> None:
+    """A TransformerEncoderLayer in fp16/bf16 is finite and as accurate against float64 as torch.nn.TransformerEncoderLayer in the same dtype (§3.1, post- and pre-norm)."""
+    torch.manual_seed(0)
+    kwargs = {"dropout": 0.0, "batch_first": True, "norm_first": norm_first}
+    ours = transformer.TransformerEncoderLayer(32, 4, 64, **kwargs)
+    theirs = torch.nn.TransformerEncoderLayer(32, 4, 64, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    x = randn(3, 19, 32, seed=2) * 4
+    padding = torch.zeros(3, 19, dtype=torch.bool)
+    padding[1, 11:] = True
+    exact = ours.double()(x.double(), src_key_padding_mask=padding)
+    ours.to(dtype)
+    theirs.to(dtype)
+    # Gradients on: keeps torch's layer off its fused fast path, as in training.
+    x_low = x.to(dtype).requires_grad_(True)
+    out = ours(x_low, src_key_padding_mask=padding)
+    ref = theirs(x_low, src_key_padding_mask=padding)
+    assert_finite(out, "output")
+    assert_error_within_reference(out.detach(), ref.detach(), exact, msg=f"{dtype}")
+
+
+def copy_batch(gen: torch.Generator, vocab: int, B: int, T: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A batch of the copy task: src ``(B, T)``, decoder input and target ``(B, T + 1)``.
+
+    Ids 3.. are content; 0 pad, 1 BOS, 2 EOS. The target is the source followed by EOS.
+    """
+    src = torch.randint(3, vocab, (B, T), generator=gen)
+    bos = torch.ones(B, 1, dtype=torch.long)
+    eos = torch.full((B, 1), 2, dtype=torch.long)
+    return src, torch.cat([bos, src], dim=1), torch.cat([src, eos], dim=1)
+
+
+@spec(component="model", section="5.3", kind="property")
+def test_bf16_autocast_training_keeps_loss_finite_and_decreasing() -> None:
+    """Twenty Adam steps of a tiny Seq2SeqTransformer under torch.autocast("cpu", bfloat16) on a copy task keep every loss and gradient finite and end below the initial loss (§5.3)."""
+    torch.manual_seed(0)
+    vocab = 13
+    model = transformer.Seq2SeqTransformer.from_config(transformer.ModelConfig.tiny(vocab))
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98), eps=1e-9)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(20):
+        src, tgt_in, tgt_out = copy_batch(gen, vocab, B=16, T=6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(src, tgt_in)  # (B, T + 1, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tgt_out.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                assert_finite(p.grad, f"gradient of {name}")
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses), losses
+    assert losses[-1] < losses[0], losses
