@@ -330,3 +330,30 @@ def _copy_tree(src: Path, dst: Path) -> None:
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(path.read_bytes())
+
+
+@spec(kind="error")
+def test_tokenizer_of_another_vocabulary_is_a_one_line_error(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint whose stored tokenizer has another vocabulary size than the model (a tokenizer from another run) exits 1 with one line saying 'vocabulary mismatch' and both sizes, instead of decoding garbage or indexing out of range."""
+    run = tmp_path / "run"
+    _copy_tree(trained_run, run)
+    ckpt = run / "checkpoint"
+    meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
+    model, _ = load_checkpoint(ckpt)
+    vocab = model.config.tgt_vocab_size
+    other = Tokenizer.train(["zz yy xx ww vv uu tt ss rr qq"] * 3, vocab_size=vocab + 20)
+    assert other.vocab_size != vocab
+    assert "tokenizer" in json.dumps(meta)
+    text = json.dumps(meta).replace(json.dumps(meta["tokenizer"]), json.dumps(other.to_str()))
+    (ckpt / "meta.json").write_text(text, encoding="utf-8")
+    manifest = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
+    data = (ckpt / "meta.json").read_bytes()
+    manifest["files"]["meta.json"].update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    (ckpt / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(run), "a b"]) == 1
+    line = _one_line_error(capsys)
+    assert "vocabulary mismatch" in line
+    assert f"{other.vocab_size} tokens" in line and str(vocab) in line

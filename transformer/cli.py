@@ -168,7 +168,17 @@ def _load(path: str) -> tuple[Any, Any, dict[str, Any]]:
     model, meta = load_checkpoint(_resolve_checkpoint(path))
     if not isinstance(meta.get("tokenizer"), str):
         raise CLIError(f"{path}: the checkpoint holds no tokenizer (not written by 'train')")
-    return model, Tokenizer.from_str(meta["tokenizer"]), meta
+    tokenizer = Tokenizer.from_str(meta["tokenizer"])
+    # A tokenizer from another run would map text to ids the embeddings do not have (or
+    # to the wrong rows of those they do): refuse before decoding garbage.
+    config = model.config
+    if not tokenizer.vocab_size == config.src_vocab_size == config.tgt_vocab_size:
+        raise CLIError(
+            f"{path}: vocabulary mismatch: the stored tokenizer has {tokenizer.vocab_size} "
+            f"tokens, the model's vocabularies have {config.src_vocab_size} (source) and "
+            f"{config.tgt_vocab_size} (target)"
+        )
+    return model, tokenizer, meta
 
 
 def _split_for(data: dict[str, Any]) -> Any:
