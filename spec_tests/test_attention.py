@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
@@ -776,6 +777,40 @@ def test_gqa_with_non_dividing_heads_raises_value_error(hq: int, hk: int) -> Non
         )
 
 
+@spec(section="extra", kind="error")
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {
+                "key": torch.zeros(2, 7, 8, device="meta"),
+                "value": torch.zeros(2, 7, 8, device="meta"),
+            },
+            "query, key and value must be on one device, got query cpu, key meta, value meta",
+        ),
+        (
+            {"attn_mask": torch.ones(5, 7, dtype=torch.bool, device="meta")},
+            "attn_mask is on meta but query is on cpu",
+        ),
+    ],
+    ids=["key-value", "mask"],
+)
+def test_inputs_on_another_device_raise_naming_both_devices(
+    kwargs: dict[str, Tensor], match: str
+) -> None:
+    """Key/value or a mask on another device than the query (here torch's "meta" device) raise ValueError naming the devices, before any kernel runs."""
+    args = {"query": _t(2, 5, 8), "key": _t(2, 7, 8), "value": _t(2, 7, 8), **kwargs}
+    with pytest.raises(ValueError, match=re.escape(match)):
+        transformer.scaled_dot_product_attention(**args)
+
+
+@spec(section="extra", kind="error")
+def test_gqa_without_a_heads_dimension_raises_value_error() -> None:
+    """``enable_gqa=True`` with 2-D inputs (no heads dimension to group) raises ValueError naming the three shapes."""
+    with pytest.raises(ValueError, match=r"needs a heads dimension .*query \(5, 8\), key \(7, 8\)"):
+        transformer.scaled_dot_product_attention(_t(5, 8), _t(7, 8), _t(7, 8), enable_gqa=True)
+
+
 # --------------------------------------------------------------------------------------
 # The kernel registry.
 # --------------------------------------------------------------------------------------
@@ -853,6 +888,16 @@ def test_registering_a_non_callable_raises_type_error(registered_names: list[str
     with pytest.raises(TypeError, match=r"fn must be callable, got int"):
         transformer.register_kernel("not-callable", 3)  # type: ignore[arg-type]
     assert "not-callable" not in transformer.available_kernels("cpu")
+
+
+@spec(section="extra", kind="error")
+@pytest.mark.parametrize("name", ["", 3, None], ids=["empty", "int", "None"])
+def test_registering_under_a_name_that_is_not_a_string_raises_type_error(name: object) -> None:
+    """``register_kernel`` with an empty or non-string name raises TypeError quoting it, and the registry is unchanged."""
+    before = transformer.available_kernels("cpu")
+    with pytest.raises(TypeError, match=re.escape(f"name must be a non-empty str, got {name!r}")):
+        transformer.register_kernel(name, attention_module.reference_attention)  # type: ignore[arg-type]
+    assert transformer.available_kernels("cpu") == before
 
 
 @spec(section="extra", kind="equivalence")

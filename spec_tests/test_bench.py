@@ -8,12 +8,16 @@ saying why, and one-line errors with exit code 2 for bad requests.
 from __future__ import annotations
 
 import functools
+import io
 import json
+import platform
+import re
 from pathlib import Path
 
 import pytest
 
-from transformer.bench import BenchError, run_attention_bench
+from transformer import attention, bench
+from transformer.bench import BenchError, format_table, run_attention_bench
 from transformer.cli import main
 
 spec = functools.partial(pytest.mark.spec, component="bench", section="extra")
@@ -74,6 +78,9 @@ def test_bench_skips_combinations_predicted_to_exceed_memory_and_says_so() -> No
     assert rows["reference"]["skipped"] and "predicted" in rows["reference"]["skipped"]
     assert rows["reference"]["median_ms"] is None
     assert rows["chunked"]["skipped"] is None and rows["chunked"]["median_ms"] > 0
+    table = format_table(report).splitlines()
+    (line,) = [t for t in table if t.startswith("reference ") and " 33 " in t]
+    assert line.endswith(f"skipped: {rows['reference']['skipped']}")
 
 
 @spec(kind="error")
@@ -150,3 +157,123 @@ def test_bench_cli_runs_and_writes_report(
     assert "chunked" in capsys.readouterr().out
     rows = json.loads((tmp_path / "attention-cpu.json").read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"chunked", "torch-sdpa"}
+
+
+@spec(kind="shape")
+def test_a_kernel_failing_on_some_combinations_is_skipped_there_and_measured_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel that raises on some combinations (here every causal call) gets those rows skipped with the error's first line, in the report and the table, while its other rows and the other kernels are measured and plotted."""
+    monkeypatch.setattr(attention, "_KERNELS", dict(attention._KERNELS))
+
+    def no_causal(query, key, value, *, is_causal=False, **kwargs):  # type: ignore[no-untyped-def]
+        if is_causal:
+            raise NotImplementedError("no causal masking here\nsecond line")
+        return attention.reference_attention(query, key, value, is_causal=is_causal, **kwargs)
+
+    attention.register_kernel("no-causal", no_causal)
+    printed: list[str] = []
+    sizes = {**TINY, "seq_lens": (16,), "repeats": 1}
+    report = run_attention_bench(
+        kernels=("no-causal",),
+        dtypes=("fp32",),
+        modes=("fwd",),
+        out=str(tmp_path),
+        log=printed.append,
+        **sizes,
+    )
+    rows = {(r["kernel"], r["causal"]): r for r in report["rows"]}
+    assert set(rows) == {(k, c) for k in ("no-causal", "torch-sdpa") for c in (False, True)}
+    failed = rows[("no-causal", True)]
+    assert (failed["skipped"], failed["median_ms"]) == ("error: no causal masking here", None)
+    for key in [("no-causal", False), ("torch-sdpa", False), ("torch-sdpa", True)]:
+        assert rows[key]["skipped"] is None and rows[key]["median_ms"] > 0, key
+    table = printed[-1].splitlines()
+    assert [t for t in table if t.endswith("skipped: error: no causal masking here")] == [
+        t for t in table if t.startswith("no-causal") and " True " in t
+    ]
+    assert (tmp_path / "attention-cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@spec(kind="error")
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"device": "tpu"}, "--device must be cpu or cuda, got 'tpu'"),
+        (
+            {"seq_lens": (16, 0), "head_dim": -1},
+            "sizes must be >= 1, got head_dim=-1, seq_len 0=0",
+        ),
+    ],
+    ids=["device", "sizes"],
+)
+def test_bench_rejects_an_unknown_device_and_sizes_below_one(
+    overrides: dict[str, object], message: str
+) -> None:
+    """An unknown device or any size below 1 raises BenchError naming what was asked, before anything runs."""
+    with pytest.raises(BenchError, match=re.escape(message)):
+        run_attention_bench(log=None, **{**TINY, **overrides})  # type: ignore[arg-type]
+
+
+@spec(kind="error")
+def test_bench_cli_rejects_a_list_that_is_not_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--seq-lens 16,x` exits 2 with argparse's one-line error quoting the list."""
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "attention", "--seq-lens", "16,x"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "argument --seq-lens: invalid list '16,x'" in err[-1]
+
+
+@spec(kind="shape")
+@pytest.mark.parametrize(
+    "cpuinfo", [None, "processor\t: 0\nBogoMIPS\t: 50.00\n"], ids=["no-proc", "no-model-name"]
+)
+def test_without_proc_the_report_uses_the_platform_name_and_an_8_gib_memory_guess(
+    monkeypatch: pytest.MonkeyPatch, cpuinfo: str | None
+) -> None:
+    """Where /proc is absent (macOS, Windows) or /proc/cpuinfo names no model (some ARM machines), the report names the platform's processor (or machine) as its hardware, and without /proc/meminfo it guesses 8 GiB of free memory, instead of failing."""
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path) == "/proc/cpuinfo" and cpuinfo is not None:
+            return io.StringIO(cpuinfo)
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "open", fake_open, raising=False)
+    assert bench._free_memory("cpu") == 8 * 2**30
+    report = run_attention_bench(
+        kernels=("reference",),
+        dtypes=("fp32",),
+        modes=("fwd",),
+        causal=(False,),
+        log=None,
+        **{**TINY, "seq_lens": (8,), "repeats": 1},
+    )
+    assert report["hardware"] == (platform.processor() or platform.machine())
+
+
+@pytest.mark.cuda
+@spec(kind="shape")
+def test_bench_on_cuda_reports_the_gpu_and_its_allocator_peak() -> None:
+    """On a CUDA device the report names the GPU, measures peak memory with torch.cuda's allocator statistics and budgets from the GPU's free memory."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    report = run_attention_bench(
+        device="cuda",
+        kernels=("reference",),
+        dtypes=("fp32",),
+        modes=("fwd",),
+        causal=(False,),
+        log=None,
+        **{**TINY, "seq_lens": (64,), "repeats": 1},
+    )
+    assert report["hardware"] == torch.cuda.get_device_name()
+    assert report["memory_method"] == "torch.cuda.max_memory_allocated beyond inputs"
+    for row in report["rows"]:
+        assert row["skipped"] is None and row["median_ms"] > 0, row
+        assert row["peak_memory_mib"] > 0, row  # the reference's (L, S) scores at least

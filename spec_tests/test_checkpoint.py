@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from transformer import checkpoint as checkpoint_module
@@ -394,7 +395,17 @@ def _resign(directory: Path, name: str) -> None:
 
 
 @spec(kind="error")
-@pytest.mark.parametrize("content", [b"", b"\x08\x00\x00\x00\x00\x00\x00\x00{}", bytes(range(256))])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"\x08\x00\x00\x00\x00\x00\x00\x00{}",
+        bytes(range(256)),
+        # Valid safetensors whose alias table is a list, not a name -> name mapping.
+        safetensors_bytes({"w": torch.zeros(1)}, metadata={"aliases": "[]"}),
+    ],
+    ids=["empty", "no-tensors", "noise", "aliases-not-a-mapping"],
+)
 def test_unreadable_weights_behind_a_valid_hash_raise_checkpoint_error_naming_the_file(
     tmp_path: Path, content: bytes
 ) -> None:
@@ -429,3 +440,95 @@ def test_a_path_that_is_not_a_path_raises_type_error_naming_path(path: object) -
         load_checkpoint(path)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike"):
         save_checkpoint(path, make_model())  # type: ignore[arg-type]
+
+
+@spec(kind="error")
+def test_saving_a_model_without_a_model_config_raises_type_error(tmp_path: Path) -> None:
+    """save_checkpoint of a module that carries no ModelConfig (a plain nn.Linear) raises TypeError naming its type, and writes nothing."""
+    with pytest.raises(TypeError, match=r"must carry a ModelConfig as \.config.*got Linear"):
+        save_checkpoint(tmp_path / "ckpt", torch.nn.Linear(2, 2))
+    assert list(tmp_path.iterdir()) == []
+
+
+@spec(kind="equivalence")
+def test_a_stale_backup_beside_a_complete_checkpoint_is_ignored_then_removed(
+    tmp_path: Path,
+) -> None:
+    """A ``<path>.old`` left beside a complete checkpoint (a save that died after its second rename) is not loaded, and the next save removes it."""
+    save_checkpoint(tmp_path / "ckpt", make_model(15), version=1)
+    save_checkpoint(tmp_path / "ckpt.old", make_model(14), version=0)  # the stale backup
+    assert load_checkpoint(tmp_path / "ckpt")[1] == {"version": 1}
+    new = make_model(16)
+    save_checkpoint(tmp_path / "ckpt", new, version=2)
+    loaded, meta = load_checkpoint(tmp_path / "ckpt")
+    assert meta == {"version": 2}
+    assert torch.equal(eval_logits(loaded), eval_logits(new))
+    assert leftovers(tmp_path) == []
+
+
+def _edit_json(directory: Path, name: str, edit: object) -> None:
+    """Replace ``name``'s JSON by ``edit(json)`` and re-sign it (damage behind a valid hash)."""
+    path = directory / name
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))  # type: ignore[operator]
+    if name != "manifest.json":
+        _resign(directory, name)
+
+
+@spec(kind="error")
+@pytest.mark.parametrize(
+    ("name", "edit", "match"),
+    [
+        ("manifest.json", lambda m: [m], r"damaged: manifest\.json .*\(no file list\)"),
+        (
+            "manifest.json",
+            lambda m: {**m, "files": None},
+            r"damaged: manifest\.json .*no file list",
+        ),
+        (
+            "manifest.json",
+            lambda m: {**m, "format_version": 99},
+            r"format version 99; this version of the package reads version 1",
+        ),
+        (
+            "manifest.json",
+            lambda m: {**m, "files": {k: v for k, v in m["files"].items() if k != "config.json"}},
+            r"manifest\.json in .* does not list config\.json",
+        ),
+        ("config.json", lambda c: {**c, "model": None}, r"damaged: config\.json .*no model config"),
+        (
+            "config.json",
+            lambda c: {**c, "model": {**c["model"], "colour": "red"}},
+            r"damaged: config\.json .*colour",
+        ),
+        ("meta.json", lambda m: [1, 2], r"damaged: meta\.json .*not an object"),
+    ],
+    ids=[
+        "manifest-not-object",
+        "manifest-files-not-object",
+        "unknown-format-version",
+        "config-not-listed",
+        "config-without-model",
+        "config-unknown-field",
+        "meta-not-object",
+    ],
+)
+def test_well_formed_json_with_the_wrong_content_raises_checkpoint_error_naming_the_file(
+    tmp_path: Path, name: str, edit: object, match: str
+) -> None:
+    """Valid JSON that is not what the loader expects (a manifest without a file list, of an unknown format version or not listing config.json; a config without a valid model; meta that is not an object) raises CheckpointError naming the file, even behind a matching hash."""
+    save_checkpoint(tmp_path / "ckpt", make_model(), note="x")
+    _edit_json(tmp_path / "ckpt", name, edit)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+@spec(kind="error")
+def test_optimizer_state_that_does_not_fit_the_given_optimizer_raises(tmp_path: Path) -> None:
+    """Loading Adam state saved for all parameters into an optimizer over only some of them raises CheckpointError naming the optimizer, not torch's ValueError."""
+    model = make_model()
+    save_checkpoint(tmp_path / "ckpt", model, make_optimizer(model))
+    partial = torch.optim.Adam(model.output.parameters())
+    with pytest.raises(
+        CheckpointError, match=r"the optimizer state in .* does not fit the given optimizer"
+    ):
+        load_checkpoint(tmp_path / "ckpt", make_model(), optimizer=partial)

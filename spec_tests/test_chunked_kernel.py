@@ -228,14 +228,16 @@ def test_dropout_gradients_match_finite_differences_under_a_fixed_seed() -> None
 def test_worker_threads_give_the_single_thread_result(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Splitting the tiles over worker threads (large problems) gives the same output and gradients as running them in the calling thread."""
+    """Splitting the tiles over worker threads (large problems), for any thread count, gives the same output and gradients as running them in the calling thread."""
     monkeypatch.setattr(chunked, "TILE_ELEMENTS", 64)  # many slice chunks and tiles
     inline = run_case(name, block_l=8, block_s=8)
     threads = torch.get_num_threads()
     monkeypatch.setattr(chunked, "PARALLEL_MIN_SCORES", 0)
     try:
-        torch.set_num_threads(2)
-        for tile in (64, 1 << 20):  # several chunks per worker, then one chunk for all
+        # Several chunks per worker, then one chunk for all; then a new thread count,
+        # which replaces the pool of worker threads.
+        for workers, tile in ((2, 64), (2, 1 << 20), (3, 64)):
+            torch.set_num_threads(workers)
             monkeypatch.setattr(chunked, "TILE_ELEMENTS", tile)
             assert_same(run_case(name, block_l=8, block_s=8), inline)
     finally:
@@ -369,3 +371,30 @@ def test_bad_input_through_the_front_door_is_refused_before_the_kernel_runs() ->
     q, k = randn(1, 4, 8, seed=0), randn(1, 5, 7, seed=1)
     with pytest.raises(ValueError, match="key"):
         transformer.scaled_dot_product_attention(q, k, k, kernel="chunked")
+
+
+@spec(section="3.2.1", kind="equivalence")
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+def test_zero_head_dim_gives_the_mean_of_the_allowed_values(causal: bool) -> None:
+    """With head dim E = 0 every score is an empty dot product, 0, so each row is the plain mean of the values it may attend to (causal row i: values 0..i)."""
+    L, S = 9, 13
+    q, k = torch.empty(2, L, 0, dtype=torch.float64), torch.empty(2, S, 0, dtype=torch.float64)
+    v = randn(2, S, 5, seed=9)
+    out = chunked.chunked_attention(q, k, v, is_causal=causal, block_l=4, block_s=4)
+    expected = torch.stack([v[:, : (i + 1 if causal else S)].mean(dim=1) for i in range(L)], dim=1)
+    assert_close(out, expected)
+
+
+@spec(section="3.2.3", kind="masking")
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_expanded_mask_gives_the_result_of_the_materialised_mask(kind: str) -> None:
+    """A mask whose batch, head and query dims are stride-0 expansions (``mask.expand(...)``) gives the output of the same mask copied into memory."""
+    q, k, v = randn(2, 3, 11, 8, seed=1), randn(2, 3, 17, 8, seed=2), randn(2, 3, 17, 8, seed=3)
+    scores = randn(2, 1, 1, 17, seed=4)  # (B, 1, 1, S)
+    hidden = scores < -0.5
+    per_key = ~hidden if kind == "bool" else scores.masked_fill(hidden, NEG_INF)
+    expanded = per_key.expand(2, 3, 11, 17)
+    assert expanded.stride()[1:3] == (0, 0)
+    out = chunked.chunked_attention(q, k, v, expanded, block_l=4, block_s=4)
+    copied = chunked.chunked_attention(q, k, v, expanded.contiguous(), block_l=4, block_s=4)
+    assert_close(out, copied)

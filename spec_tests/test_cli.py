@@ -7,11 +7,13 @@ sees: the exit status and a stderr without a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,12 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer.checkpoint import load_checkpoint
+from transformer import cli
+from transformer.checkpoint import load_checkpoint, save_checkpoint
 from transformer.cli import build_parser, main
-from transformer.data import make_task
+from transformer.data import TASKS, make_task
 from transformer.generate import greedy_decode
 from transformer.tokenizer import Tokenizer
-from transformer.training import read_metrics
+from transformer.training import build_model, evaluate, read_metrics, translate
 
 spec = functools.partial(pytest.mark.spec, component="cli", section="extra")
 
@@ -137,6 +140,9 @@ def test_train_reads_a_tsv_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[
     _, meta = load_checkpoint(out / "checkpoint")
     assert meta["data"]["tsv"] == str(corpus.resolve())
     assert "training on 36 examples" in capsys.readouterr().err  # 10% of 40 sources held out
+    # evaluate rebuilds the same split from the stored file name, seed and fraction.
+    assert main(["evaluate", "--checkpoint", str(out)]) == 0
+    assert f"4 held-out examples ({corpus.resolve()}, seed 0)" in capsys.readouterr().out
 
 
 @spec(kind="shape")
@@ -152,6 +158,19 @@ def test_python_dash_m_transformer_runs_the_cli() -> None:
     assert done.returncode == 0, done.stderr
     for command in ("train", "generate", "evaluate", "demo"):
         assert command in done.stdout
+
+
+@spec(kind="error")
+def test_main_module_exits_with_the_status_of_main(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """transformer/__main__.py, what `python -m transformer` runs, passes the command line to main and exits with its status (1 and one error line for a missing checkpoint)."""
+    argv = ["transformer", "generate", "--checkpoint", str(tmp_path / "none"), "x"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module("transformer", run_name="__main__")
+    assert info.value.code == 1
+    assert f"no checkpoint at {tmp_path / 'none'}" in _one_line_error(capsys)
 
 
 @spec(kind="shape")
@@ -195,6 +214,26 @@ def test_every_subcommand_has_help() -> None:
         (
             ["train", "--task", "copy", "--out", "x", "--clip-norm", "-2"],
             "--clip-norm: must be a non-negative number",
+        ),
+        (
+            ["train", "--task", "copy", "--out", "x", "--seed", "-1"],
+            "--seed: must be a non-negative integer, got '-1'",
+        ),
+        (
+            ["train", "--task", "copy", "--out", "x", "--seed", "one"],
+            "--seed: must be a non-negative integer, got 'one'",
+        ),
+        (
+            ["train", "--task", "copy", "--out", "x", "--lr-scale", "fast"],
+            "--lr-scale: must be a positive number, got 'fast'",
+        ),
+        (
+            ["train", "--task", "copy", "--out", "x", "--clip-norm", "off"],
+            "--clip-norm: must be a non-negative number, got 'off'",
+        ),
+        (
+            ["train", "--task", "copy", "--out", "x", "--dropout", "some"],
+            r"--dropout: must be a number in \[0, 1\), got 'some'",
         ),
         (["train", "--task", "copy", "--data", "a.tsv", "--out", "x"], "not allowed with argument"),
         (["train", "--task", "copy"], "the following arguments are required: --out"),
@@ -357,3 +396,223 @@ def test_tokenizer_of_another_vocabulary_is_a_one_line_error(
     line = _one_line_error(capsys)
     assert "vocabulary mismatch" in line
     assert f"{other.vocab_size} tokens" in line and str(vocab) in line
+
+
+# --------------------------------------------------------------------------- more paths
+
+
+def _resave(run: Path, checkpoint: Path, **meta_changes: object) -> None:
+    """Save ``run``'s model again at ``checkpoint`` with its meta changed (``None`` drops a key)."""
+    model, meta = load_checkpoint(run / "checkpoint")
+    meta.update(meta_changes)
+    save_checkpoint(checkpoint, model, **{k: v for k, v in meta.items() if v is not None})
+
+
+@spec(kind="equivalence")
+def test_clip_norm_zero_trains_without_clipping_and_zero_fractions_reach_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--clip-norm 0` trains without ever clipping (stored as clip_norm None), and `--label-smoothing 0 --dropout 0` reach the stored training and model configs."""
+
+    def no_clipping(*args: object, **kwargs: object) -> None:
+        raise AssertionError("--clip-norm 0 still clipped the gradients")
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", no_clipping)
+    out = tmp_path / "run"
+    flags = ["--clip-norm", "0", "--label-smoothing", "0", "--dropout", "0"]
+    assert main(["train", *TINY_RUN, "--steps", "2", *flags, "--out", str(out)]) == 0
+    model, meta = load_checkpoint(out / "checkpoint")
+    config = meta["training"]["config"]
+    assert (config["clip_norm"], config["label_smoothing"]) == (None, 0.0)
+    assert model.config.dropout == 0.0
+
+
+@spec(kind="equivalence")
+def test_evaluate_on_a_file_or_another_task_prints_the_library_scores_of_the_first_n(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evaluate --data FILE --limit N` scores the file's first N pairs exactly as the library's evaluate does (trained and untrained baseline), and `--task` scores another task's held-out split, the header saying which examples were scored."""
+    pairs = list(make_task("copy", seed=5, n_train=1, n_heldout=3).heldout)
+    corpus = tmp_path / "pairs.tsv"
+    corpus.write_text("".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
+    capsys.readouterr()
+    argv = ["evaluate", "--checkpoint", str(trained_run), "--max-len", "9", "--limit", "2"]
+    assert main([*argv, "--data", str(corpus)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"evaluated on the first 2 of all 3 pairs of {corpus}, beam size 1"
+
+    model, meta = load_checkpoint(trained_run / "checkpoint")
+    tokenizer = Tokenizer.from_str(meta["tokenizer"])
+    trained = evaluate(model, tokenizer, pairs[:2], max_len=9)
+    untrained = evaluate(build_model(model.config, 0), tokenizer, pairs[:2], max_len=9)
+    for line, scores in zip(lines[2:], (trained, untrained), strict=True):
+        assert line.split()[-2:] == [f"{scores.exact_match:.3f}", f"{scores.bleu:.2f}"]
+
+    assert main([*argv, "--task", "reverse", "--seed", "1"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert (
+        header == "evaluated on the first 2 of 500 held-out examples of task 'reverse', beam size 1"
+    )
+
+
+@spec(kind="error")
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"data": None}, "does not say what it was trained on; pass --task or --data"),
+        (
+            {"data": {"task": "copy", "seed": 0, "n_train": 64, "n_heldout": 0}},
+            "no held-out examples to evaluate",
+        ),
+    ],
+    ids=["no-data", "no-heldout"],
+)
+def test_evaluate_without_examples_to_score_is_a_one_line_error(
+    trained_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    changes: dict[str, object],
+    message: str,
+) -> None:
+    """`evaluate` of a checkpoint that does not say what it was trained on, or whose run held nothing out, exits 1 with one line saying so."""
+    _resave(trained_run, tmp_path / "checkpoint", **changes)
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(tmp_path)]) == 1
+    assert message in _one_line_error(capsys)
+
+
+@spec(kind="error")
+def test_checkpoint_without_a_tokenizer_is_a_one_line_error(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint saved by the library without a tokenizer (not by `train`) makes generate exit 1 with one line saying so."""
+    model, _ = load_checkpoint(trained_run / "checkpoint")
+    save_checkpoint(tmp_path / "bare", model)
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "bare"), "a b"]) == 1
+    assert "holds no tokenizer (not written by 'train')" in _one_line_error(capsys)
+
+
+@spec(kind="error")
+def test_train_without_data_or_resume_on_other_data_is_a_one_line_error(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train` with neither --task nor --data exits 1 asking for one, and `train --resume --task OTHER` exits 1 naming the run's own data."""
+    assert main(["train", "--out", str(tmp_path / "new"), *TINY]) == 1
+    assert "one of --task or --data is required" in _one_line_error(capsys)
+
+    run = tmp_path / "run"
+    _copy_tree(trained_run, run)
+    assert main(["train", "--resume", "--task", "reverse", "--out", str(run)]) == 1
+    line = _one_line_error(capsys)
+    assert "--resume continues the run's own data (task 'copy', seed 0), not reverse" in line
+
+
+@spec(kind="error")
+def test_cuda_device_without_cuda_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train --device cuda` where no CUDA device exists exits 1 with one line saying so, before training."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: the error cannot occur")
+    assert main(["train", *TINY_RUN, "--device", "cuda", "--out", str(tmp_path / "o")]) == 1
+    assert "--device cuda: no CUDA device is available" in _one_line_error(capsys)
+    assert not (tmp_path / "o" / "checkpoint").exists()
+
+
+@pytest.mark.cuda
+@spec(kind="equivalence")
+def test_train_on_cuda_uses_the_local_rank_gpu_and_saves_a_cpu_loadable_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train --device cuda` trains on the GPU of torchrun's LOCAL_RANK (here 0) and writes a checkpoint that loads on the CPU with weights moved by training."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    out = tmp_path / "run"
+    assert main(["train", *TINY_RUN, "--steps", "3", "--device", "cuda", "--out", str(out)]) == 0
+    model, meta = load_checkpoint(out / "checkpoint")
+    assert next(model.parameters()).device.type == "cpu"
+    start = build_model(model.config, meta["training"]["config"]["seed"])
+    assert not torch.equal(model.output.weight, start.output.weight)
+
+
+@spec(kind="error")
+def test_interrupt_exits_130_and_debug_mode_shows_the_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C in a command exits 130 with 'transformer: interrupted'; an unexpected error is one line naming its type, or its traceback with TRANSFORMER_DEBUG=1."""
+    raised: list[BaseException] = []
+
+    def command(args: object) -> int:
+        raise raised[-1]
+
+    monkeypatch.setattr(cli, "_cmd_generate", command)
+    monkeypatch.delenv("TRANSFORMER_DEBUG", raising=False)
+    argv = ["generate", "--checkpoint", "run", "text"]
+
+    raised.append(KeyboardInterrupt())
+    assert main(argv) == 130
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "transformer: interrupted\n")
+
+    raised.append(RuntimeError("boom\nsecond line"))
+    assert main(argv) == 1
+    assert _one_line_error(capsys) == "transformer: error: RuntimeError: boom second line"
+
+    monkeypatch.setenv("TRANSFORMER_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        main(argv)
+
+
+@spec(kind="shape")
+def test_subcommand_whose_module_is_absent_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a trimmed install without transformer.bench, `bench` is not a subcommand (argparse says so) while `spec` and the core commands remain."""
+    monkeypatch.setitem(cli._OPTIONAL_COMMANDS, "bench", "transformer.not_installed")
+    parser = build_parser()
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["bench", "attention"])
+    assert info.value.code == 2
+    assert parser.parse_args(["spec"]).command == "spec"
+    assert parser.parse_args(["demo"]).command == "demo"
+
+
+@spec(kind="shape")
+def test_demo_at_a_tiny_size_runs_its_four_stages_and_reports_unmet_goals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`demo` shrunk to a tiny model and task (2 steps) prints its four stages and the goal checklist, decodes the reloaded checkpoint as the library does, meets only the reload goal and exits 1.
+
+    The full-size demo (about two minutes) is the slow test of test_goals.py; here the
+    module-level sizes are shrunk so the command's own code runs in the default suite.
+    """
+    monkeypatch.setattr(
+        cli,
+        "DEFAULT_MODEL",
+        {"d_model": 16, "nhead": 2, "layers": 1, "dim_feedforward": 24, "dropout": 0.1},
+    )
+    monkeypatch.setattr(cli, "DEFAULT_VOCAB", 60)
+    monkeypatch.setitem(cli.DEFAULT_TRAIN, "batch_size", 16)
+    small = dataclasses.replace(TASKS["numbers"], n_train=40, n_heldout=5)
+    monkeypatch.setitem(TASKS, "numbers", small)
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--steps", "2", "--tiny-steps", "2", "--examples", "3"]
+    assert main([*argv, "--no-progress"]) == 1
+    printed = capsys.readouterr().out
+    stages = [printed.index(f"[{k}/4]") for k in range(1, 5)]
+    assert stages == sorted(stages)
+    goals = re.findall(r"^  \[(x| )\] (\d)\. ", printed, flags=re.MULTILINE)
+    assert goals == [(" ", "1"), (" ", "2"), ("x", "3")]
+    for name in ("loss.png", "metrics.jsonl", "checkpoint", "tiny/checkpoint"):
+        assert (out / name).exists(), name
+
+    shown = re.findall(
+        r"^      (?:ok  |MISS) +(\d+) -> (.*?)(?:   \(expected: .*\))?$", printed, re.M
+    )
+    heldout = make_task("numbers", seed=0).heldout
+    assert [src for src, _ in shown] == [src for src, _ in heldout[:3]]
+    model, meta = load_checkpoint(out / "checkpoint")
+    tokenizer = Tokenizer.from_str(meta["tokenizer"])
+    max_len = meta["max_target_len"] + 8
+    ids = translate(model, tokenizer, [src for src, _ in shown], max_len=max_len)
+    assert [got for _, got in shown] == [tokenizer.decode(row) for row in ids]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import itertools
 import random
 
 import pytest
@@ -21,6 +22,7 @@ from transformer.data import (
     make_batch,
     make_task,
     number_to_words,
+    pad_sequences,
     read_tsv,
     split_heldout,
     task_names,
@@ -94,6 +96,14 @@ def test_number_words_reject_out_of_range(bad: int) -> None:
     """Numbers outside [0, 999999] raise ValueError naming the range."""
     with pytest.raises(ValueError, match=r"\[0, 999999\]"):
         number_to_words(bad)
+
+
+@spec(kind="error")
+@pytest.mark.parametrize("bad", [True, 3.0, "7"], ids=["bool", "float", "str"])
+def test_number_words_reject_values_that_are_not_ints(bad: object) -> None:
+    """A bool, float or string raises TypeError naming the type, even when it would read as a number."""
+    with pytest.raises(TypeError, match=f"n must be an int, got {type(bad).__name__}"):
+        number_to_words(bad)  # type: ignore[arg-type]
 
 
 @spec(kind="equivalence")
@@ -174,6 +184,21 @@ def test_numbers_task_rejects_more_examples_than_exist() -> None:
 
 
 @spec(kind="error")
+@pytest.mark.parametrize(
+    ("sizes", "match"),
+    [
+        ({"n_train": 0}, "n_train must be at least 1, got 0"),
+        ({"n_heldout": -1}, "n_heldout must be non-negative, got -1"),
+    ],
+    ids=["no-training", "negative-heldout"],
+)
+def test_task_sizes_out_of_range_raise_naming_them(sizes: dict[str, int], match: str) -> None:
+    """A task split with no training example or a negative held-out count raises ValueError naming the size."""
+    with pytest.raises(ValueError, match=match):
+        make_task("copy", **sizes)
+
+
+@spec(kind="error")
 def test_unknown_task_error_lists_the_known_tasks() -> None:
     """An unknown task name raises ValueError listing every built-in task."""
     with pytest.raises(ValueError, match="unknown task 'french'") as info:
@@ -226,6 +251,35 @@ def test_read_tsv_empty_file_is_an_error(tmp_path: pytest.TempPathFactory) -> No
     path.write_text("\n\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"empty\.tsv: no 'source<TAB>target' lines"):
         read_tsv(path)
+
+
+@spec(kind="error")
+def test_read_tsv_of_a_file_that_is_not_utf8_names_the_file(
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    """A corpus that is not valid UTF-8 (here Latin-1 bytes) raises ValueError naming the file, not UnicodeDecodeError."""
+    path = tmp_path / "latin1.tsv"  # type: ignore[operator]
+    path.write_bytes("caf\u00e9\tcoffee\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.tsv: not valid UTF-8"):
+        read_tsv(path)
+
+
+@spec(kind="property")
+def test_split_heldout_holds_out_nothing_at_fraction_zero_or_with_one_source() -> None:
+    """A held-out fraction of 0 keeps every pair for training, and so does a corpus with a single source whatever the fraction (holding it out would leave nothing to train on)."""
+    pairs = [("a", "x"), ("b", "y"), ("a", "z")]
+    assert split_heldout(pairs, heldout_fraction=0.0).train == tuple(pairs)
+    one_source = [("a", "x"), ("a", "y")]
+    split = split_heldout(one_source, heldout_fraction=0.9)
+    assert (split.train, split.heldout) == (tuple(one_source), ())
+
+
+@spec(kind="error")
+@pytest.mark.parametrize("fraction", [-0.1, 1.0])
+def test_split_heldout_rejects_a_fraction_outside_unit_interval(fraction: float) -> None:
+    """A held-out fraction outside [0, 1) raises ValueError naming it (1.0 would leave nothing to train on)."""
+    with pytest.raises(ValueError, match=rf"heldout_fraction must be in \[0, 1\), got {fraction}"):
+        split_heldout([("a", "b"), ("c", "d")], heldout_fraction=fraction)
 
 
 @spec(kind="property")
@@ -326,3 +380,50 @@ def test_batcher_state_dict_continues_the_stream_exactly() -> None:
         x, y = next(original), next(restored)
         assert torch.equal(x.src, y.src)
         assert torch.equal(x.tgt_out, y.tgt_out)
+
+
+@spec(kind="equivalence")
+def test_batcher_is_an_endless_iterator_of_its_stream() -> None:
+    """``iter(batcher)`` is the batcher itself, so a for loop (here islice) serves the batches next() would, across epoch ends."""
+    examples = _examples(23, seed=6)
+    make = functools.partial(BucketBatcher, examples, 4, pad_id=PAD, bos_id=BOS, eos_id=EOS, seed=1)
+    looped, stepped = make(), make()
+    assert iter(looped) is looped
+    for a in itertools.islice(looped, 15):  # 6 batches per epoch: crosses two epoch ends
+        b = next(stepped)
+        assert torch.equal(a.src, b.src) and torch.equal(a.tgt_in, b.tgt_in)
+    assert looped.state_dict() == stepped.state_dict() == {"epoch": 2, "position": 3}
+
+
+@spec(kind="error")
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: pad_sequences([], PAD), "pad_sequences: got no sequences"),
+        (
+            lambda: BucketBatcher([], 4, pad_id=PAD, bos_id=BOS, eos_id=EOS),
+            "BucketBatcher: got no examples",
+        ),
+        (
+            lambda: BucketBatcher(_examples(3, 0), 0, pad_id=PAD, bos_id=BOS, eos_id=EOS),
+            "batch_size must be at least 1, got 0",
+        ),
+        (
+            lambda: BucketBatcher(
+                _examples(3, 0), 2, pad_id=PAD, bos_id=BOS, eos_id=EOS, pool_batches=0
+            ),
+            "pool_batches must be at least 1, got 0",
+        ),
+        (
+            lambda: BucketBatcher(
+                _examples(3, 0), 2, pad_id=PAD, bos_id=BOS, eos_id=EOS
+            ).load_state_dict({"epoch": 0, "position": -1}),
+            r"invalid state \{'epoch': 0, 'position': -1\}",
+        ),
+    ],
+    ids=["pad-nothing", "no-examples", "batch-size-0", "pool-0", "negative-position"],
+)
+def test_batching_rejects_empty_input_and_sizes_below_one(build: object, match: str) -> None:
+    """Padding no sequences, a batcher without examples, a batch or pool size below 1 and a negative stream position raise ValueError saying which."""
+    with pytest.raises(ValueError, match=match):
+        build()  # type: ignore[operator]

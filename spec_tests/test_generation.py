@@ -365,3 +365,51 @@ def test_bad_arguments_raise_errors_naming_them() -> None:
         greedy_decode(model, src, 5.0, BOS, EOS)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="model must be a Seq2SeqTransformer"):
         greedy_decode(model.transformer, src, 5, BOS, EOS)  # type: ignore[arg-type]
+
+
+@spec(kind="shape")
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "uncached"])
+def test_empty_batch_gives_zero_rows_of_zero_tokens(use_cache: bool) -> None:
+    """A batch of no source rows ``(0, S)`` gives ``(0, 0)`` int64 from greedy and beam search alike (the longest of no rows is empty), without running the decoder."""
+    model = make_model(21)
+    src = torch.zeros((0, 5), dtype=torch.long)
+    for out in (
+        greedy_decode(model, src, 6, BOS, EOS, use_cache=use_cache),
+        beam_search(model, src, 6, BOS, EOS, beam_size=3, use_cache=use_cache),
+    ):
+        assert out.shape == (0, 0)
+        assert out.dtype == torch.int64
+
+
+@spec(kind="equivalence")
+def test_eos_that_is_the_padding_id_may_be_generated() -> None:
+    """When EOS and padding share an id the search may emit it (it ends the row), and cached and uncached decoding still agree; only a separate padding id is forbidden."""
+    model = make_model(22)
+    with torch.no_grad():
+        model.output.bias[PAD] = 1e4  # the shared PAD/EOS id wins at once
+    src = sources(23, [4, 3])
+    for use_cache in (True, False):
+        assert greedy_decode(model, src, 5, BOS, PAD, use_cache=use_cache).tolist() == [[PAD]] * 2
+        beam = beam_search(model, src, 5, BOS, PAD, beam_size=2, use_cache=use_cache)
+        assert beam.tolist() == [[PAD]] * 2
+
+
+@spec(kind="error")
+def test_kv_cache_refuses_decoders_it_cannot_walk_and_points_to_use_cache_false() -> None:
+    """A decoder attention with add_bias_kv, or a decoder layer that is not our TransformerDecoderLayer, makes the KV cache raise (ValueError/TypeError) pointing to use_cache=False, which still decodes."""
+    from transformer import MultiheadAttention
+
+    model = make_model(24)
+    src = sources(25, [4])
+    layer = model.transformer.decoder.layers[0]
+    layer.self_attn = MultiheadAttention(24, 3, add_bias_kv=True, batch_first=True).eval()
+    with pytest.raises(ValueError, match="use_cache=False"):
+        greedy_decode(model, src, 3, BOS, EOS, use_cache=True)
+    assert greedy_decode(model, src, 3, BOS, EOS, use_cache=False).shape[0] == 1
+
+    model = make_model(26)
+    model.transformer.decoder.layers[1] = torch.nn.TransformerDecoderLayer(
+        24, 3, 40, 0.0, batch_first=True
+    ).eval()
+    with pytest.raises(TypeError, match="use_cache=False"):
+        CachedDecoder(model, src)

@@ -713,6 +713,20 @@ def test_d_model_not_divisible_by_nhead_raises_value_error(d_model: int, nhead: 
             make()
 
 
+@spec(section="extra", kind="error")
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("d_model", 0), ("nhead", 2.0), ("dim_feedforward", -8), ("dim_feedforward", True)],
+)
+def test_sizes_that_are_not_positive_ints_raise_value_error_naming_them(
+    name: str, value: object
+) -> None:
+    """A layer size (d_model, nhead, dim_feedforward) that is not a positive int (zero, negative, a float, a bool) raises ValueError naming the argument and the value, in every layer class."""
+    for make in _every_constructor(**{name: value}):
+        with pytest.raises(ValueError, match=rf"{name} must be a positive int, got {value!r}"):
+            make()
+
+
 @spec(section="3.3", kind="error")
 def test_unknown_activation_raises_value_error_and_non_callable_type_error() -> None:
     """An activation name other than "relu"/"gelu" raises ValueError naming ``activation`` and the value; a non-callable raises TypeError."""
@@ -765,3 +779,15 @@ def test_is_causal_hint_without_mask_raises_value_error() -> None:
     model = layers.TransformerDecoder(layers.TransformerDecoderLayer(E, H, FF), 1)
     with pytest.raises(ValueError, match=r"is_causal=True .* needs attn_mask"):
         model(torch.randn(T_LEN, 2, E), torch.randn(S_LEN, 2, E), tgt_is_causal=True)
+
+
+@spec(section="torch", kind="equivalence")
+def test_transformer_runs_the_custom_encoder_and_decoder_it_is_given() -> None:
+    """``Transformer(custom_encoder=..., custom_decoder=...)`` uses those very modules, like torch: its output is the decoder run on the encoder's memory."""
+    torch.manual_seed(5)
+    encoder = layers.TransformerEncoder(layers.TransformerEncoderLayer(E, H, FF, dropout=0.0), 2)
+    decoder = layers.TransformerDecoder(layers.TransformerDecoderLayer(E, H, FF, dropout=0.0), 1)
+    model = layers.Transformer(E, H, custom_encoder=encoder, custom_decoder=decoder)
+    assert model.encoder is encoder and model.decoder is decoder
+    src, tgt = torch.randn(S_LEN, 2, E), torch.randn(T_LEN, 2, E)
+    torch.testing.assert_close(model(src, tgt), decoder(tgt, encoder(src)), rtol=0, atol=0)

@@ -17,6 +17,7 @@ Notation: B batch, S source length, T target length, E ``d_model``, V vocabulary
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import warnings
 
@@ -24,6 +25,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import transformer
 from transformer.model import ModelConfig, Seq2SeqTransformer
 from transformer.testing import assert_close
 
@@ -426,6 +428,11 @@ def test_non_integer_or_wrongly_shaped_ids_raise() -> None:
         ({"share_embeddings": True}, "share_embeddings needs src_vocab_size == tgt_vocab_size"),
         ({"num_decoder_layers": 0}, "num_decoder_layers must be a positive int"),
         ({"src_vocab_size": 2.5}, "src_vocab_size must be a positive int"),
+        ({"dropout": "0.1"}, "dropout must be a number, got '0.1'"),
+        ({"dropout": True}, "dropout must be a number, got True"),
+        ({"pad_id": -1}, "pad_id must be a non-negative int, got -1"),
+        ({"pad_id": False}, "pad_id must be a non-negative int, got False"),
+        ({"tie_output": 1}, "tie_output must be a bool, got 1"),
     ],
 )
 def test_invalid_config_raises_value_error_naming_the_field(
@@ -448,3 +455,34 @@ def test_config_from_dict_rejects_unknown_and_missing_keys_by_name() -> None:
     del data["tie_output"]
     with pytest.raises(ValueError, match=r"missing keys \['tie_output'\]"):
         ModelConfig.from_dict(data)
+
+
+@spec(kind="error")
+def test_from_dict_and_from_config_reject_objects_of_the_wrong_type() -> None:
+    """``ModelConfig.from_dict`` of a non-mapping and ``Seq2SeqTransformer.from_config`` of a plain dict raise ``TypeError`` naming the type received."""
+    with pytest.raises(TypeError, match="from_dict: expected a mapping, got list"):
+        ModelConfig.from_dict([("d_model", 8)])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="from_config: expected a ModelConfig, got dict"):
+        Seq2SeqTransformer.from_config(ModelConfig(SRC_V, TGT_V).to_dict())  # type: ignore[arg-type]
+
+
+@spec(kind="error")
+def test_source_and_target_batches_of_different_sizes_raise() -> None:
+    """A ``tgt_in`` batch of another size than ``src``'s raises ``ValueError`` naming both sizes, instead of broadcasting the memory."""
+    model = make_model()
+    with pytest.raises(ValueError, match="tgt_in batch size 3 differs from src batch size 2"):
+        model(token_batch(32, [4, 4], SRC_V), token_batch(33, [3, 3, 3], TGT_V))
+
+
+@spec(section="extra", kind="equivalence")
+def test_package_exports_every_public_name_and_lists_it_in_dir() -> None:
+    """Every name of ``transformer.__all__`` is in ``dir(transformer)`` and is the object its defining module holds (the lazily imported ones included); an unknown name raises AttributeError naming it."""
+    listed = dir(transformer)
+    for name in transformer.__all__:
+        assert name in listed, name
+        value = getattr(transformer, name)
+        module = importlib.import_module(value.__module__)
+        assert getattr(module, name) is value, name
+    assert {"Seq2SeqTransformer", "load_checkpoint", "beam_search"} <= set(transformer.__all__)
+    with pytest.raises(AttributeError, match="module 'transformer' has no attribute 'Transfomer'"):
+        transformer.Transfomer  # noqa: B018

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from transformer import MultiheadAttention
+from transformer.masks import module_mask_to_sdpa
 from transformer.testing import assert_close
 
 spec = functools.partial(pytest.mark.spec, component="multi_head_attention")
@@ -679,3 +680,15 @@ def test_dropout_one_drops_every_weight_like_torch(need_weights: bool) -> None:
     expected, _ = theirs(x, x, x, need_weights=need_weights)
     assert_close(out, expected)
     assert_close(out, ours.out_proj.bias.expand_as(out))
+
+
+@spec(section="torch", kind="masking")
+def test_module_masks_convert_to_the_sdpa_convention() -> None:
+    """A module-convention bool mask (True = masked out) flips to SDPA's (True = may attend), a float mask stays additive and takes the scores' dtype, and no mask stays None."""
+    masked = torch.tensor([[False, True], [True, True]])
+    assert torch.equal(module_mask_to_sdpa(masked, torch.float32), ~masked)  # type: ignore[arg-type]
+    additive = torch.tensor([[0.0, float("-inf")], [-2.5, 0.0]], dtype=torch.float64)
+    converted = module_mask_to_sdpa(additive, torch.float16)
+    assert converted is not None and converted.dtype == torch.float16
+    assert torch.equal(converted, additive.half())
+    assert module_mask_to_sdpa(None, torch.float32) is None

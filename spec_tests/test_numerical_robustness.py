@@ -26,7 +26,7 @@ from torch import Tensor
 
 import transformer
 from transformer import MultiheadAttention
-from transformer.testing import assert_close, assert_error_within_reference
+from transformer.testing import assert_close, assert_error_within_reference, tolerances
 
 spec = functools.partial(pytest.mark.spec, section="3.2.1")
 
@@ -316,3 +316,49 @@ def test_bf16_autocast_training_keeps_loss_finite_and_decreasing() -> None:
         losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses), losses
     assert losses[-1] < losses[0], losses
+
+
+# --------------------------------------------------------------------------------------
+# The judging helpers of transformer.testing, failing as they should.
+# --------------------------------------------------------------------------------------
+
+
+@spec(component="attention", section="extra", kind="error")
+def test_assert_close_failure_reports_max_and_mean_difference() -> None:
+    """A failing assert_close raises AssertionError carrying the caller's message and the max and mean absolute differences over the finite entries ('no finite differences' when there is none)."""
+    expected = torch.zeros(4)
+    actual = torch.tensor([0.0, 0.5, -1.0, float("nan")])
+    with pytest.raises(
+        AssertionError, match=r"(?s)^row 3\nmax \|diff\| 1\.000e\+00, mean \|diff\| 5\.000e-01\n"
+    ):
+        assert_close(actual, expected, msg="row 3")
+    with pytest.raises(AssertionError, match="no finite differences"):
+        assert_close(torch.full((2,), float("inf")), torch.zeros(2))
+    assert_close(expected + 1e-7, expected)  # within fp32 tolerance: passes silently
+
+
+@spec(component="attention", section="extra", kind="error")
+def test_low_precision_rule_fails_above_factor_times_reference_error() -> None:
+    """assert_error_within_reference raises when our error exceeds factor x the reference's error plus the dtype's floor, naming both errors and the dtype; at or under the bound it passes."""
+    exact = torch.zeros(3, dtype=torch.float64)
+    # Powers of two, exact in float16: the reference errs by 2^-6, we by 2^-5 (at the bound).
+    reference = torch.tensor([0.0, 2**-6, 0.0], dtype=torch.float16)
+    assert_error_within_reference(
+        torch.tensor([0.0, 0.0, 2**-5], dtype=torch.float16), reference, exact
+    )
+    bad = torch.tensor([2**-4, 0.0, 0.0], dtype=torch.float16)
+    with pytest.raises(
+        AssertionError,
+        match=r"(?s)^case\nerror 6\.250e-02 exceeds 2\.0 x reference error 1\.56\de-02 .* in torch\.float16$",
+    ):
+        assert_error_within_reference(bad, reference, exact, factor=2.0, msg="case")
+
+
+@spec(component="attention", section="extra", kind="error")
+def test_tolerances_are_defined_only_for_floating_dtypes_they_know() -> None:
+    """Asking for the tolerances of a dtype without a defined bar (int64, complex64) raises ValueError naming it, instead of comparing with a default."""
+    for dtype in (torch.int64, torch.complex64):
+        with pytest.raises(ValueError, match=f"no tolerance is defined for dtype {dtype}"):
+            tolerances(dtype)
+    scaled = tolerances(torch.float32, scale=10.0)  # torch's fp32 defaults, ten times looser
+    assert scaled == {"atol": pytest.approx(1e-4), "rtol": pytest.approx(1.3e-5)}

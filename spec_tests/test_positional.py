@@ -226,3 +226,48 @@ def test_non_tensor_or_integer_input_raises_type_error_naming_x(
     pe = SinusoidalPositionalEncoding(8, max_len=10, dropout=0.0)
     with pytest.raises(error, match=match):
         pe(x)
+
+
+@spec(section="torch", kind="shape")
+def test_module_repr_names_its_sizes_and_layout() -> None:
+    """The module's repr states d_model, max_len and batch_first (and its dropout child), as torch modules show their configuration."""
+    pe = SinusoidalPositionalEncoding(12, max_len=50, dropout=0.25, batch_first=False)
+    text = repr(pe)
+    assert text.startswith("SinusoidalPositionalEncoding(")
+    assert "d_model=12, max_len=50, batch_first=False" in text
+    assert "(dropout): Dropout(p=0.25" in text
+
+
+@spec(kind="equivalence")
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_offset_adds_the_rows_of_the_positions_the_steps_sit_at(batch_first: bool) -> None:
+    """With offset=k the T steps get PE[k], ..., PE[k + T - 1]: the last step of a prefix embedded alone equals that step of the whole prefix (what a KV-cache decoder relies on)."""
+    B, T, d_model, k = 2, 3, 10, 5
+    pe = SinusoidalPositionalEncoding(d_model, max_len=20, dropout=0.0, batch_first=batch_first)
+    x = randn(B, k + T, d_model, seed=1, dtype=torch.float32)  # (B, k + T, E)
+    tail = x[:, k:]
+    inp = tail if batch_first else tail.transpose(0, 1)
+    out = pe(inp, offset=k)
+    out = out if batch_first else out.transpose(0, 1)  # (B, T, E)
+    assert_close(out, tail + paper_table(k + T, d_model)[k:].float())
+    whole = pe(x if batch_first else x.transpose(0, 1))
+    whole = whole if batch_first else whole.transpose(0, 1)
+    assert torch.equal(out, whole[:, k:])
+
+
+@spec(kind="error")
+@pytest.mark.parametrize("offset", [-1, 1.0, True, "2"], ids=["negative", "float", "bool", "str"])
+def test_offset_that_is_not_a_non_negative_int_raises_value_error(offset: object) -> None:
+    """An offset that is negative or not an int raises ValueError naming offset and the value seen."""
+    pe = SinusoidalPositionalEncoding(8, max_len=10, dropout=0.0)
+    with pytest.raises(ValueError, match=r"offset must be an int >= 0, got"):
+        pe(torch.zeros(1, 2, 8), offset=offset)  # type: ignore[arg-type]
+
+
+@spec(kind="error")
+def test_steps_past_max_len_at_an_offset_raise_value_error_naming_both() -> None:
+    """offset + T > max_len raises ValueError giving the length, the offset and max_len (the table has no row for those positions)."""
+    pe = SinusoidalPositionalEncoding(8, max_len=10, dropout=0.0)
+    pe(torch.zeros(1, 2, 8), offset=8)  # positions 8 and 9: the last rows
+    with pytest.raises(ValueError, match=r"sequence length 2 at offset 9 exceeds max_len=10"):
+        pe(torch.zeros(1, 2, 8), offset=9)

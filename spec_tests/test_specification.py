@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import functools
 import re
+import shutil
+import subprocess
+import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -428,6 +431,8 @@ def test_html_is_self_contained_and_states_what_the_markdown_states(tmp_path: Pa
             'Quote (§3.4 "share ... And the pre-softmax").',
         ),
         ("Calls ``x.size(0)``. Then.", "Calls ``x.size(0)``."),
+        ("Returns `x. Y` as is. Then.", "Returns `x. Y` as is."),
+        ("Returns ``x. Y`` as is. Then.", "Returns ``x. Y`` as is."),
         ("Values like 1.5 and e.g. this. Next", "Values like 1.5 and e.g. this."),
         ('He said "stop. Now" and left. Then.', 'He said "stop. Now" and left.'),
         ("No full stop", "No full stop"),
@@ -452,3 +457,171 @@ def test_spec_command_is_on_the_cli_and_passes_arguments_after_double_dash_to_py
         args = parser.parse_args(argv)
         assert args.func(args) == 0
     assert calls == [(["-k", "mask", "-x"], Path("site")), ([], Path("docs"))]
+
+
+# --------------------------------------------------------------------------------------
+# Static reading limits, the documents' edge rows and `transformer spec` end to end.
+# --------------------------------------------------------------------------------------
+
+ALIAS_FORMS = '''
+    import functools
+    from typing import Any
+
+    import pytest
+
+    KW = {"section": "extra"}
+    KIND = "error"
+    spec: Any = functools.partial(pytest.mark.spec, component="data", section="extra")
+    bare = pytest.mark.spec
+
+    @spec(kind="shape")
+    def test_annotated_alias():
+        """An annotated alias binds its keywords."""
+
+    @bare(component="data", section="3.1", kind="error")
+    def test_bare_alias():
+        """The mark itself under another name."""
+
+    @spec(kind=KIND)
+    def test_non_literal():
+        """A name where a literal belongs."""
+
+    @pytest.mark.spec(component="data", kind="error", **KW)
+    def test_double_star():
+        """Keywords from a mapping."""
+'''
+
+
+@spec(kind="error")
+def test_static_scan_follows_aliases_and_flags_tags_it_cannot_read(tmp_path: Path) -> None:
+    """The AST scan reads annotated and bare aliases of the mark, and reports a tag value it cannot evaluate statically (a name, ``**mapping``) as a problem instead of guessing it."""
+    (tmp_path / "test_forms.py").write_text(textwrap.dedent(ALIAS_FORMS), encoding="utf-8")
+    scanned = {t.name: t for t in sp.scan_tests([tmp_path])}
+    tags = {name: (t.component, t.section, t.kind) for name, t in scanned.items()}
+    assert tags["test_annotated_alias"] == ("data", "extra", "shape")
+    assert tags["test_bare_alias"] == ("data", "3.1", "error")
+    (problem,) = sp.tag_problems(*tags["test_non_literal"])
+    assert problem.startswith("kind '<not a literal: KIND>' is not one of")
+    assert sp.tag_problems(*tags["test_double_star"]) == ["no section"]
+
+
+@spec(kind="shape")
+def test_skip_reasons_and_missing_docstrings_are_shown(tmp_path: Path) -> None:
+    """A skipped test's row gives the skip reason after its counts, and a test with a valid tag but no docstring is listed among the invalid ones as 'no docstring'."""
+    skipped = record("spec_tests/test_k.py::test_on_gpu", "attention", "extra", "shape", skipped=2)
+    skipped.skip_reason = "needs CUDA"
+    bare = record("spec_tests/test_k.py::test_bare", "attention", "extra", "error", passed=1)
+    bare.statement = ""
+    markdown = sp.render_markdown(sp.build_document([skipped, bare], INFO, tmp_path, tmp_path))
+    row = next(line for line in markdown.splitlines() if skipped.statement in line)
+    assert row.endswith(" | 2 skipped: needs CUDA |")
+    invalid = markdown.split("## Tests with an invalid tag or no docstring", 1)[1]
+    assert "| `spec_tests/test_k.py::test_bare` | no docstring | PASS |" in invalid
+
+
+@spec(kind="shape")
+def test_recorder_skips_items_that_are_not_test_functions(pytester: pytest.Pytester) -> None:
+    """Doctests (items without a Python test function) run but give no record; test functions beside them are recorded."""
+    write_suite(
+        pytester.path,
+        {
+            "helpers.py": '''
+                def double(x):
+                    """Twice x.
+
+                    >>> double(2)
+                    4
+                    """
+                    return 2 * x
+            ''',
+            "test_one.py": '''
+                import pytest
+
+                @pytest.mark.spec(component="data", section="extra", kind="shape")
+                def test_one():
+                    """One test."""
+            ''',
+        },
+    )
+    result, recorder = run_recorded(pytester, "--doctest-modules")
+    result.assert_outcomes(passed=2)
+    assert [r.nodeid for r in recorder.records()] == ["test_one.py::test_one"]
+
+
+def _spec_args(*extra: str) -> list[str]:
+    return ["-p", "no:cacheprovider", "-p", "no:hypothesispytest", *extra]
+
+
+@spec(kind="shape")
+def test_run_spec_runs_pytest_and_writes_markdown_and_html(
+    pytester: pytest.Pytester, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run_spec` runs pytest with the default suite's -m selection (unless -m is given), writes specification.md and .html with the run's arguments and statements, prints the required kinds missing, and returns pytest's status."""
+    write_tagging_forms(pytester.path)
+    status = sp.run_spec(_spec_args(), pytester.path / "docs")
+    assert status == pytest.ExitCode.TESTS_FAILED  # test_bad_size_raises fails on purpose
+    markdown = (pytester.path / "docs" / "specification.md").read_text(encoding="utf-8")
+    page = (pytester.path / "docs" / "specification.html").read_text(encoding="utf-8")
+    assert "| pytest arguments | `-m 'not slow and not triton' -p no:cacheprovider " in markdown
+    assert "| commit | `unknown (not a git checkout)` |" in markdown
+    for statement in (
+        "Output has the input's shape (§3.3).",
+        "A method tag overrides the class tag.",
+    ):
+        assert statement in markdown and statement in page
+    printed = capsys.readouterr().out
+    assert "coverage matrix, required kinds without a test:\nattention: no test of kind" in printed
+    assert f"wrote {pytester.path / 'docs' / 'specification.md'} and " in printed
+
+    status = sp.run_spec(_spec_args("-mslow"), pytester.path / "picked")
+    assert status == pytest.ExitCode.NO_TESTS_COLLECTED  # every test deselected
+    markdown = (pytester.path / "picked" / "specification.md").read_text(encoding="utf-8")
+    assert "| pytest arguments | `-p no:cacheprovider -p no:hypothesispytest -mslow` |" in markdown
+    assert "8 tests (8 NOT RUN); 10 cases (10 not run)" in markdown
+
+
+@spec(kind="error")
+def test_run_spec_without_tests_or_without_pytest_renders_nothing_and_fails(
+    pytester: pytest.Pytester, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run_spec` on a directory without tests, or where pytest cannot be imported, writes no document, says why on stderr and returns a non-zero status."""
+    status = sp.run_spec(_spec_args(), pytester.path / "docs")
+    assert status == pytest.ExitCode.NO_TESTS_COLLECTED
+    assert "transformer spec: no test collected; nothing rendered" in capsys.readouterr().err
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "pytest", None)  # `import pytest` raises ImportError
+        status = sp.run_spec([], pytester.path / "docs")
+    assert status == 2
+    assert "`transformer spec` needs pytest: pip install" in capsys.readouterr().err
+    assert not (pytester.path / "docs").exists()
+
+
+@spec(kind="equivalence")
+def test_commit_is_the_short_head_hash_marked_when_tracked_files_changed(tmp_path: Path) -> None:
+    """The run's commit is git's short HEAD hash, with '(with uncommitted changes)' when a tracked file differs, and 'unknown (not a git checkout)' outside a repository."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert sp._git_commit(plain) == "unknown (not a git checkout)"
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args: str) -> str:
+        identity = ["-c", "user.name=spec", "-c", "user.email=spec@example.invalid"]
+        done = subprocess.run(
+            ["git", *identity, *args], cwd=repo, capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    git("init", "-q")
+    (repo / "tracked.txt").write_text("one\n")
+    git("add", "tracked.txt")
+    git("commit", "-q", "-m", "first")
+    head = git("rev-parse", "--short", "HEAD")
+    assert sp._git_commit(repo) == head
+    (repo / "untracked.txt").write_text("ignored\n")
+    assert sp._git_commit(repo) == head
+    (repo / "tracked.txt").write_text("two\n")
+    assert sp._git_commit(repo) == f"{head} (with uncommitted changes)"

@@ -6,6 +6,8 @@ import functools
 
 import pytest
 import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, trainers
 
 from transformer.data import make_task
 from transformer.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -126,3 +128,32 @@ def test_train_rejects_a_vocabulary_without_room() -> None:
     """A vocabulary too small for the special tokens raises ValueError naming vocab_size."""
     with pytest.raises(ValueError, match="vocab_size must be at least 5"):
         Tokenizer.train(["a"], vocab_size=4)
+
+
+@spec(kind="error")
+def test_from_str_rejects_a_tokenizer_whose_special_ids_differ() -> None:
+    """A stored tokenizer whose special tokens sit at other ids (here <bos> first) raises ValueError naming the token and both ids, so ids never change meaning."""
+    backend = HFTokenizer(models.BPE(unk_token="<unk>"))
+    trainer = trainers.BpeTrainer(
+        vocab_size=30, special_tokens=["<bos>", "<pad>", "<eos>", "<unk>"], show_progress=False
+    )
+    backend.train_from_iterator(["a b c", "c b a"], trainer)
+    with pytest.raises(ValueError, match="special token <pad> must have id 0, got 1"):
+        Tokenizer.from_str(backend.to_str())
+
+
+@spec(kind="error")
+def test_bad_arguments_to_train_and_encode_raise_naming_them() -> None:
+    """``min_frequency`` below 1 raises ValueError, and encoding something other than a str (bytes, a list) raises TypeError naming the type."""
+    with pytest.raises(ValueError, match="min_frequency must be at least 1, got 0"):
+        Tokenizer.train(["a b"], vocab_size=50, min_frequency=0)
+    for text in (b"a b", ["a", "b"]):
+        with pytest.raises(TypeError, match=f"text must be a str, got {type(text).__name__}"):
+            _tokenizer().encode(text)  # type: ignore[arg-type]
+
+
+@spec(kind="shape")
+def test_repr_shows_the_vocabulary_size() -> None:
+    """``repr`` of a tokenizer states its vocabulary size, the number the model's embeddings must match."""
+    tok = Tokenizer.train(["a b", "b a"], vocab_size=1000)  # 4 specials, a b ▁, ▁a ▁b
+    assert repr(tok) == "Tokenizer(vocab_size=9)"

@@ -15,18 +15,23 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from transformer.checkpoint import load_checkpoint
-from transformer.data import make_batch, make_task
+from transformer.checkpoint import load_checkpoint, save_checkpoint
+from transformer.cli import main
+from transformer.data import make_batch, make_task, pad_sequences
+from transformer.generate import beam_search
 from transformer.model import ModelConfig
 from transformer.testing import assert_close
 from transformer.tokenizer import Tokenizer
@@ -37,6 +42,7 @@ from transformer.training import (
     inverse_sqrt_lr,
     make_optimizer,
     make_scheduler,
+    plot_metrics,
     read_metrics,
     sequence_loss,
     shard_batch,
@@ -199,6 +205,19 @@ def test_sequence_loss_rejects_mismatched_shapes() -> None:
         sequence_loss(torch.zeros(2, 5, 9), torch.zeros(2, 4, dtype=torch.long), pad_id=0)
 
 
+@spec(section="5.4", kind="error")
+@pytest.mark.parametrize("num_tokens", [0, -3])
+def test_sequence_loss_rejects_a_token_count_below_one(num_tokens: int) -> None:
+    """A shard divisor num_tokens below 1 raises ValueError naming it, instead of dividing by zero or flipping the loss's sign."""
+    with pytest.raises(ValueError, match=f"num_tokens must be at least 1, got {num_tokens}"):
+        sequence_loss(
+            torch.zeros(1, 2, 5),
+            torch.ones(1, 2, dtype=torch.long),
+            pad_id=0,
+            num_tokens=num_tokens,
+        )
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -213,6 +232,7 @@ def test_sequence_loss_rejects_mismatched_shapes() -> None:
         ("label_smoothing", 1.0, r"label_smoothing must be in \[0, 1\)"),
         ("clip_norm", -1.0, "clip_norm must be positive or None"),
         ("max_seconds", 0, "max_seconds must be positive or None"),
+        ("autocast", "fp8", r"autocast must be one of \['bf16', 'fp16'\] or None, got 'fp8'"),
     ],
 )
 def test_train_config_rejects_bad_values(field: str, value: object, message: str) -> None:
@@ -322,6 +342,23 @@ def test_run_stopped_by_time_limit_resumes_like_an_uninterrupted_run(tmp_path: P
     assert _curve(resumed.history) == _curve(full.history)
 
 
+@spec(section="extra", kind="equivalence")
+@pytest.mark.parametrize("damage", ["torn-line", "deleted"])
+def test_resume_survives_a_torn_or_deleted_metrics_file(tmp_path: Path, damage: str) -> None:
+    """A metrics.jsonl whose last line was torn (a process killed mid-append) is cut there on resume, and one that is gone starts afresh: either way the resumed records are the uninterrupted run's."""
+    _, full = _run(tmp_path / "full", 12)
+    _run(tmp_path / "split", 6)
+    metrics = tmp_path / "split" / "metrics.jsonl"
+    if damage == "torn-line":
+        with open(metrics, "a", encoding="utf-8") as f:
+            f.write('{"step": 9, "loss": 2.')
+    else:
+        metrics.unlink()
+    _, resumed = _run(tmp_path / "split", 12, resume=True)
+    kept = full.history if damage == "torn-line" else [r for r in full.history if r["step"] > 6]
+    assert _curve(resumed.history) == _curve(kept)
+
+
 @spec(section="extra", kind="error")
 def test_resume_with_other_trajectory_settings_is_refused(tmp_path: Path) -> None:
     """Resuming with another batch size or warm-up raises ValueError listing what changed."""
@@ -352,6 +389,86 @@ def test_run_writes_metrics_jsonl_loss_plot_and_checkpoint(tmp_path: Path) -> No
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "checkpoint").is_dir()
     assert records == result.history
+
+
+@spec(section="extra", kind="shape")
+def test_metrics_helpers_handle_absent_files_and_plot_any_records(tmp_path: Path) -> None:
+    """read_metrics of an absent file is []; plot_metrics writes a PNG also for records without nll, with a zero loss (no log scale possible) and for no records at all."""
+    assert read_metrics(tmp_path / "absent.jsonl") == []
+    cases = {
+        "no-nll": [{"step": 1, "loss": 2.0, "lr": 1e-3}, {"step": 2, "loss": 1.0, "lr": 2e-3}],
+        "zero-loss": [
+            {"step": 1, "loss": 0.5, "nll": 0.5, "lr": 1e-3},
+            {"step": 2, "loss": 0.0, "nll": 0.0, "lr": 1e-3},
+        ],
+        "empty": [],
+    }
+    for name, records in cases.items():
+        plot_metrics(records, tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+@spec(section="extra", kind="equivalence")
+def test_resuming_a_finished_run_trains_nothing_and_restores_its_plot(tmp_path: Path) -> None:
+    """Resuming a run that already reached its steps takes no step, keeps its metrics (the final off-grid record included) and draws loss.png again if it was lost."""
+    _, done = _run(tmp_path, 4)
+    assert [r["step"] for r in done.history] == [3, 4]
+    (tmp_path / "loss.png").unlink()
+    _, again = _run(tmp_path, 4, resume=True)
+    assert again.step == 4 and again.final_loss == done.final_loss
+    assert _curve(again.history) == _curve(done.history)
+    assert _curve(read_metrics(tmp_path / "metrics.jsonl")) == _curve(done.history)
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@spec(section="extra", kind="error")
+def test_non_finite_loss_stops_training_before_saving_weights(tmp_path: Path) -> None:
+    """A NaN loss (here from a NaN weight) raises FloatingPointError naming the step, and no checkpoint of the broken weights is written."""
+    tokenizer, train_pairs, _ = _copy_data()
+    model = build_model(_tiny_config(tokenizer.vocab_size), 0)
+    with torch.no_grad():
+        model.transformer.encoder.layers[0].linear1.weight[0, 0] = float("nan")
+    config = TrainConfig(steps=5, batch_size=8, warmup=5, log_every=1, checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match="the loss is nan at step 1"):
+        train(model, tokenizer, train_pairs, tmp_path, config, progress=False)
+    assert not (tmp_path / "checkpoint").exists()
+    assert read_metrics(tmp_path / "metrics.jsonl") == []
+
+
+@spec(section="extra", kind="error")
+def test_train_rejects_a_tokenizer_of_another_pad_id_and_an_empty_example_list(
+    tmp_path: Path,
+) -> None:
+    """train raises ValueError when the model's pad_id is not the tokenizer's, and when it gets no examples."""
+    tokenizer, train_pairs, _ = _copy_data()
+    config = TrainConfig(steps=1, batch_size=8, warmup=1)
+    other_pad = build_model(_tiny_config(tokenizer.vocab_size, pad_id=5), 0)
+    with pytest.raises(ValueError, match="model pad_id 5 differs from the tokenizer's 0"):
+        train(other_pad, tokenizer, train_pairs, tmp_path, config, progress=False)
+    model = build_model(_tiny_config(tokenizer.vocab_size), 0)
+    with pytest.raises(ValueError, match="got no training examples"):
+        train(model, tokenizer, [], tmp_path, config, progress=False)
+
+
+@spec(section="extra", kind="error")
+def test_resume_of_a_checkpoint_without_training_state_or_from_another_world_size_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Resuming from a checkpoint that holds no training state, or that was written by another number of processes, raises ValueError saying which."""
+    tokenizer, _, _ = _copy_data()
+    model = build_model(_tiny_config(tokenizer.vocab_size), 0)
+    optimizer = make_optimizer(model)
+    scheduler = make_scheduler(optimizer, 16, 5, 2.0)
+    save_checkpoint(tmp_path / "bare" / "checkpoint", model, optimizer, scheduler)
+    with pytest.raises(ValueError, match="holds no training state"):
+        _run(tmp_path / "bare", 6, resume=True)
+
+    _run(tmp_path / "run", 3)
+    _, meta = load_checkpoint(tmp_path / "run" / "checkpoint", model, optimizer, scheduler)
+    meta["training"]["rng"] *= 2  # as if written by two processes
+    save_checkpoint(tmp_path / "run" / "checkpoint", model, optimizer, scheduler, **meta)
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\), this run has 1"):
+        _run(tmp_path / "run", 6, resume=True)
 
 
 @spec(section="5.4", kind="equivalence")
@@ -392,6 +509,35 @@ def test_evaluate_scores_exact_match_and_bleu_against_the_references() -> None:
     assert partial.exact_match == pytest.approx(4 / 7)
 
 
+@spec(section="extra", kind="equivalence")
+def test_translate_with_beams_returns_beam_search_rows_up_to_eos() -> None:
+    """translate(beam_size=3) gives, for each source, beam_search's best hypothesis of the padded batch up to its first <eos>."""
+    tokenizer, _, heldout = _copy_data()
+    model = build_model(_tiny_config(tokenizer.vocab_size), 3)
+    model.eval()
+    sources = [s for s, _ in heldout]
+    got = translate(model, tokenizer, sources, max_len=10, beam_size=3)
+    src = pad_sequences([tokenizer.encode(s) for s in sources], tokenizer.pad_id)
+    rows = beam_search(model, src, 10, tokenizer.bos_id, tokenizer.eos_id, beam_size=3).tolist()
+    expected = []
+    for row in rows:
+        ends = [i for i, t in enumerate(row) if t in (tokenizer.eos_id, tokenizer.pad_id)]
+        expected.append(row[: ends[0]] if ends else row)
+    assert got == expected
+    assert len(got) == len(sources)
+
+
+@spec(section="extra", kind="error")
+def test_translate_and_evaluate_reject_bad_requests() -> None:
+    """translate with beam_size below 1 and evaluate with no examples raise ValueError saying so."""
+    tokenizer, _, _ = _copy_data()
+    model = build_model(_tiny_config(tokenizer.vocab_size), 0)
+    with pytest.raises(ValueError, match="beam_size must be at least 1, got 0"):
+        translate(model, tokenizer, ["a b"], max_len=5, beam_size=0)
+    with pytest.raises(ValueError, match="evaluate: got no examples"):
+        evaluate(model, tokenizer, [], max_len=5)
+
+
 # --------------------------------------------------------------------------- data parallel
 
 
@@ -412,6 +558,15 @@ def test_shards_partition_the_global_batch_rows_and_drop_only_padding() -> None:
             assert torch.count_nonzero(whole[:, part.size(1) :]) == 0
     assert sorted(seen) == list(range(7))
     assert shard_batch(make_batch(rows[:1], pad_id=0, bos_id=1, eos_id=2), 1, 2, pad_id=0) is None
+
+
+@spec(section="extra", kind="error")
+@pytest.mark.parametrize("rank", [-1, 3])
+def test_shard_of_a_rank_outside_the_world_raises(rank: int) -> None:
+    """shard_batch with a rank outside [0, world_size) raises ValueError naming the range and the rank."""
+    batch = make_batch([([5, 6], [7])], pad_id=0, bos_id=1, eos_id=2)
+    with pytest.raises(ValueError, match=rf"rank must be in \[0, 3\), got {rank}"):
+        shard_batch(batch, rank, 3, pad_id=0)
 
 
 @spec(section="5.4", kind="equivalence")
@@ -444,20 +599,34 @@ def test_bf16_autocast_training_gives_finite_losses_near_fp32(tmp_path: Path) ->
     ]  # it did run in bf16
 
 
-def _cli_train(out: Path, *extra: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+# `transformer train` arguments of the tiny copy run the process tests share.
+_CLI_RUN = ["train", "--task", "copy", "--n-train", "64", "--n-heldout", "4", "--batch-size", "8"]
+_CLI_RUN += ["--d-model", "16", "--heads", "2", "--layers", "1", "--ff", "24", "--no-progress"]
+
+
+def _cli_train(
+    out: Path,
+    *extra: str,
+    launcher: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[str]:
     argv = [*launcher] if launcher else [sys.executable]
-    argv += ["-m", "transformer", "train", "--task", "copy", "--n-train", "64", "--n-heldout", "4"]
-    argv += ["--batch-size", "8", "--d-model", "16", "--heads", "2", "--layers", "1", "--ff", "24"]
-    argv += ["--no-progress", "--out", str(out), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv += ["-m", "transformer", *_CLI_RUN, "--out", str(out), *extra]
     return subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
 
 
 def _finish(process: subprocess.Popen[str]) -> None:
     stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stdout + stderr
+
+
+_DDP_SETTINGS = ("--steps", "3", "--dropout", "0", "--log-every", "1")
 
 
 @pytest.mark.slow
@@ -469,12 +638,16 @@ def test_two_processes_with_half_batches_take_the_one_process_step(tmp_path: Pat
     whose true gradient is zero.
     """
     torchrun = Path(sys.executable).with_name("torchrun")
-    settings = ("--steps", "3", "--dropout", "0", "--log-every", "1")
-    _finish(_cli_train(tmp_path / "one", *settings))
+    _finish(_cli_train(tmp_path / "one", *_DDP_SETTINGS))
     launcher = (str(torchrun), "--standalone", "--nproc_per_node=2")
-    _finish(_cli_train(tmp_path / "two", *settings, launcher=launcher))
-    one, _ = load_checkpoint(tmp_path / "one" / "checkpoint")
-    two, meta = load_checkpoint(tmp_path / "two" / "checkpoint")
+    _finish(_cli_train(tmp_path / "two", *_DDP_SETTINGS, launcher=launcher))
+    _assert_two_processes_took_the_one_process_step(tmp_path / "one", tmp_path / "two")
+
+
+def _assert_two_processes_took_the_one_process_step(run_one: Path, run_two: Path) -> None:
+    """Weights and logged losses of the 2-process run equal the 1-process run's (fp32 tolerances)."""
+    one, _ = load_checkpoint(run_one / "checkpoint")
+    two, meta = load_checkpoint(run_two / "checkpoint")
     assert len(meta["training"]["rng"]) == 2  # both ranks' RNG states were saved
     start = build_model(one.config, 0)
     E = one.config.d_model
@@ -491,9 +664,49 @@ def test_two_processes_with_half_batches_take_the_one_process_step(tmp_path: Pat
             # all keys of a query), so Adam normalises rounding noise there: skip [E, 2E).
             a, b = torch.cat([a[:E], a[2 * E :]]), torch.cat([b[:E], b[2 * E :]])
         assert_close(b, a, msg=name)
-    losses_one = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")]
-    losses_two = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")]
+    losses_one = [r["loss"] for r in read_metrics(run_one / "metrics.jsonl")]
+    losses_two = [r["loss"] for r in read_metrics(run_two / "metrics.jsonl")]
+    assert len(losses_one) == 3
     assert losses_two == pytest.approx(losses_one, rel=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@spec(section="extra", kind="equivalence")
+def test_gloo_run_with_this_process_as_rank_0_takes_the_one_process_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two gloo processes, this one rank 0 (`transformer.cli.main` in-process) and a child rank 1, end on half batches with the weights and losses of one process on whole batches; only rank 0 prints.
+
+    The in-process twin of the torchrun test above: the data-parallel code of `train`
+    (gradient all-reduce, broadcast, gathered RNG states, stop vote) runs in the default
+    suite. torchrun's environment (MASTER_ADDR/PORT, WORLD_SIZE, RANK) is set by hand.
+    """
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available here")
+    assert main([*_CLI_RUN, *_DDP_SETTINGS, "--out", str(tmp_path / "one")]) == 0
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    child = _cli_train(tmp_path / "two", *_DDP_SETTINGS, env={**rendezvous, "RANK": "1"})
+    for name, value in {**rendezvous, "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    # A child that dies before joining fails the test in a minute, not torch's thirty.
+    monkeypatch.setattr(dist.distributed_c10d, "default_pg_timeout", timedelta(seconds=60))
+    capsys.readouterr()
+    try:
+        status = main([*_CLI_RUN, *_DDP_SETTINGS, "--out", str(tmp_path / "two")])
+    finally:
+        if dist.is_initialized():  # main destroys its group; this is for a failure inside
+            dist.destroy_process_group()
+        stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 0, stderr
+    assert status == 0
+    assert stdout == ""  # rank 1 neither prints its summary nor writes files
+    assert "2 processes" in capsys.readouterr().err
+    _assert_two_processes_took_the_one_process_step(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.slow

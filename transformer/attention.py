@@ -349,16 +349,15 @@ def reference_attention(
     return weights @ value  # (..., L, Ev)
 
 
-def _allowed_rows(attn_mask: Tensor | None, is_causal: bool, L: int, S: int) -> Tensor | None:
+def _allowed_rows(attn_mask: Tensor | None, L: int, S: int) -> Tensor | None:
     """``(..., L, 1)`` bool: does the row have at least one key it may attend to?
 
-    ``None`` means every row does (no mask, or causal alone with ``S > 0``).
+    ``None`` means every row does (no mask and ``S > 0``). A causal mask must already be
+    folded into ``attn_mask`` (causal alone leaves every row key 0).
     """
     if attn_mask is None:
         return None if S > 0 else torch.zeros(L, 1, dtype=torch.bool)
     allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
-    if is_causal:
-        allowed = allowed & causal_mask(L, S, device=attn_mask.device)
     return allowed.any(dim=-1, keepdim=True)
 
 
@@ -405,7 +404,7 @@ def torch_attention(
         is_causal = False
     if S == 0 or L == 0:
         return reference_attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
-    rows = _allowed_rows(attn_mask, is_causal, L, S)
+    rows = _allowed_rows(attn_mask, L, S)  # is_causal is folded into attn_mask above
     if rows is not None and attn_mask is not None:
         attn_mask = attn_mask.masked_fill(~rows, True if attn_mask.dtype == torch.bool else 0.0)
     if attn_mask is not None and attn_mask.dtype != torch.bool:

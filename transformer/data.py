@@ -292,15 +292,16 @@ def split_heldout(pairs: Sequence[Pair], *, heldout_fraction: float = 0.1, seed:
     """Split a corpus into training and held-out pairs by source, deterministically.
 
     All pairs that share a source land on the same side, so no held-out source is
-    ever seen in training. At least one source is held out when there are two or more.
+    ever seen in training. At least one source is held out when there are two or more,
+    and at least one is kept for training: a corpus of one source is all training data.
     """
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     sources = list(dict.fromkeys(src for src, _ in pairs))
     random.Random(seed).shuffle(sources)
-    n_heldout = round(heldout_fraction * len(sources))
+    n_heldout = min(round(heldout_fraction * len(sources)), max(len(sources) - 1, 0))
     if heldout_fraction > 0 and len(sources) >= 2:
-        n_heldout = min(max(n_heldout, 1), len(sources) - 1)
+        n_heldout = max(n_heldout, 1)
     heldout_sources = set(sources[:n_heldout])
     return Split(
         train=tuple(p for p in pairs if p[0] not in heldout_sources),

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transformer.attention import scaled_dot_product_attention
+from transformer.attention import reference_attention
 from transformer.feed_forward import position_wise
 from transformer.layers import TransformerDecoderLayer
 from transformer.masks import merge_module_masks
@@ -136,6 +136,18 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(N, T, H * D)  # (N, T, E)
 
 
+def _attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention of one new query per row: ``(N, H, 1, D)`` over ``(N, H, T, D)`` keys.
+
+    A decoding step has one query row, so its score matrix is ``(N, H, 1, T)``: tiny.
+    The reference kernel (equation 1 written plainly) computes it directly; a tiling
+    kernel would spend more time arranging tiles than attending.
+    """
+    # Called directly, past the front door: the shapes are the decoder's own, valid by
+    # construction, and the checks would cost more than this tiny product.
+    return reference_attention(q, k, v, mask)  # (N, H, 1, D)
+
+
 def _in_projections(mha: MultiheadAttention) -> tuple[Tensor, Tensor | None]:
     """The stacked ``(3E, E)`` ``W^Q, W^K, W^V`` and their ``(3E,)`` bias (or ``None``)."""
     weight = mha.in_proj_weight
@@ -198,8 +210,11 @@ class CachedDecoder:
             k = _heads(F.linear(memory, w_k, b_k), self.nhead)  # (N, H, S, D)
             v = _heads(F.linear(memory, w_v, b_v), self.nhead)  # (N, H, S, D)
             self.cross_kv.append((k, v))
-        # Self-attention keys/values of positions 0..t-1, grown by one position per step.
-        self.self_kv: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
+        # Self-attention keys/values of positions 0..t-1: per layer a (2, N, H, capacity, D)
+        # buffer filled up to self.length. Capacity doubles when full, so appending a
+        # position costs O(1) amortised instead of torch.cat's O(t) copy every step.
+        self.self_kv: list[Tensor | None] = [None] * len(self.layers)
+        self.length = 0
 
     def _self_attention(
         self, i: int, mha: MultiheadAttention, x: Tensor, mask: Tensor | None
@@ -208,12 +223,16 @@ class CachedDecoder:
         weight, bias = _in_projections(mha)
         q, k, v = F.linear(x, weight, bias).chunk(3, dim=-1)  # 3 x (N, 1, E)
         q, k, v = _heads(q, self.nhead), _heads(k, self.nhead), _heads(v, self.nhead)
-        cached = self.self_kv[i]
-        if cached is not None:
-            k = torch.cat([cached[0], k], dim=2)  # (N, H, t + 1, D)
-            v = torch.cat([cached[1], v], dim=2)
-        self.self_kv[i] = (k, v)
-        out = scaled_dot_product_attention(q, k, v, mask)  # (N, H, 1, D)
+        t = self.length
+        buffer = self.self_kv[i]
+        if buffer is None or buffer.size(3) == t:
+            grown = k.new_empty((2, *k.shape[:2], max(16, 2 * t), k.size(3)))
+            if buffer is not None:
+                grown[:, :, :, :t] = buffer
+            self.self_kv[i] = buffer = grown  # (2, N, H, capacity, D)
+        buffer[0, :, :, t : t + 1] = k
+        buffer[1, :, :, t : t + 1] = v
+        out = _attend_one(q, buffer[0, :, :, : t + 1], buffer[1, :, :, : t + 1], mask)
         result: Tensor = mha.out_proj(_merge_heads(out))  # (N, 1, E)
         return result
 
@@ -224,7 +243,7 @@ class CachedDecoder:
         b_q = None if bias is None else bias.chunk(3)[0]
         q = _heads(F.linear(x, w_q, b_q), self.nhead)  # (N, H, 1, D)
         k, v = self.cross_kv[i]
-        out = scaled_dot_product_attention(q, k, v, self.cross_mask)  # (N, H, 1, D)
+        out = _attend_one(q, k, v, self.cross_mask)  # (N, H, 1, D)
         result: Tensor = mha.out_proj(_merge_heads(out))  # (N, 1, E)
         return result
 
@@ -235,14 +254,12 @@ class CachedDecoder:
         """
         model = self.model
         N, T = prefix.shape
-        # Embedding + position of the whole prefix, exactly as decode() computes it; the
-        # newest row is all this step needs.
-        x = model.embed(prefix, model.tgt_embedding)[:, -1:]  # (N, 1, E)
+        # The newest position only, embedded as decode() embeds it at position T - 1.
+        x = model.embed(prefix[:, -1:], model.tgt_embedding, offset=T - 1)  # (N, 1, E)
         masks = model.masks(self.src, prefix)
-        # The last row of the causal mask with the target padding: (N, 1, 1, t + 1).
-        self_mask = merge_module_masks(
-            masks.tgt_causal[-1:], masks.tgt_key_padding, N, self.nhead, 1, T, x.dtype
-        )
+        # The newest query may see every earlier key (the last row of the causal mask
+        # allows all T), so only the target padding remains: (N, 1, 1, T).
+        self_mask = merge_module_masks(None, masks.tgt_key_padding, N, self.nhead, 1, T, x.dtype)
         for i, layer in enumerate(self.layers):
             if layer.norm_first:
                 x = x + self._self_attention(i, layer.self_attn, layer.norm1(x), self_mask)
@@ -252,6 +269,7 @@ class CachedDecoder:
                 x = layer.norm1(x + self._self_attention(i, layer.self_attn, x, self_mask))
                 x = layer.norm2(x + self._cross_attention(i, layer.multihead_attn, x))
                 x = layer.norm3(x + self._feed_forward(layer, x))
+        self.length += 1
         if self.norm is not None:
             x = self.norm(x)
         logits: Tensor = model.output(x)[:, 0]  # (N, V)
@@ -269,7 +287,7 @@ class CachedDecoder:
         the cross-attention keys/values and the source masks stay as they are.
         """
         self.self_kv = [
-            None if kv is None else (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
+            None if kv is None else kv[:, :, :, : self.length].index_select(1, rows)
             for kv in self.self_kv
         ]
 

@@ -302,9 +302,13 @@ class Seq2SeqTransformer(nn.Module):
         tgt_causal = torch.ones(L, L, dtype=torch.bool, device=src.device).triu(1)  # (L, L)
         return Masks(src_key_padding, tgt_key_padding, tgt_causal)
 
-    def embed(self, ids: Tensor, embedding: nn.Embedding) -> Tensor:
-        """``dropout(embedding(ids) * sqrt(d_model) + PE)``: ``(B, T) -> (B, T, E)`` (3.4, 3.5)."""
-        return self.positional(embedding(ids) * self.embed_scale)
+    def embed(self, ids: Tensor, embedding: nn.Embedding, offset: int = 0) -> Tensor:
+        """``dropout(embedding(ids) * sqrt(d_model) + PE)``: ``(B, T) -> (B, T, E)`` (3.4, 3.5).
+
+        ``ids`` sit at positions ``offset .. offset + T - 1`` (``offset > 0``: the newest
+        tokens of a longer prefix, as a KV-cache decoder feeds them).
+        """
+        return self.positional(embedding(ids) * self.embed_scale, offset=offset)
 
     def encode(self, src: Tensor) -> Tensor:
         """Run the encoder stack: ``src`` ``(B, S)`` -> memory ``(B, S, E)``."""

@@ -103,8 +103,14 @@ class SinusoidalPositionalEncoding(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("pe", sinusoidal_table(max_len, d_model), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Return ``dropout(x + PE[:T])`` with ``PE`` broadcast over the batch."""
+    def forward(self, x: Tensor, *, offset: int = 0) -> Tensor:
+        """Return ``dropout(x + PE[offset : offset + T])`` with ``PE`` broadcast over the batch.
+
+        ``offset`` is the position of ``x``'s first step: a decoder that feeds one new
+        position at a time (a KV cache) passes the number of positions before it.
+        """
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be an int >= 0, got {offset!r}")
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -120,11 +126,10 @@ class SinusoidalPositionalEncoding(nn.Module):
             )
         time_dim = 1 if (x.dim() == 3 and self.batch_first) else 0
         seq_len = x.size(time_dim)
-        if seq_len > self.max_len:
-            raise ValueError(
-                f"sequence length {seq_len} exceeds max_len={self.max_len} of the positional table"
-            )
-        pe = self.pe[:seq_len].to(dtype=x.dtype)  # (T, E)
+        if offset + seq_len > self.max_len:
+            where = f"sequence length {seq_len}" + (f" at offset {offset}" if offset else "")
+            raise ValueError(f"{where} exceeds max_len={self.max_len} of the positional table")
+        pe = self.pe[offset : offset + seq_len].to(dtype=x.dtype)  # (T, E)
         if x.dim() == 3 and not self.batch_first:
             pe = pe.unsqueeze(1)  # (T, 1, E): broadcast over the batch axis
         return self.dropout(x + pe)

@@ -227,7 +227,8 @@ def first_sentence(docstring: str | None) -> str:
     depth, in_code, in_quote = 0, False, False
     for i, char in enumerate(text):
         if char == "`":
-            in_code = not in_code
+            if text[i - 1 : i] != "`":  # a run of backticks (``code``) opens or closes one span
+                in_code = not in_code
         elif in_code:
             continue
         elif char == '"':

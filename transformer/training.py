@@ -491,11 +491,14 @@ def train(
         window = dict(state["window"])
         batcher.load_state_dict(state["loader"])
         _set_rng_state(rng_states[rank])
-        # Drop records written after the checkpoint and an off-grid record of the stop.
+        # Drop records written after the checkpoint and an off-grid record of the stop,
+        # which a run going on past it would not have; a run with no step left to take
+        # ends there, so it keeps that final record as an uninterrupted run would.
+        finished = step >= config.steps
         previous = [
             r
             for r in _read_metrics_until_torn(metrics_path)
-            if r["step"] <= step and (r["step"] % config.log_every == 0)
+            if r["step"] <= step and (r["step"] % config.log_every == 0 or finished)
         ]
         if lead:
             out.mkdir(parents=True, exist_ok=True)

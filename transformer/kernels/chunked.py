@@ -48,15 +48,28 @@ from torch import Tensor
 
 from transformer.attention import reference_attention, register_kernel
 
-__all__ = ["BLOCK_L", "BLOCK_S", "TILE_ELEMENTS", "chunked_attention"]
+__all__ = [
+    "BLOCK_L",
+    "BLOCK_S",
+    "CAUSAL_BLOCK_L",
+    "CAUSAL_BLOCK_S",
+    "TILE_ELEMENTS",
+    "chunked_attention",
+]
 
 #: Default query rows per tile; a module-level setting so tests can change it.
-BLOCK_L = 256
+BLOCK_L = 512
 #: Default key columns per tile.
 BLOCK_S = 512
-#: Scores per tile: slices are grouped until a tile holds about this many (2 MiB in fp32,
-#: a core's L2), so short sequences still get matmuls batched over many slices.
-TILE_ELEMENTS = 1 << 19
+#: Defaults under ``is_causal``: fewer query rows per tile waste less of the diagonal
+#: tiles (their upper triangle is computed, then masked). Both pairs were the fastest
+#: of a sweep on CPU (fp32, B 4, H 8, E 64, L = S = 2048; see benchmarks/README.md).
+CAUSAL_BLOCK_L = 128
+CAUSAL_BLOCK_S = 1024
+#: Scores per tile: slices are grouped until a tile holds about this many (4 MiB in fp32),
+#: so short sequences still get matmuls batched over many slices. Larger tiles mean
+#: fewer Python-level ops per score; 2 and 4 MiB measured alike, 4 MiB better causal.
+TILE_ELEMENTS = 1 << 20
 #: Problems with fewer scores (N * g * L * S) run in the calling thread, where torch's
 #: own threads parallelise each op; larger ones are split over worker threads.
 PARALLEL_MIN_SCORES = 1 << 20
@@ -184,9 +197,8 @@ def _scores(pb: _Problem, unit: _Unit, qb: Tensor, j0: int, j1: int, buf: Tensor
     s = buf[: c * R * w].view(c, R, w)
     k_tile = pb.k[unit.n0 : unit.n1, j0:j1].transpose(1, 2)  # (c, E, w)
     # beta=0: the buffer's old contents are ignored, NaN included.
+    # E = 0 never reaches a tile: chunked_attention sends empty inputs to the reference.
     s.baddbmm_(qb, k_tile, beta=0.0, alpha=pb.scale)  # (c, R, w)
-    if qb.shape[2] == 0:
-        s.zero_()  # an empty dot product is 0 (E = 0)
     s4 = s.view(c, R // n, n, w)  # (c, g, n, w): broadcasts with the mask tile
     if pb.is_causal and j1 - 1 > unit.i0:
         # Query i0 + r may see key j0 + col iff col - r <= i0 - j0.
@@ -202,7 +214,15 @@ def _scores(pb: _Problem, unit: _Unit, qb: Tensor, j0: int, j1: int, buf: Tensor
 
 
 def _forward_units(pb: _Problem, units: list[_Unit], out: Tensor, lse: Tensor) -> None:
-    """Online softmax over the key blocks of each unit; writes its rows of ``out`` and ``lse``."""
+    """Online softmax over the key blocks of each unit; writes its rows of ``out`` and ``lse``.
+
+    Each tile is normalised on its own by ``torch.softmax`` (one fused pass, cheaper than
+    max, subtract, exp and sum as four ops), which leaves it as ``p = exp(s - lse_t)``
+    with the tile's ``lse_t = m_t + log l_t``: ``m_t`` its row max and ``l_t = 1 / max(p)``
+    (the max entry of a softmax is ``exp(0) / l_t``). Tiles are then merged with the
+    running max ``m`` as usual: old sums scale by ``exp(m - m_new)``, the tile's by
+    ``l_t * exp(m_t - m_new)``, applied to ``p @ v`` ``(R, Ev)`` rather than to ``p``.
+    """
     g, E, Ev = pb.q.shape[1], pb.q.shape[3], pb.v.shape[2]
     buf = pb.tile_buffer()
     keep_scale = 1.0 / (1.0 - pb.dropout_p)
@@ -215,16 +235,27 @@ def _forward_units(pb: _Problem, units: list[_Unit], out: Tensor, lse: Tensor) -
         m_use = m
         for kj, j0, j1 in pb.key_blocks(u.i0, u.i1):
             s = _scores(pb, u, qb, j0, j1, buf)
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            m_tile = s.amax(dim=-1, keepdim=True)  # (c, R, 1)
+            p = torch.softmax(s, dim=-1, out=s)  # (c, R, w), normalised within the tile
+            l_tile = p.amax(dim=-1, keepdim=True).reciprocal_()  # sum of exp(s - m_tile)
+            # A row of a visited tile can have no allowed key only under a mask, or under
+            # is_causal in a diagonal tile that starts right of the unit's first query.
+            if pb.mask is not None or (pb.is_causal and j0 > u.i0):
+                # softmax of a row of -inf is NaN; such a row adds nothing.
+                empty_tile = m_tile == _NEG_INF
+                p.masked_fill_(empty_tile, 0.0)
+                l_tile.masked_fill_(empty_tile, 0.0)
+            m_new = torch.maximum(m, m_tile)
             # A row that has seen no allowed key yet keeps max 0, so exp(-inf - 0) = 0.
             m_use = m_new.masked_fill(m_new == _NEG_INF, 0.0)
-            p = s.sub_(m_use).exp_()  # (c, R, w) unnormalised probabilities
             alpha = (m - m_use).exp_()  # rescales what was summed under the old max
-            l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
-            acc.mul_(alpha)
+            beta = (m_tile - m_use).exp_().mul_(l_tile)  # the tile's sum under the new max
+            l.mul_(alpha).add_(beta)
             if pb.dropout_p > 0.0:
                 p.mul_(_keep_mask(p, pb.dropout_p, _tile_seed(pb.seed, u, kj)))
-            acc.baddbmm_(p, pb.v[u.n0 : u.n1, j0:j1], alpha=keep_scale)  # (c, R, Ev)
+                beta.mul_(keep_scale)
+            pv = torch.bmm(p, pb.v[u.n0 : u.n1, j0:j1])  # (c, R, Ev)
+            acc.mul_(alpha).addcmul_(pv, beta)
             m = m_new
         empty = l == 0  # no allowed key in the whole row
         out[u.n0 : u.n1, :, u.i0 : u.i1] = (acc / l.masked_fill(empty, 1.0)).view(c, g, n, Ev)
@@ -499,12 +530,15 @@ def chunked_attention(
     allowed key.
 
     Args:
-        block_l: query rows per tile (default :data:`BLOCK_L`); results do not depend
-            on it beyond rounding (dropout masks do: they are drawn per tile).
-        block_s: key columns per tile (default :data:`BLOCK_S`).
+        block_l: query rows per tile (default :data:`BLOCK_L`, :data:`CAUSAL_BLOCK_L`
+            under ``is_causal``); results do not depend on it beyond rounding (dropout
+            masks do: they are drawn per tile).
+        block_s: key columns per tile (default :data:`BLOCK_S`, :data:`CAUSAL_BLOCK_S`).
     """
-    block_l = BLOCK_L if block_l is None else block_l
-    block_s = BLOCK_S if block_s is None else block_s
+    if block_l is None:
+        block_l = CAUSAL_BLOCK_L if is_causal else BLOCK_L
+    if block_s is None:
+        block_s = CAUSAL_BLOCK_S if is_causal else BLOCK_S
     if block_l < 1 or block_s < 1:
         raise ValueError(f"block_l and block_s must be >= 1, got {block_l} and {block_s}")
     if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
