@@ -59,6 +59,35 @@ def test_every_component_has_a_test_of_each_required_kind() -> None:
 
 
 @spec(kind="property")
+def test_every_component_lists_exactly_the_test_modules_that_hold_its_tests() -> None:
+    """Each test module a component declares in ``COMPONENTS`` is present and holds at least one of its tests, and no module holds tests of a component that does not declare it."""
+    tests = scan_repository()
+    missing = sp.missing_modules(tests)
+    assert not missing, sp.format_missing_modules(missing, sp.coverage_counts(tests))
+    assert sp.undeclared_modules(tests) == {}
+
+
+@spec(kind="property")
+def test_deleting_any_test_module_fails_naming_its_components() -> None:
+    """Removing any one test module of spec_tests/ or property_tests/ makes the matrix checks fail with a message naming every component it tested (and, where it was the only one, the kinds now missing)."""
+    tests = scan_repository()
+    modules = sorted({t.path for t in tests})
+    assert len(modules) > 20, modules
+    for module in modules:
+        rest = [t for t in tests if t.path != module]
+        tested = {t.component for t in tests if t.path == module}
+        missing = sp.missing_modules(rest)
+        assert set(missing) >= tested - {None}, (module, missing)
+        message = sp.format_missing_modules(missing, sp.coverage_counts(rest))
+        assert module in message
+        for component in tested - {None}:
+            assert f"{component}: no tests of it in" in message
+        lacking = sp.missing_kinds(sp.coverage_counts(rest))
+        if lacking:  # the module was the only source of these kinds
+            assert set(lacking) <= tested | {"embeddings"}, (module, lacking)
+
+
+@spec(kind="property")
 def test_every_test_carries_a_valid_spec_tag() -> None:
     """Every test function in spec_tests/ and property_tests/ carries a spec tag whose component, section and kind are all known values."""
     bad = [
@@ -625,3 +654,13 @@ def test_commit_is_the_short_head_hash_marked_when_tracked_files_changed(tmp_pat
     assert sp._git_commit(repo) == head
     (repo / "tracked.txt").write_text("two\n")
     assert sp._git_commit(repo) == f"{head} (with uncommitted changes)"
+
+
+@spec(kind="error")
+def test_a_module_no_component_declares_is_reported_under_its_component(tmp_path: Path) -> None:
+    """Tests of ``feed_forward`` in a module that ``feed_forward`` does not list are reported as undeclared, naming the component and the module."""
+    write_suite(tmp_path, {"test_stray.py": COMPLETE_SUITE["feed_forward"]})
+    tests = sp.scan_tests([tmp_path], relative_to=tmp_path)
+    assert sp.undeclared_modules(tests) == {"feed_forward": ["test_stray.py"]}
+    missing = sp.missing_modules(tests)
+    assert "spec_tests/test_feed_forward.py" in missing["feed_forward"]

@@ -52,12 +52,15 @@ __all__ = [
     "coverage_counts",
     "first_sentence",
     "format_missing",
+    "format_missing_modules",
     "missing_kinds",
+    "missing_modules",
     "render_html",
     "render_markdown",
     "run_spec",
     "scan_tests",
     "tag_problems",
+    "undeclared_modules",
 ]
 
 # ----------------------------------------------------------------------- the vocabulary
@@ -94,6 +97,9 @@ class Component:
     to the reason it does not apply (it is then neither required nor counted missing).
     ``covered_by = (component, section)`` lets the tests of another component in one
     paper section count for this one, for a component that lives inside another module.
+    ``tests`` are the test modules (paths from the repository root) that hold its tests:
+    every one must be there and hold at least one of them (:func:`missing_modules`), so
+    deleting a module is caught even where other modules cover the same kinds.
     """
 
     name: str
@@ -102,6 +108,7 @@ class Component:
     also_required: tuple[str, ...] = ()
     not_applicable: Mapping[str, str] = field(default_factory=dict)
     covered_by: tuple[str, str] | None = None
+    tests: tuple[str, ...] = ()
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -119,55 +126,124 @@ COMPONENTS: tuple[Component, ...] = (
         "Scaled dot-product attention and the kernel registry",
         "transformer/attention.py",
         also_required=("masking", "property"),
+        tests=(
+            "property_tests/test_attention_properties.py",
+            "property_tests/test_hostile_inputs.py",
+            "spec_tests/test_attention.py",
+            "spec_tests/test_compile.py",
+            "spec_tests/test_numerical_robustness.py",
+        ),
     ),
-    Component("chunked_kernel", "Chunked online-softmax kernel", "transformer/kernels/chunked.py"),
     Component(
-        "triton_kernel", "Triton flash-attention kernel", "transformer/kernels/triton_flash.py"
+        "chunked_kernel",
+        "Chunked online-softmax kernel",
+        "transformer/kernels/chunked.py",
+        tests=("spec_tests/test_chunked_kernel.py",),
     ),
     Component(
-        "multi_head_attention", "Multi-head attention", "transformer/multi_head_attention.py"
+        "triton_kernel",
+        "Triton flash-attention kernel",
+        "transformer/kernels/triton_flash.py",
+        tests=("spec_tests/test_triton_kernel.py",),
+    ),
+    Component(
+        "multi_head_attention",
+        "Multi-head attention",
+        "transformer/multi_head_attention.py",
+        tests=(
+            "property_tests/test_hostile_inputs.py",
+            "spec_tests/test_compile.py",
+            "spec_tests/test_multi_head_attention.py",
+            "spec_tests/test_numerical_robustness.py",
+        ),
     ),
     Component(
         "feed_forward",
         "Position-wise feed-forward network",
         "transformer/feed_forward.py",
         not_applicable={"masking": f"{_NO_MASK} (§3.3)"},
+        tests=("property_tests/test_hostile_inputs.py", "spec_tests/test_feed_forward.py"),
     ),
     Component(
         "positional",
         "Sinusoidal positional encoding",
         "transformer/positional.py",
         not_applicable={"masking": f"{_NO_MASK}, adding a fixed table (§3.5)"},
+        tests=("property_tests/test_hostile_inputs.py", "spec_tests/test_positional.py"),
     ),
     Component(
         "embeddings",
         "Embeddings, sqrt(d_model) scaling and the tied pre-softmax projection",
         "transformer/model.py",
         covered_by=("model", "3.4"),
+        tests=("spec_tests/test_model.py",),
     ),
     Component(
         "layers",
         "Encoder/decoder layers and stacks, nn.Transformer",
         "transformer/layers.py",
         also_required=("masking", "property"),
+        tests=(
+            "property_tests/test_hostile_inputs.py",
+            "property_tests/test_layers_properties.py",
+            "spec_tests/test_layers.py",
+            "spec_tests/test_numerical_robustness.py",
+        ),
     ),
-    Component("model", "Seq2SeqTransformer and ModelConfig", "transformer/model.py"),
-    Component("generation", "Greedy decoding and beam search", "transformer/generate.py"),
+    Component(
+        "model",
+        "Seq2SeqTransformer and ModelConfig",
+        "transformer/model.py",
+        tests=(
+            "property_tests/test_hostile_inputs.py",
+            "spec_tests/test_compile.py",
+            "spec_tests/test_model.py",
+            "spec_tests/test_numerical_robustness.py",
+        ),
+    ),
+    Component(
+        "generation",
+        "Greedy decoding and beam search",
+        "transformer/generate.py",
+        tests=(
+            "property_tests/test_generation_properties.py",
+            "property_tests/test_hostile_inputs.py",
+            "spec_tests/test_generation.py",
+        ),
+    ),
     Component(
         "checkpoint",
         "Checkpoints",
         "transformer/checkpoint.py",
         not_applicable={"masking": "stores and restores tensors; computes no attention"},
+        tests=(
+            "property_tests/test_hostile_inputs.py",
+            "spec_tests/test_checkpoint.py",
+            "spec_tests/test_goals.py",
+        ),
     ),
-    Component("data", "Tasks, tokenizer and batching", "transformer/data.py"),
     Component(
-        "training", "Training recipe: Adam, schedule, label smoothing", "transformer/training.py"
+        "data",
+        "Tasks, tokenizer and batching",
+        "transformer/data.py",
+        tests=(
+            "property_tests/test_data_properties.py",
+            "spec_tests/test_data.py",
+            "spec_tests/test_tokenizer.py",
+        ),
+    ),
+    Component(
+        "training",
+        "Training recipe: Adam, schedule, label smoothing",
+        "transformer/training.py",
+        tests=("spec_tests/test_goals.py", "spec_tests/test_training.py"),
     ),
     Component(
         "cli",
         "The `transformer` command",
         "transformer/cli.py",
         not_applicable={"masking": "parses arguments and calls the library, which masks"},
+        tests=("spec_tests/test_cli.py", "spec_tests/test_goals.py"),
     ),
     Component(
         "bench",
@@ -178,12 +254,14 @@ COMPONENTS: tuple[Component, ...] = (
             "to their references by the attention suites",
             "masking": "times the kernels; their masking is pinned by the attention suites",
         },
+        tests=("spec_tests/test_bench.py",),
     ),
     Component(
         "specification",
         "This document and its coverage matrix",
         "transformer/specification.py",
         not_applicable={"masking": "renders test records; computes no attention"},
+        tests=("spec_tests/test_specification.py",),
     ),
 )
 COMPONENT_BY_NAME: dict[str, Component] = {c.name: c for c in COMPONENTS}
@@ -334,11 +412,7 @@ def coverage_counts(tests: Iterable[Tagged]) -> dict[str, Counter[str]]:
     counts: dict[str, Counter[str]] = {c.name: Counter() for c in COMPONENTS}
     for component in COMPONENTS:
         for test in tests:
-            own = test.component == component.name
-            via = component.covered_by is not None and (
-                (test.component, test.section) == component.covered_by
-            )
-            if (own or via) and test.kind in KINDS:
+            if _counts_for(component, test) and test.kind in KINDS:
                 counts[component.name][test.kind] += 1
     return counts
 
@@ -352,6 +426,57 @@ def missing_kinds(counts: Mapping[str, Counter[str]]) -> dict[str, list[str]]:
         if lacking:
             missing[component.name] = lacking
     return missing
+
+
+def _counts_for(component: Component, test: Tagged) -> bool:
+    """Does ``test`` count for ``component`` (its own tag, or via ``covered_by``)?"""
+    own = test.component == component.name
+    via = component.covered_by is not None and (
+        (test.component, test.section) == component.covered_by
+    )
+    return own or via
+
+
+def missing_modules(tests: Iterable[ScannedTest]) -> dict[str, list[str]]:
+    """Component name -> the declared test modules that hold none of its tests.
+
+    A module that was deleted (or lost its tags) appears here even when the remaining
+    modules still cover every required kind of the component.
+    """
+    tests = list(tests)
+    missing = {}
+    for component in COMPONENTS:
+        holders = {t.path for t in tests if _counts_for(component, t)}
+        gone = [m for m in component.tests if m not in holders]
+        if gone:
+            missing[component.name] = gone
+    return missing
+
+
+def undeclared_modules(tests: Iterable[ScannedTest]) -> dict[str, list[str]]:
+    """Component name -> modules holding its tests that its ``tests`` does not list."""
+    tests = list(tests)
+    extra = {}
+    for component in COMPONENTS:
+        holders = {t.path for t in tests if t.component == component.name}
+        unlisted = sorted(holders - set(component.tests))
+        if unlisted:
+            extra[component.name] = unlisted
+    return extra
+
+
+def format_missing_modules(
+    missing: Mapping[str, Sequence[str]], have: Mapping[str, Counter[str]]
+) -> str:
+    """One line per component: its absent modules and the kinds it still has tests of."""
+    lines = []
+    for name, modules in missing.items():
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(have.get(name, Counter()).items()))
+        lines.append(
+            f"{name}: no tests of it in {', '.join(modules)} (deleted or untagged?); "
+            f"kinds still covered: {kinds or 'none'}"
+        )
+    return "\n".join(lines)
 
 
 def format_missing(missing: Mapping[str, Sequence[str]]) -> str:
