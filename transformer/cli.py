@@ -16,9 +16,9 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 __all__ = ["build_parser", "main"]
 
@@ -68,62 +68,41 @@ class CLIError(Exception):
     """A user mistake the command reports in one line."""
 
 
+_Number = TypeVar("_Number", int, float)
+
+
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _checked_number(
+    convert: Callable[[str], _Number], ok: Callable[[_Number], bool], what: str
+) -> Callable[[str], _Number]:
+    """An argparse ``type``: ``convert(text)`` if it parses and passes ``ok``, else an error."""
+
+    def parse(text: str) -> _Number:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
-    return value
+_positive_int = _checked_number(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _checked_number(int, lambda v: v >= 0, "a non-negative integer")
+_positive_float = _checked_number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+_non_negative_float = _checked_number(
+    float, lambda v: v >= 0 and math.isfinite(v), "a non-negative number"
+)
+_fraction = _checked_number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
 
 def _default(name: str, what: str) -> str:
     return f"{what} (default {DEFAULT_TRAIN[name]}, or the checkpoint's on --resume)"
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
-    return value
 
 
 # --------------------------------------------------------------------------- shared pieces

@@ -256,10 +256,10 @@ class CachedDecoder:
         N, T = prefix.shape
         # The newest position only, embedded as decode() embeds it at position T - 1.
         x = model.embed(prefix[:, -1:], model.tgt_embedding, offset=T - 1)  # (N, 1, E)
-        masks = model.masks(self.src, prefix)
-        # The newest query may see every earlier key (the last row of the causal mask
-        # allows all T), so only the target padding remains: (N, 1, 1, T).
-        self_mask = merge_module_masks(None, masks.tgt_key_padding, N, self.nhead, 1, T, x.dtype)
+        # The newest query may see every earlier key (the last row of the causal mask of
+        # model.masks allows all T), so only the target padding remains: (N, 1, 1, T).
+        padding = model.key_padding(prefix)  # (N, T)
+        self_mask = merge_module_masks(None, padding, N, self.nhead, 1, T, x.dtype)
         for i, layer in enumerate(self.layers):
             if layer.norm_first:
                 x = x + self._self_attention(i, layer.self_attn, layer.norm1(x), self_mask)

@@ -292,15 +292,19 @@ class Seq2SeqTransformer(nn.Module):
         ``src`` ``(B, S)``; ``tgt_in`` ``(B, L)`` or ``None`` (encoder only: target masks
         are then empty ``(B, 0)`` and ``(0, 0)``).
         """
-        src_key_padding = src == self.pad_id  # (B, S)
+        src_key_padding = self.key_padding(src)  # (B, S)
         L = 0 if tgt_in is None else tgt_in.size(1)
         tgt_key_padding = (
             src.new_zeros((src.size(0), 0), dtype=torch.bool)
             if tgt_in is None
-            else tgt_in == self.pad_id
+            else self.key_padding(tgt_in)
         )  # (B, L)
         tgt_causal = torch.ones(L, L, dtype=torch.bool, device=src.device).triu(1)  # (L, L)
         return Masks(src_key_padding, tgt_key_padding, tgt_causal)
+
+    def key_padding(self, ids: Tensor) -> Tensor:
+        """``(B, T)`` bool, True at ``pad_id``: the key padding rule of :meth:`masks`."""
+        return ids == self.pad_id
 
     def embed(self, ids: Tensor, embedding: nn.Embedding, offset: int = 0) -> Tensor:
         """``dropout(embedding(ids) * sqrt(d_model) + PE)``: ``(B, T) -> (B, T, E)`` (3.4, 3.5).
