@@ -122,6 +122,20 @@ def test_bench_cli_cuda_without_cuda_exits_2(capsys: pytest.CaptureFixture[str])
     assert code == 2 and "CUDA is not available" in err and len(err.splitlines()) == 1
 
 
+@spec(kind="error")
+def test_bench_compile_without_triton_exits_2_saying_it_is_needed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``transformer bench compile`` where triton cannot be imported prints one error line saying it needs triton and exits with code 2 (the report itself is tested in test_triton_offline.py)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    code = main(["bench", "compile", "--head-dims", "64", "--configs", "smallest"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "bench compile: error: compile_offline needs triton installed" in err
+
+
 @spec(kind="shape")
 def test_bench_cli_runs_and_writes_report(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -591,7 +591,8 @@ def test_run_spec_runs_pytest_and_writes_markdown_and_html(
     assert status == pytest.ExitCode.TESTS_FAILED  # test_bad_size_raises fails on purpose
     markdown = (pytester.path / "docs" / "specification.md").read_text(encoding="utf-8")
     page = (pytester.path / "docs" / "specification.html").read_text(encoding="utf-8")
-    assert "| pytest arguments | `-m 'not slow and not triton' -p no:cacheprovider " in markdown
+    default_selection = "-m 'not slow and not triton and not triton_offline'"
+    assert f"| pytest arguments | `{default_selection} -p no:cacheprovider " in markdown
     assert "| commit | `unknown (not a git checkout)` |" in markdown
     for statement in (
         "Output has the input's shape (§3.3).",

@@ -448,6 +448,26 @@ def add_bench_parser(subparsers: Any) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="write JSON and PNG here")
     p.set_defaults(func=_cmd_bench_attention)
 
+    c = sub.add_parser(
+        "compile",
+        help="compile the triton kernel for a GPU (none needed) and report its costs",
+        description="Offline: compile the triton kernel's forward and backward kernels "
+        "with every autotune config for an NVIDIA target, and report shared memory "
+        "(against the target's limit), registers, spills and whether the matmuls use "
+        "tensor cores. Static facts, nothing is timed. Needs triton and "
+        "TRITON_INTERPRET unset; no GPU.",
+    )
+    c.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90)")
+    c.add_argument("--dtypes", type=_csv(str), nargs="+", help="fp16 bf16 fp32 fp64 (default bf16)")
+    c.add_argument("--head-dims", type=_csv(int), nargs="+", help="E values (default 64 128)")
+    c.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    c.add_argument("--seq-len", type=int, default=4096, help="L = S (default 4096)")
+    c.add_argument("--batch", type=int, default=4, help="B (default 4)")
+    c.add_argument("--heads", type=int, default=8, help="H (default 8)")
+    c.add_argument("--configs", choices=("all", "smallest"), default="all")
+    c.add_argument("--out", default=None, metavar="DIR", help="write JSON here")
+    c.set_defaults(func=_cmd_bench_compile)
+
 
 def _cmd_bench_attention(args: argparse.Namespace) -> int:
     causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
@@ -467,5 +487,27 @@ def _cmd_bench_attention(args: argparse.Namespace) -> int:
         )
     except BenchError as err:
         print(f"transformer bench attention: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_bench_compile(args: argparse.Namespace) -> int:
+    from transformer.kernels.triton_offline import OfflineCompileError, compile_report
+
+    causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    try:
+        compile_report(
+            arch=args.arch,
+            dtypes=_flatten(args.dtypes) or ("bf16",),
+            head_dims=_flatten(args.head_dims) or (64, 128),
+            causal=causal,
+            seq_len=args.seq_len,
+            batch=args.batch,
+            heads=args.heads,
+            configs=args.configs,
+            out=args.out,
+        )
+    except (ValueError, OfflineCompileError) as err:
+        print(f"transformer bench compile: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -147,6 +147,13 @@ COMPONENTS: tuple[Component, ...] = (
         tests=("spec_tests/test_triton_kernel.py",),
     ),
     Component(
+        "triton_offline",
+        "The Triton kernel compiled for GPU targets, offline",
+        "transformer/kernels/triton_offline.py",
+        also_required=("masking", "property"),
+        tests=("spec_tests/test_triton_offline.py",),
+    ),
+    Component(
         "multi_head_attention",
         "Multi-head attention",
         "transformer/multi_head_attention.py",
@@ -267,7 +274,7 @@ COMPONENTS: tuple[Component, ...] = (
 COMPONENT_BY_NAME: dict[str, Component] = {c.name: c for c in COMPONENTS}
 
 # The default selection of `transformer spec`, the default suite's (see tox.ini).
-DEFAULT_MARK_EXPRESSION = "not slow and not triton"
+DEFAULT_MARK_EXPRESSION = "not slow and not triton and not triton_offline"
 
 
 def tag_problems(component: object, section: object, kind: object) -> list[str]:
@@ -1054,7 +1061,7 @@ def run_spec(pytest_args: Sequence[str], out_dir: Path) -> int:
     """Run pytest with :class:`SpecRecorder`, write the documents; return pytest's status.
 
     Without a ``-m`` among ``pytest_args`` the default suite's selection
-    (``-m "not slow and not triton"``) is used; deselected tests are listed as not run.
+    (:data:`DEFAULT_MARK_EXPRESSION`) is used; deselected tests are listed as not run.
     The documents are written even when tests fail, showing which.
     """
     try:

@@ -684,9 +684,11 @@ def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     ]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Configs too big for a GPU's shared memory
-# (e.g. fp32 at head dim 128) fail to compile and are dropped by the autotuner; the
-# 32 x 32 ones fit everywhere.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), for fp16/bf16, whose dots run on tensor cores
+# (wgmma on sm_90, mma on sm_80). The last one, 32 x 32, is the fallback that fits every
+# head dim on sm_80 and sm_90; bigger ones that do not fit a GPU (e.g. at head dim 256)
+# fail at launch and the autotuner drops them. `transformer bench compile` reports each
+# config's shared memory, registers and spills, without a GPU.
 FWD_CONFIGS = _configs(
     [
         (128, 64, 4, 3),
@@ -716,10 +718,38 @@ BWD_DQ_CONFIGS = _configs(
         (32, 32, 4, 2),
     ]
 )
+# fp32 (IEEE products) and fp64 dots have no fast tensor-core path (fp32 runs on FMA
+# units, fp64 on fp64 MMA): the tiles above gain nothing there, spill up to tens of KB
+# of registers, take minutes to compile and, in fp64 at head dim 256, fit no GPU's
+# shared memory. These small tiles, single-stage where memory is tight, are their whole
+# list; 16 x 16 in one stage fits every head dim up to 256 on sm_80 and sm_90.
+FULL_PRECISION_CONFIGS = _configs([(32, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)])
 
-attn_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd)
-attn_bwd_dkdv_tuned = triton.autotune(BWD_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv)
-attn_bwd_dq_tuned = triton.autotune(BWD_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq)
+TENSOR_CORE_CONFIGS = {
+    "attn_fwd": FWD_CONFIGS,
+    "attn_bwd_dkdv": BWD_DKDV_CONFIGS,
+    "attn_bwd_dq": BWD_DQ_CONFIGS,
+}
+
+
+def _tuned(kernel: str, fn):
+    # One autotuner holds both lists (its cache key includes the dtypes); triton's
+    # early_config_prune hook, handed the configs in the order given, keeps the
+    # tensor-core head or the full-precision tail for each call's dot precision.
+    head = TENSOR_CORE_CONFIGS[kernel]
+
+    def prune(configs, named_args, **meta):
+        return configs[len(head) :] if meta["PRECISION"] == "ieee" else configs[: len(head)]
+
+    configs = head + FULL_PRECISION_CONFIGS
+    return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(
+        fn
+    )
+
+
+attn_fwd_tuned = _tuned("attn_fwd", _attn_fwd)
+attn_bwd_dkdv_tuned = _tuned("attn_bwd_dkdv", _attn_bwd_dkdv)
+attn_bwd_dq_tuned = _tuned("attn_bwd_dq", _attn_bwd_dq)
 
 attn_fwd = _attn_fwd
 attn_bwd_dkdv = _attn_bwd_dkdv

@@ -57,6 +57,8 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 # Tile sizes under the interpreter: small tiles keep NumPy fast and still exercise
 # multi-block loops and ragged edges at test sizes.
 _INTERPRET_BLOCK = 16
+#: Rows per program of the backward pre-pass (``delta = rowsum(dO * O)``) on a GPU.
+PREPROCESS_BLOCK = 64
 _LOG2E = math.log2(math.e)
 
 
@@ -146,6 +148,9 @@ class _Problem:
         # A bool mask is read as bytes: same storage, a dtype every triton version loads.
         is_bool = mask is not None and mask.dtype == torch.bool
         self.mask = mask.view(torch.uint8) if mask is not None and is_bool else mask
+        # When a list, launches are recorded as (kernel name, args, meta) instead of run:
+        # how transformer.kernels.triton_offline compiles exactly what a launch would.
+        self.recorded: list[tuple[str, tuple[Any, ...], dict[str, Any]]] | None = None
 
     def launch(self, name: str, rows: int, *args: Any, **extra: Any) -> None:
         """Run kernel ``name`` over ``ceil(rows / BLOCK) * heads`` programs.
@@ -154,8 +159,11 @@ class _Problem:
         autotuned kernel, the grid computed from whichever tile it picks. ``extra`` adds
         kernel-specific compile-time switches to :attr:`meta`.
         """
-        k = _kernels()
         meta = {**self.meta, **extra}
+        if self.recorded is not None:
+            self.recorded.append((name, args, meta))
+            return
+        k = _kernels()
         heads = self.Bo * (self.H // self.group if name == "attn_bwd_dkdv" else self.H)
         tile = "BLOCK_N" if name == "attn_bwd_dkdv" else "BLOCK_M"
         if _interpreting():
@@ -199,13 +207,17 @@ class _Problem:
         ``(Bo, Hq, L, S)`` in the accumulator dtype.
         """
         delta = torch.empty_like(lse)
-        k_mod = _kernels()
-        pre_block = _INTERPRET_BLOCK if _interpreting() else 64
-        k_mod.bwd_preprocess[(math.ceil(self.L / pre_block) * self.Bo * self.H,)](
-            out, dout, delta, *_strides4(out), *_strides4(dout), self.H, self.L,
-            EV=self.Ev, BLOCK_EV=self.meta["BLOCK_EV"], ACC_DTYPE=self.meta["ACC_DTYPE"],
-            BLOCK_M=pre_block,
-        )  # fmt: skip
+        pre_block = _INTERPRET_BLOCK if _interpreting() else PREPROCESS_BLOCK
+        pre_args = (out, dout, delta, *_strides4(out), *_strides4(dout), self.H, self.L)
+        pre_meta = {
+            "EV": self.Ev, "BLOCK_EV": self.meta["BLOCK_EV"],
+            "ACC_DTYPE": self.meta["ACC_DTYPE"], "BLOCK_M": pre_block,
+        }  # fmt: skip
+        if self.recorded is not None:
+            self.recorded.append(("bwd_preprocess", pre_args, pre_meta))
+        else:
+            grid = (math.ceil(self.L / pre_block) * self.Bo * self.H,)
+            _kernels().bwd_preprocess[grid](*pre_args, **pre_meta)
         mask = q if self.mask is None else self.mask
         common = (
             *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(self.mask), *_strides4(dout),
@@ -321,6 +333,48 @@ def _check_supported(query: Tensor, key: Tensor, value: Tensor) -> None:
             )
 
 
+def _folded(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, enable_gqa: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, tuple[int, ...]] | None:
+    """The kernels' 4-D operands ``(q4, k4, v4, mask4, batch)``, or ``None`` if empty.
+
+    Shapes: ``q4 (Bo, Hq, L, E)``, ``k4 (Bo, Hk, S, E)``, ``v4 (Bo, Hk, S, Ev)``,
+    ``mask4 (Bo, Hq, L, S)`` or ``None``; ``batch`` is the broadcast batch shape of the
+    output ``(..., L, Ev)``. ``None`` when there is nothing to tile (a zero size).
+
+    Raises:
+        ValueError: an unsupported dtype, or a head dim above :data:`MAX_HEAD_DIM`.
+    """
+    L, S, E, Ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
+    if enable_gqa:
+        h_q, h_k = query.size(-3), key.size(-3)
+        outer = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        batch = (*outer, h_q)
+    else:
+        batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        h_q = h_k = batch[-1] if batch else 1
+        outer = batch[:-1]
+    if 0 in (L, S, E, Ev) or math.prod(batch) == 0:
+        return None
+    _check_supported(query, key, value)
+
+    # Broadcast the batch dims (autograd sums the gradients back) and fold everything left
+    # of the heads dim into one: a view whenever the strides allow it.
+    q4 = query.expand(*outer, h_q, L, E).reshape(-1, h_q, L, E)  # (Bo, Hq, L, E)
+    k4 = key.expand(*outer, h_k, S, E).reshape(-1, h_k, S, E)  # (Bo, Hk, S, E)
+    v4 = value.expand(*outer, h_k, S, Ev).reshape(-1, h_k, S, Ev)  # (Bo, Hk, S, Ev)
+    if attn_mask is not None and attn_mask.dtype == torch.bool and query.dtype == torch.float64:
+        # triton 3.6 fails to compile a bool-mask tile beside fp64 dots (sm_90); the same
+        # mask as 0 / -inf added to the scores compiles with every supported version.
+        additive = torch.zeros(attn_mask.shape, dtype=torch.float64, device=attn_mask.device)
+        attn_mask = additive.masked_fill_(~attn_mask, float("-inf"))
+    mask4 = None
+    if attn_mask is not None:
+        # Not detached: a float mask that requires grad gets dS, summed back by autograd.
+        mask4 = attn_mask.expand(*batch, L, S).reshape(-1, h_q, L, S)  # (Bo, Hq, L, S)
+    return q4, k4, v4, mask4, tuple(batch)
+
+
 def triton_attention(
     query: Tensor,
     key: Tensor,
@@ -344,35 +398,13 @@ def triton_attention(
     Raises:
         ValueError: an unsupported dtype, or a head dim above :data:`MAX_HEAD_DIM`.
     """
-    L, S, E, Ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
-    if enable_gqa:
-        h_q, h_k = query.size(-3), key.size(-3)
-        outer = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
-        batch = (*outer, h_q)
-    else:
-        batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
-        h_q = h_k = batch[-1] if batch else 1
-        outer = batch[:-1]
-    if 0 in (L, S, E, Ev) or math.prod(batch) == 0:
+    folded = _folded(query, key, value, attn_mask, enable_gqa)
+    if folded is None:
         return reference_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         )
-    _check_supported(query, key, value)
-
-    # Broadcast the batch dims (autograd sums the gradients back) and fold everything left
-    # of the heads dim into one: a view whenever the strides allow it.
-    q4 = query.expand(*outer, h_q, L, E).reshape(-1, h_q, L, E)  # (Bo, Hq, L, E)
-    k4 = key.expand(*outer, h_k, S, E).reshape(-1, h_k, S, E)  # (Bo, Hk, S, E)
-    v4 = value.expand(*outer, h_k, S, Ev).reshape(-1, h_k, S, Ev)  # (Bo, Hk, S, Ev)
-    if attn_mask is not None and attn_mask.dtype == torch.bool and query.dtype == torch.float64:
-        # triton 3.6 fails to compile a bool-mask tile beside fp64 dots (sm_90); the same
-        # mask as 0 / -inf added to the scores compiles with every supported version.
-        additive = torch.zeros(attn_mask.shape, dtype=torch.float64, device=attn_mask.device)
-        attn_mask = additive.masked_fill_(~attn_mask, float("-inf"))
-    mask4 = None
-    if attn_mask is not None:
-        # Not detached: a float mask that requires grad gets dS, summed back by autograd.
-        mask4 = attn_mask.expand(*batch, L, S).reshape(-1, h_q, L, S)  # (Bo, Hq, L, S)
+    q4, k4, v4, mask4, batch = folded
+    L, E, Ev = query.size(-2), query.size(-1), value.size(-1)
     sm_scale = 1.0 / math.sqrt(E) if scale is None else scale
     seed = _new_seed() if dropout_p > 0.0 else 0
     out = _FlashAttention.apply(q4, k4, v4, mask4, dropout_p, is_causal, sm_scale, seed)
