@@ -40,40 +40,18 @@ from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
+try:
+    import transformer  # noqa: F401
+except ImportError:  # run from a checkout without an install
+    sys.path.insert(0, str(REPO))
+# The GPUs' bf16 peaks are kept in one table, the bench command's.
+from transformer.bench import peak_tflops  # noqa: E402
+
 # Where the tensors live; a module constant so a dry run can point it elsewhere.
 DEVICE = "cuda"
 
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets,
-# matched against torch.cuda.get_device_name() in order (first match wins).
-PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
-    ("GH200", 989.4),
-    ("H200", 989.4),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.4),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
-    ("H800", 989.4),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.1),
-    ("L40", 181.0),
-    ("L4", 121.0),
-    ("A10G", 70.0),
-    ("A10", 125.0),
-    ("RTX 4090", 165.2),
-    ("RTX 3090", 71.0),
-]
-
 MODES = ("fwd", "bwd", "fwd+bwd")
 PROVIDERS = ("triton", "torch-flash", "torch-efficient", "torch-cudnn", "torch-math")
-
-
-def peak_tflops(name: str) -> float | None:
-    """Dense bf16 peak of the GPU called ``name``, or ``None`` when it is not in the table."""
-    for pattern, peak in PEAK_BF16_TFLOPS:
-        if pattern.lower() in name.lower():
-            return peak
-    return None
 
 
 def attention_flops(batch_heads: int, L: int, S: int, D: int, causal: bool, mode: str) -> float:
@@ -209,11 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("cuda_flash_bench: triton is not installed; pip install triton", file=sys.stderr)
         return 2
-    try:
-        import transformer  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(REPO))  # run from a checkout without an install
-
     name = torch.cuda.get_device_name()
     peak = args.peak_tflops or peak_tflops(name)
     dtype = torch.bfloat16

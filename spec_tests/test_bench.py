@@ -32,6 +32,7 @@ ROW_FIELDS = {
     "median_ms",
     "times_ms",
     "gflops",
+    "percent_of_peak",
     "ratio_to_torch_sdpa",
     "peak_memory_mib",
     "skipped",
@@ -40,7 +41,7 @@ ROW_FIELDS = {
 
 @spec(kind="shape")
 def test_bench_writes_json_report_and_plot_with_every_kernel_row(tmp_path: Path) -> None:
-    """run_attention_bench writes attention-cpu.json (device, torch version, hardware, config, one row per kernel x dtype x length x causal x mode) and a PNG plot."""
+    """run_attention_bench writes attention-cpu.json (device, torch version, hardware, config, one row per kernel x dtype x length x causal x mode, the modes fwd, bwd and fwd+bwd) and a PNG plot."""
     sizes = {**TINY, "seq_lens": (16,), "repeats": 1}
     report = run_attention_bench(dtypes=("fp32",), out=str(tmp_path), log=None, **sizes)
     written = json.loads((tmp_path / "attention-cpu.json").read_text())
@@ -52,12 +53,14 @@ def test_bench_writes_json_report_and_plot_with_every_kernel_row(tmp_path: Path)
     kernels = {r["kernel"] for r in written["rows"]}
     assert {"chunked", "reference", "torch-sdpa", "torch-mha"} <= kernels
     combos = {(r["kernel"], r["seq_len"], r["causal"], r["mode"]) for r in written["rows"]}
-    assert len(combos) == len(written["rows"]) == len(kernels) * 1 * 2 * 2
+    assert len(combos) == len(written["rows"]) == len(kernels) * 1 * 2 * 3
+    assert {r["mode"] for r in written["rows"]} == {"fwd", "bwd", "fwd+bwd"}
     for row in written["rows"]:
         assert set(row) == ROW_FIELDS
         assert row["skipped"] is None, row
         assert len(row["times_ms"]) == sizes["repeats"]
         assert row["median_ms"] > 0 and row["gflops"] > 0 and row["peak_memory_mib"] >= 0
+        assert row["percent_of_peak"] is None  # no peak is known for a CPU
         if row["kernel"] == "torch-sdpa":
             assert row["ratio_to_torch_sdpa"] == 1.0
 
@@ -96,7 +99,7 @@ def test_bench_rejects_unknown_kernel_naming_it() -> None:
     [
         (["--kernels", "no-such"], "unknown kernel"),
         (["--dtypes", "fp8"], "unknown dtype"),
-        (["--modes", "bwd"], "unknown mode"),
+        (["--modes", "backward"], "unknown mode"),
         (["--batch", "0"], "batch=0"),
     ],
 )
@@ -291,3 +294,76 @@ def test_bench_on_cuda_reports_the_gpu_and_its_allocator_peak() -> None:
     for row in report["rows"]:
         assert row["skipped"] is None and row["median_ms"] > 0, row
         assert row["peak_memory_mib"] > 0, row  # the reference's (L, S) scores at least
+
+
+@spec(kind="property")
+def test_bwd_mode_runs_the_backward_alone_over_one_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Mode "bwd" runs the candidate's forward once, when the closure is built, and each call only its backward (so backward time is not forward + backward); "fwd+bwd" runs one forward per call."""
+    monkeypatch.setattr(attention, "_KERNELS", dict(attention._KERNELS))
+    forwards: list[int] = []
+
+    def counting(query, key, value, **kwargs):  # type: ignore[no-untyped-def]
+        forwards.append(1)
+        return attention.reference_attention(query, key, value, **kwargs)
+
+    attention.register_kernel("counting", counting)
+    sizes = {"batch": 1, "heads": 2, "head_dim": 8, "seq_len": 16}
+    backward_only = bench.make_attention_call("counting", mode="bwd", **sizes)
+    assert len(forwards) == 1
+    for _ in range(3):
+        backward_only()  # repeats over the retained graph
+    assert len(forwards) == 1
+    both = bench.make_attention_call("counting", mode="fwd+bwd", **sizes)
+    assert len(forwards) == 1  # building the closure runs nothing
+    for _ in range(3):
+        both()
+    assert len(forwards) == 4
+    with pytest.raises(ValueError, match=r"mode must be one of .*got 'backward'"):
+        bench.make_attention_call("counting", mode="backward", **sizes)
+
+
+@spec(kind="shape")
+def test_sdpa_backends_are_pinned_one_by_one_and_refusals_are_skipped() -> None:
+    """The torch-sdpa-<backend> candidates run torch SDPA restricted to one backend each: on the CPU the math backend is measured, while the efficient and cuDNN backends, which have no CPU implementation, are reported as skipped with torch's error."""
+    backends = ("torch-sdpa-math", "torch-sdpa-efficient", "torch-sdpa-cudnn")
+    report = run_attention_bench(
+        kernels=backends, dtypes=("fp32",), modes=("fwd",), causal=(False,), log=None, **TINY
+    )
+    rows = {(r["kernel"], r["seq_len"]): r for r in report["rows"]}
+    for L in TINY["seq_lens"]:
+        assert rows[("torch-sdpa-math", L)]["median_ms"] > 0
+        for refused in ("torch-sdpa-efficient", "torch-sdpa-cudnn"):
+            assert rows[(refused, L)]["skipped"].startswith("error: "), rows[(refused, L)]
+    assert {r["kernel"] for r in report["rows"]} == {*backends, "torch-sdpa"}
+    default = bench._candidates(bench.BenchConfig(device="cpu"))
+    assert not set(default) & set(bench.SDPA_BACKENDS)  # pinned backends only when asked on CPU
+
+
+@spec(kind="property")
+def test_percent_of_peak_is_the_achieved_share_of_the_given_peak(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With ``--peak-tflops P`` every measured row reports ``100 * achieved / P`` percent (GFLOP/s against P TFLOP/s), shown in the table's "% peak" column; a peak that is not positive exits 2."""
+    report = run_attention_bench(
+        kernels=("reference",), dtypes=("fp32",), modes=("fwd",), peak_tflops=0.5, log=None,
+        **TINY,
+    )  # fmt: skip
+    for row in report["rows"]:
+        assert row["percent_of_peak"] == pytest.approx(100 * row["gflops"] / 500.0)
+    assert report["peak_tflops"] == 0.5
+    assert "% peak" in format_table(report)
+    code = main(["bench", "attention", "--seq-lens", "8", "--peak-tflops", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--peak-tflops must be > 0, got 0.0" in err
+
+
+@spec(kind="property")
+def test_peak_table_matches_gpu_names_most_specific_first() -> None:
+    """The bf16 peak comes from the first table entry whose name occurs in the GPU's name, so an "H100 PCIe" is not taken for the SXM part, and unknown GPUs have no peak."""
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert bench.peak_tflops("NVIDIA H200") == 989.4
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.peak_tflops("Some Future GPU") is None

@@ -1,15 +1,20 @@
 """``transformer bench attention``: the attention kernels timed side by side (SPEC §7).
 
 Every registered kernel (through :func:`transformer.scaled_dot_product_attention`),
-torch's own ``F.scaled_dot_product_attention`` ("torch-sdpa") and
-``torch.nn.MultiheadAttention`` ("torch-mha", which adds its input and output
-projections) are measured interleaved in one process: each repeat runs every
-candidate once, in turn, so machine noise hits them alike. Reported per row: median
-time, GFLOP/s, the ratio to torch SDPA and the peak memory.
+torch's own ``F.scaled_dot_product_attention`` ("torch-sdpa", torch's own choice of
+backend; on CUDA also pinned to each backend: "torch-sdpa-flash", "-efficient",
+"-cudnn", "-math") and ``torch.nn.MultiheadAttention`` ("torch-mha", which adds its
+input and output projections) are measured interleaved in one process: each repeat
+runs every candidate once, in turn, so machine noise hits them alike. Modes: "fwd",
+"bwd" (the backward pass alone, over a graph built once) and "fwd+bwd". Reported per
+row: median time, GFLOP/s, the percentage of the device's peak (CUDA fp16/bf16, from
+:data:`PEAK_BF16_TFLOPS`, or ``--peak-tflops``), the ratio to torch SDPA and the peak
+memory. A candidate that refuses a combination (a backend that does not support it)
+is reported as skipped with its error.
 
 FLOPs follow FlashAttention-2's count: forward ``4 * B * H * L * S * E`` (the two
-matmuls ``QK^T`` and ``PV``), halved under ``is_causal``; backward 2.5x forward, so
-forward + backward is 3.5x.
+matmuls ``QK^T`` and ``PV``), halved under ``is_causal``; backward 2.5x forward (five
+matmuls), so forward + backward is 3.5x.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` beyond the inputs; on CPU the
 peak of the bytes held by the CPU allocator during one run, recorded with
@@ -35,11 +40,57 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BenchConfig", "add_bench_parser", "run_attention_bench"]
+__all__ = [
+    "PEAK_BF16_TFLOPS",
+    "BenchConfig",
+    "add_bench_parser",
+    "make_attention_call",
+    "peak_tflops",
+    "run_attention_bench",
+]
 
 TORCH_SDPA = "torch-sdpa"
 TORCH_MHA = "torch-mha"
-MODES = ("fwd", "fwd+bwd")
+# torch SDPA pinned to one backend with torch.nn.attention.sdpa_kernel (enum names).
+SDPA_BACKENDS = {
+    "torch-sdpa-flash": "FLASH_ATTENTION",
+    "torch-sdpa-efficient": "EFFICIENT_ATTENTION",
+    "torch-sdpa-cudnn": "CUDNN_ATTENTION",
+    "torch-sdpa-math": "MATH",
+}
+MODES = ("fwd", "bwd", "fwd+bwd")
+_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+
+#: Dense (no sparsity) fp16/bf16 tensor-core peaks in TFLOP/s from the vendors' data
+#: sheets, matched in order (first match wins) against ``torch.cuda.get_device_name()``.
+PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
+    ("GH200", 989.4),
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    ("H800", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.1),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.2),
+    ("RTX 3090", 71.0),
+]
+
+
+def peak_tflops(name: str) -> float | None:
+    """Dense bf16 peak of the GPU called ``name``, or ``None`` when it is not in the table."""
+    for pattern, peak in PEAK_BF16_TFLOPS:
+        if pattern.lower() in name.lower():
+            return peak
+    return None
+
+
 DEFAULT_SEQ_LENS = (128, 256, 512, 1024, 2048, 4096, 8192)
 # Kernels that materialise (B, H, L, S) score matrices: skipped when those would not fit.
 _QUADRATIC = {"reference", "torch", TORCH_MHA}
@@ -64,6 +115,7 @@ class BenchConfig:
     causal: tuple[bool, ...] = (False, True)
     repeats: int = 5
     warmup: int = 1
+    peak_tflops: float | None = None  # None: from PEAK_BF16_TFLOPS on CUDA (fp16/bf16 rows)
     memory_budget_bytes: int | None = None  # None: half the free memory
     out: str | None = None
 
@@ -80,6 +132,7 @@ class Row:
     median_ms: float | None = None
     times_ms: list[float] = field(default_factory=list)
     gflops: float | None = None
+    percent_of_peak: float | None = None
     ratio_to_torch_sdpa: float | None = None
     peak_memory_mib: float | None = None
     skipped: str | None = None
@@ -91,7 +144,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def _flops(cfg: BenchConfig, L: int, causal: bool, mode: str) -> float:
     fwd = 4.0 * cfg.batch * cfg.heads * L * L * cfg.head_dim
     fwd = fwd / 2 if causal else fwd
-    return fwd * (3.5 if mode == "fwd+bwd" else 1.0)
+    return fwd * _FLOP_FACTOR[mode]
 
 
 def _free_memory(device: str) -> int:
@@ -122,12 +175,15 @@ def _candidates(cfg: BenchConfig) -> list[str]:
 
     known = available_kernels(cfg.device)
     if cfg.kernels is None:
-        return [*known, TORCH_SDPA, TORCH_MHA]
-    unknown = [k for k in cfg.kernels if k not in (*known, TORCH_SDPA, TORCH_MHA)]
+        # Each SDPA backend by default on CUDA only: on the CPU torch has just two.
+        backends = list(SDPA_BACKENDS) if cfg.device == "cuda" else []
+        return [*known, TORCH_SDPA, *backends, TORCH_MHA]
+    everything = (*known, TORCH_SDPA, *SDPA_BACKENDS, TORCH_MHA)
+    unknown = [k for k in cfg.kernels if k not in everything]
     if unknown:
         raise BenchError(
             f"unknown kernel(s) {', '.join(unknown)} for device {cfg.device}; "
-            f"known: {', '.join([*known, TORCH_SDPA, TORCH_MHA])}"
+            f"known: {', '.join(everything)}"
         )
     names = list(cfg.kernels)
     return names if TORCH_SDPA in names else [*names, TORCH_SDPA]  # the ratio's baseline
@@ -144,6 +200,8 @@ def _check(cfg: BenchConfig) -> None:
     for mode in cfg.modes:
         if mode not in MODES:
             raise BenchError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    if cfg.peak_tflops is not None and not cfg.peak_tflops > 0:
+        raise BenchError(f"--peak-tflops must be > 0, got {cfg.peak_tflops}")
     sizes = {"batch": cfg.batch, "heads": cfg.heads, "head_dim": cfg.head_dim}
     sizes.update({"repeats": cfg.repeats, **{f"seq_len {n}": n for n in cfg.seq_lens}})
     bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
@@ -151,26 +209,59 @@ def _check(cfg: BenchConfig) -> None:
         raise BenchError(f"sizes must be >= 1, got {', '.join(bad)}")
 
 
-def _make_call(
-    name: str, cfg: BenchConfig, L: int, dtype: torch.dtype, causal: bool, mode: str
+def make_attention_call(
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch: int = 4,
+    heads: int = 8,
+    head_dim: int = 64,
+    seq_len: int = 1024,
+    causal: bool = False,
+    mode: str = "fwd",
 ) -> Callable[[], None]:
-    """A closure running one forward (and backward) of ``name`` on fresh-seeded inputs."""
+    """A closure running one ``mode`` pass of candidate ``name`` on seeded inputs.
+
+    ``name``: a registered kernel, :data:`TORCH_SDPA`, a key of :data:`SDPA_BACKENDS` or
+    :data:`TORCH_MHA`. Inputs are ``(B, H, L, E)`` = ``(batch, heads, seq_len,
+    head_dim)`` (MHA: ``(B, L, H * E)``). ``mode`` "fwd" runs under ``no_grad``;
+    "fwd+bwd" runs forward and ``.sum().backward()``; "bwd" builds the graph once here
+    and each call runs only its backward (``retain_graph``, so it can repeat).
+    Building the closure does not run the candidate, except "bwd"'s one forward.
+    """
     from transformer.attention import scaled_dot_product_attention
 
-    dev = torch.device(cfg.device)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
-    shape = (cfg.batch, cfg.heads, L, cfg.head_dim)
+    shape = (batch, heads, seq_len, head_dim)
     q, k, v = (torch.randn(shape, generator=gen).to(dev, dtype) for _ in range(3))
-    grad = mode == "fwd+bwd"
+    grad = mode != "fwd"
     if name == TORCH_MHA:
-        E = cfg.heads * cfg.head_dim
-        mha = torch.nn.MultiheadAttention(E, cfg.heads, batch_first=True, device=dev, dtype=dtype)
-        x = q.transpose(1, 2).reshape(cfg.batch, L, E).requires_grad_(grad)  # (B, L, E)
-        mask = torch.nn.Transformer.generate_square_subsequent_mask(L, device=dev, dtype=dtype)
+        E = heads * head_dim
+        mha = torch.nn.MultiheadAttention(E, heads, batch_first=True, device=dev, dtype=dtype)
+        x = q.transpose(1, 2).reshape(batch, seq_len, E).requires_grad_(grad)  # (B, L, E)
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(
+            seq_len, device=dev, dtype=dtype
+        )
 
         def fn() -> Tensor:
             kwargs = {"attn_mask": mask, "is_causal": True} if causal else {}
             return mha(x, x, x, need_weights=False, **kwargs)[0]
+
+    elif name in SDPA_BACKENDS:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, SDPA_BACKENDS[name], None)
+        if backend is None:
+            raise NotImplementedError(f"this torch has no SDPA backend {SDPA_BACKENDS[name]}")
+        q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
+
+        def fn() -> Tensor:
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     else:
         q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
@@ -180,6 +271,15 @@ def _make_call(
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
             return scaled_dot_product_attention(q, k, v, is_causal=causal, kernel=name)
 
+    if mode == "bwd":
+        out = fn()
+        upstream = torch.ones_like(out)
+
+        def backward_only() -> None:
+            out.backward(upstream, retain_graph=True)
+
+        return backward_only
+
     def call() -> None:
         if grad:
             fn().sum().backward()
@@ -188,6 +288,15 @@ def _make_call(
                 fn()
 
     return call
+
+
+def _make_call(
+    name: str, cfg: BenchConfig, L: int, dtype: torch.dtype, causal: bool, mode: str
+) -> Callable[[], None]:
+    return make_attention_call(
+        name, device=cfg.device, dtype=dtype, batch=cfg.batch, heads=cfg.heads,
+        head_dim=cfg.head_dim, seq_len=L, causal=causal, mode=mode,
+    )  # fmt: skip
 
 
 def _sync(device: str) -> None:
@@ -271,7 +380,8 @@ def run_attention_bench(
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "config": asdict(cfg),
-        "flops_model": "fwd 4*B*H*L*S*E (halved if causal); fwd+bwd 3.5x fwd",
+        "flops_model": "fwd 4*B*H*L*S*E (halved if causal); bwd 2.5x fwd; fwd+bwd 3.5x fwd",
+        "peak_tflops": _peak_for(cfg, "bf16"),
         "memory_method": (
             "torch.cuda.max_memory_allocated beyond inputs"
             if cfg.device == "cuda"
@@ -325,10 +435,13 @@ def _measure_group(
             _sync(cfg.device)
             rows[name].times_ms.append((time.perf_counter() - start) * 1e3)
     flops = _flops(cfg, L, causal, mode)
+    peak = _peak_for(cfg, dtype_name)
     for name in calls:
         row = rows[name]
         row.median_ms = statistics.median(row.times_ms)
         row.gflops = flops / (row.median_ms * 1e-3) / 1e9
+        if peak is not None:
+            row.percent_of_peak = 100.0 * row.gflops / (peak * 1e3)
         row.peak_memory_mib = _peak_memory(cfg, calls[name]) / 2**20
     base = rows[TORCH_SDPA].median_ms if TORCH_SDPA in rows else None
     for row in rows.values():
@@ -339,21 +452,31 @@ def _measure_group(
     return list(rows.values())
 
 
+def _peak_for(cfg: BenchConfig, dtype_name: str) -> float | None:
+    """The TFLOP/s that rows of ``dtype_name`` are a percentage of (None: no percentage)."""
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops
+    if cfg.device == "cuda" and dtype_name in ("fp16", "bf16"):  # pragma: no cover
+        return peak_tflops(torch.cuda.get_device_name())
+    return None
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report's rows as a fixed-width text table (skipped rows say why)."""
-    head = f"{'kernel':<12} {'dtype':<5} {'L':>6} {'causal':<6} {'mode':<8} "
-    head += f"{'median ms':>10} {'GFLOP/s':>8} {'x sdpa':>7} {'peak MiB':>9}"
+    head = f"{'kernel':<20} {'dtype':<5} {'L':>6} {'causal':<6} {'mode':<8} "
+    head += f"{'median ms':>10} {'GFLOP/s':>8} {'% peak':>7} {'x sdpa':>7} {'peak MiB':>9}"
     lines = [f"{report['device']} | {report['hardware']} | torch {report['torch']}", head]
     for r in report["rows"]:
-        key = f"{r['kernel']:<12} {r['dtype']:<5} {r['seq_len']:>6} "
+        key = f"{r['kernel']:<20} {r['dtype']:<5} {r['seq_len']:>6} "
         key += f"{r['causal']!s:<6} {r['mode']:<8} "
         if r["skipped"]:
             lines.append(key + f"skipped: {r['skipped']}")
             continue
-        ratio = r["ratio_to_torch_sdpa"]
+        ratio, share = r["ratio_to_torch_sdpa"], r.get("percent_of_peak")
         lines.append(
             key
             + f"{r['median_ms']:>10.2f} {r['gflops']:>8.1f} "
+            + f"{(f'{share:.1f}' if share is not None else '-'):>7} "
             + f"{(f'{ratio:.2f}' if ratio is not None else '-'):>7} {r['peak_memory_mib']:>9.1f}"
         )
     return "\n".join(lines)
@@ -431,9 +554,11 @@ def add_bench_parser(subparsers: Any) -> None:
     p = sub.add_parser(
         "attention",
         help="time the attention kernels side by side",
-        description="Every registered kernel, torch SDPA and torch.nn.MultiheadAttention, "
-        "forward and forward+backward, causal and not; prints a table, writes JSON and a "
-        "plot to --out. FLOPs: 4*B*H*L*S*E forward (halved if causal), backward 2.5x.",
+        description="Every registered kernel, torch SDPA (on CUDA also pinned to each of "
+        "its backends: torch-sdpa-flash, -efficient, -cudnn, -math) and "
+        "torch.nn.MultiheadAttention; forward, backward and forward+backward, causal and "
+        "not; prints a table (with % of the GPU's peak on CUDA), writes JSON and a plot "
+        "to --out. FLOPs: 4*B*H*L*S*E forward (halved if causal), backward 2.5x.",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--kernels", type=_csv(str), nargs="+", help="names (default: all)")
@@ -442,9 +567,15 @@ def add_bench_parser(subparsers: Any) -> None:
     p.add_argument("--batch", type=int, default=4, help="B (default 4)")
     p.add_argument("--heads", type=int, default=8, help="H (default 8)")
     p.add_argument("--head-dim", type=int, default=64, help="E (default 64)")
-    p.add_argument("--modes", type=_csv(str), nargs="+", help="fwd, fwd+bwd (default both)")
+    p.add_argument("--modes", type=_csv(str), nargs="+", help="fwd bwd fwd+bwd (default all)")
     p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per kernel (median)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak TFLOP/s for the %% peak column (default on CUDA: the GPU's bf16 peak)",
+    )
     p.add_argument("--out", default=None, metavar="DIR", help="write JSON and PNG here")
     p.set_defaults(func=_cmd_bench_attention)
 
@@ -483,6 +614,7 @@ def _cmd_bench_attention(args: argparse.Namespace) -> int:
             modes=_flatten(args.modes) or MODES,
             causal=causal,
             repeats=args.repeats,
+            peak_tflops=args.peak_tflops,
             out=args.out,
         )
     except BenchError as err:
