@@ -82,7 +82,8 @@ def operands(
 def describe(builds: list[KernelBuild]) -> str:
     return "\n".join(
         f"{b.kernel} {b.config}: shared {b.shared_bytes}, regs {b.registers}, "
-        f"spill {b.stack_bytes}, {b.matmul}, fits {b.fits}, error {b.error}"
+        f"stack {b.stack_bytes}, async {b.async_copies}, {b.matmul}, fits {b.fits}, "
+        f"error {b.error}"
         for b in builds
     )
 
@@ -168,7 +169,7 @@ def test_the_fallback_tile_fits_an_a100_at_the_largest_head_dim(dtype_name: str)
 def test_benchmarked_bf16_shapes_build_every_config_on_h100_tensor_cores(
     head_dim: int, is_causal: bool
 ) -> None:
-    """For the issue's benchmark shapes (bf16, E 64 and 128, causal and not), every autotune config compiles for sm_90 and fits; its dots run on Hopper's warpgroup tensor cores (``wgmma``), except the 32 x 32 fallback, too small for a warpgroup, on ``mma``; and each kernel has ``wgmma`` configs that spill no register, for the autotuner to pick."""
+    """For the issue's benchmark shapes (bf16, E 64 and 128, causal and not), every autotune config compiles for sm_90, fits and pipelines its loads (asynchronous copies); its dots run on Hopper's warpgroup tensor cores (``wgmma``), except the 32 x 32 fallback, too small for a warpgroup, on ``mma``; and each kernel has ``wgmma`` configs that spill no register, for the autotuner to pick."""
     q, k, v = operands(head_dim, torch.bfloat16, L=4096, S=4096)
     builds = compile_offline(q, k, v, is_causal=is_causal, arch=H100)
     assert all(b.fits for b in builds), describe(builds)
@@ -178,9 +179,19 @@ def test_benchmarked_bf16_shapes_build_every_config_on_h100_tensor_cores(
             continue
         small = (b.block_m, b.block_n) == (32, 32)
         assert b.matmul == ("mma.bf16" if small else "wgmma.bf16"), describe([b])
+        assert b.async_copies, describe([b])
     for name in TUNED:
         clean = [b for b in builds if b.kernel == name and b.matmul == "wgmma.bf16"]
         assert any(b.stack_bytes == 0 for b in clean), describe(clean)
+
+
+@spec(section="extra", kind="property")
+def test_loads_are_pipelined_exactly_when_a_config_has_two_or_more_stages() -> None:
+    """Triton's software pipelining shows in the PTX: the fp32 configs with ``num_stages`` 2 issue asynchronous global-to-shared copies (``cp.async``) for each kernel, the single-stage ones none, so the check above can tell a pipelined kernel from a stalling one."""
+    builds = compile_offline(*operands(64, torch.float32), arch=H100, kernels=TUNED)
+    assert {b.num_stages for b in builds} == {1, 2}
+    for b in builds:
+        assert (b.async_copies or 0) > 0 if b.num_stages > 1 else b.async_copies == 0, describe([b])
 
 
 @spec(section="extra", kind="equivalence")
@@ -329,7 +340,8 @@ def test_a_config_the_compiler_rejects_is_reported_with_its_error_not_raised(
             triton_flash._kernels(), name, args, {**meta, "BLOCK_M": 24, "BLOCK_N": 32}, 4, 2, H100
         )
     assert build.error is not None and "power of 2" in build.error
-    assert (build.shared_bytes, build.registers, build.stack_bytes, build.matmul) == (None,) * 4
+    costs = (build.shared_bytes, build.registers, build.stack_bytes, build.async_copies)
+    assert (*costs, build.matmul) == (None,) * 5
     assert not build.fits
     report = {"triton": "x", "target": "sm_90", "shared_memory_limit_bytes": 1024, "rows": [
         {"dtype": "bf16", "head_dim": 64, "causal": False, **build.as_dict()}

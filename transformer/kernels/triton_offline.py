@@ -11,6 +11,9 @@ what decides whether the config can run and how fast it can be:
 * ``registers`` and ``stack_bytes``, read from the cubin with the ``cuobjdump`` triton
   ships: the per-thread stack frame, in local memory, is where ``ptxas`` puts the
   registers it spills (the kernels have no other stack use), so 0 means no spills;
+* ``async_copies``: global-to-shared copies issued asynchronously (``cp.async``, or
+  the Hopper TMA's ``cp.async.bulk``), the loads triton's software pipelining
+  (``num_stages`` > 1) overlaps with the matmuls; 0 means every load stalls;
 * ``matmul``: the instructions the ``tl.dot`` tiles became, with their input type:
   ``"wgmma.bf16"`` (Hopper's warpgroup tensor-core MMA), ``"mma.f16"`` (Ampere-style
   ``mma.sync``), ``"mma.f64"`` (fp64 MMA), ``"mma.tf32"`` (TF32: what fp32 must never
@@ -96,6 +99,7 @@ class KernelBuild:
     shared_bytes: int | None
     registers: int | None
     stack_bytes: int | None
+    async_copies: int | None
     matmul: str | None
     error: str | None = None
 
@@ -180,6 +184,8 @@ def _cuobjdump_resources(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(regs.group(1)) if regs else None, int(stack.group(1)) if stack else None)
 
 
+# The copy itself, not its commit_group / wait_group bookkeeping.
+_ASYNC_COPY = re.compile(r"^\s*(?:@%p\d+\s+)?cp\.async\.(?:bulk\.[\w.:]*|c[ag]\.shared)", re.M)
 _MMA_INSTRUCTION = re.compile(r"\b(wgmma\.mma_async|mma\.sync)((?:\.\w+)+)")
 _MMA_TYPES = frozenset({"f16", "bf16", "tf32", "f32", "f64", "e4m3", "e5m2", "s8", "u8"})
 
@@ -332,6 +338,7 @@ def _build(
             shared_bytes=None,
             registers=None,
             stack_bytes=None,
+            async_copies=None,
             matmul=None,
             error=f"{type(err).__name__}: {message}",
         )
@@ -341,6 +348,7 @@ def _build(
         shared_bytes=int(compiled.metadata.shared),
         registers=registers,
         stack_bytes=stack,
+        async_copies=len(_ASYNC_COPY.findall(compiled.asm["ptx"])),
         matmul=_matmul_kind(compiled.asm["ptx"]),
     )
 
@@ -406,9 +414,9 @@ def compile_report(
     import triton
 
     report = {
-        "what": "offline compile report: shared memory, registers, stack (spills) and "
-        "matmul instructions per kernel and autotune config; no GPU was used and "
-        "nothing was timed",
+        "what": "offline compile report: shared memory, registers, stack (spills), "
+        "asynchronous copies and matmul instructions per kernel and autotune config; "
+        "no GPU was used and nothing was timed",
         "target": f"sm_{arch}",
         "shared_memory_limit_bytes": SHARED_MEMORY_PER_BLOCK[arch],
         "registers_per_block": REGISTERS_PER_BLOCK,
@@ -432,7 +440,7 @@ def format_report(report: dict[str, Any]) -> str:
     limit = report["shared_memory_limit_bytes"]
     head = (
         f"{'kernel':<14} {'dtype':<5} {'E':>4} {'causal':<6} {'config':<14} "
-        f"{'shared KiB':>10} {'fits':<4} {'regs':>4} {'stack B':>7} {'matmul':<10}"
+        f"{'shared KiB':>10} {'fits':<4} {'regs':>4} {'stack B':>7} {'async':>5} {'matmul':<10}"
     )
     lines = [
         f"triton {report['triton']} -> {report['target']} "
@@ -450,6 +458,6 @@ def format_report(report: dict[str, Any]) -> str:
             continue
         lines.append(
             f"{left} {r['shared_bytes'] / 1024:>10.1f} {'yes' if r['fits'] else 'NO':<4} "
-            f"{r['registers']:>4} {r['stack_bytes']:>7} {r['matmul']:<10}"
+            f"{r['registers']:>4} {r['stack_bytes']:>7} {r['async_copies']:>5} {r['matmul']:<10}"
         )
     return "\n".join(lines)
