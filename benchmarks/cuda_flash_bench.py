@@ -20,7 +20,10 @@ forward ``4 * B * H * D * (allowed (query, key) pairs)`` (two matmuls, ``QK^T`` 
 (five matmuls: ``QK^T`` recomputed, ``dV``, ``dP``, ``dQ``, ``dK``).
 
 Results go to ``benchmarks/results/<gpu-name>-triton.json``. Without CUDA (or without
-triton) the script prints one line and exits with code 2.
+triton) the script prints one line and exits with code 2. ``--cpu-dry-run`` runs the
+whole script on the CPU instead (wall-clock timing, no triton needed; the ``triton``
+rows then record the kernel's unavailability as their error), to check it end to end
+before spending GPU time; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import json
 import re
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,9 +67,16 @@ def attention_flops(batch_heads: int, L: int, S: int, D: int, causal: bool, mode
 
 
 def time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    """Median wall time of ``fn`` in milliseconds, measured with CUDA events per call."""
+    """Median time of ``fn`` in milliseconds: CUDA events per call (the CPU: wall clock)."""
     for _ in range(warmup):
         fn()
+    if DEVICE != "cuda":
+        times = []
+        for _ in range(iters):
+            start_s = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start_s) * 1e3)
+        return statistics.median(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
@@ -172,22 +183,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the device peak")
     parser.add_argument(
+        "--cpu-dry-run",
+        action="store_true",
+        help="run on the CPU to check the script end to end (timings meaningless)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default: results/<gpu>-triton.json)"
     )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    global DEVICE
     args = parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.cpu_dry_run:
+        DEVICE = "cpu"
+    elif not torch.cuda.is_available():
         print("cuda_flash_bench: no CUDA device; this benchmark needs a GPU", file=sys.stderr)
         return 2
     try:
         import triton
+
+        triton_version: str | None = triton.__version__
     except ImportError:
-        print("cuda_flash_bench: triton is not installed; pip install triton", file=sys.stderr)
-        return 2
-    name = torch.cuda.get_device_name()
+        if not args.cpu_dry_run:
+            print("cuda_flash_bench: triton is not installed; pip install triton", file=sys.stderr)
+            return 2
+        triton_version = None
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu-dry-run"
     peak = args.peak_tflops or peak_tflops(name)
     dtype = torch.bfloat16
     causal_flags = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
@@ -196,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{m + ' ms':>12}{m + ' TF/s':>13}" for m in MODES
     )
     print(
-        f"{name} | peak bf16 {peak or 'unknown'} TFLOP/s | torch {torch.__version__} | triton {triton.__version__}"
+        f"{name} | peak bf16 {peak or 'unknown'} TFLOP/s | torch {torch.__version__} | triton {triton_version}"
     )
     print(header)
     sweep = itertools.product(args.head_dims, args.seq_lens, causal_flags, args.providers)
@@ -227,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             print(prefix + "error: " + row["error"])
             continue
         finally:
-            torch.cuda.empty_cache()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
         row["max_abs_diff_vs_torch_default"] = timings["max_abs_diff_vs_torch_default"]
         line = prefix
         for mode in MODES:
@@ -246,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         "peak_bf16_tflops": peak,
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": triton_version,
         "flops_count": "FlashAttention-2: fwd 4*B*H*D*pairs, bwd 2.5x fwd, causal pairs L(L+1)/2",
-        "timing": f"median of {args.iters} calls after {args.warmup} warm-up calls, CUDA events",
+        "timing": f"median of {args.iters} calls after {args.warmup} warm-up calls, "
+        + ("CUDA events" if DEVICE == "cuda" else "wall clock (CPU dry run)"),
         "results": results,
     }
     out_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -367,3 +367,48 @@ def test_peak_table_matches_gpu_names_most_specific_first() -> None:
     assert bench.peak_tflops("NVIDIA H200") == 989.4
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert bench.peak_tflops("Some Future GPU") is None
+
+
+def _load_cuda_flash_bench() -> object:
+    """benchmarks/cuda_flash_bench.py as a fresh module (a script, not part of the package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cuda_flash_bench.py"
+    module_spec = importlib.util.spec_from_file_location("cuda_flash_bench_under_test", path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+@spec(kind="shape")
+def test_cuda_flash_bench_runs_end_to_end_as_a_cpu_dry_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The GPU benchmark script, run with ``--cpu-dry-run``, writes its JSON report: one row per provider x head dim x length x causal flag, each measured provider with ms, TFLOP/s and % of peak for fwd, bwd and fwd+bwd and its distance to torch's default SDPA, a refusing backend with its error; without the flag and without CUDA it exits 2."""
+    import torch
+
+    script = _load_cuda_flash_bench()
+    out = tmp_path / "dry.json"
+    argv = ["--cpu-dry-run", "--seq-lens", "32", "--head-dims", "16", "--batch", "1",
+            "--heads", "2", "--warmup", "0", "--iters", "1", "--peak-tflops", "1",
+            "--providers", "torch-math", "torch-efficient", "--out", str(out)]  # fmt: skip
+    assert script.main(argv) == 0  # type: ignore[attr-defined]
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu-dry-run" and "wall clock" in report["timing"]
+    rows = report["results"]
+    assert [(r["provider"], r["causal"]) for r in rows] == [
+        ("torch-math", False), ("torch-efficient", False),
+        ("torch-math", True), ("torch-efficient", True),
+    ]  # fmt: skip
+    for row in rows:
+        if row["provider"] == "torch-efficient":  # no CPU implementation
+            assert row["error"].startswith("RuntimeError: "), row
+            continue
+        assert row["max_abs_diff_vs_torch_default"] < 1e-2  # bf16, the same math
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            assert row[mode]["ms"] > 0 and row[mode]["tflops"] > 0
+            assert row[mode]["pct_of_peak"] == pytest.approx(100 * row[mode]["tflops"] / 1.0)
+    if not torch.cuda.is_available():
+        assert _load_cuda_flash_bench().main(["--seq-lens", "32"]) == 2  # type: ignore[attr-defined]
+        assert "no CUDA device" in capsys.readouterr().err
