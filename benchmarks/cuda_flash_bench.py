@@ -48,8 +48,8 @@ try:
     import transformer  # noqa: F401
 except ImportError:  # run from a checkout without an install
     sys.path.insert(0, str(REPO))
-# The GPUs' bf16 peaks are kept in one table, the bench command's.
-from transformer.bench import peak_tflops  # noqa: E402
+# The GPUs' bf16 peaks and the SDPA backends' names are kept where the bench command has them.
+from transformer.bench import SDPA_BACKENDS, peak_tflops  # noqa: E402
 
 # Where the tensors live; a module constant so a dry run can point it elsewhere.
 DEVICE = "cuda"
@@ -104,12 +104,8 @@ def make_attention(provider: str, causal: bool) -> Callable[[Tensor, Tensor, Ten
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend_name = {
-        "torch-flash": "FLASH_ATTENTION",
-        "torch-efficient": "EFFICIENT_ATTENTION",
-        "torch-cudnn": "CUDNN_ATTENTION",
-        "torch-math": "MATH",
-    }[provider]
+    # "torch-flash" here is "torch-sdpa-flash" in the bench command's one table.
+    backend_name = SDPA_BACKENDS["torch-sdpa-" + provider.removeprefix("torch-")]
     backend = getattr(SDPBackend, backend_name, None)
     if backend is None:
         raise RuntimeError(f"SDPBackend.{backend_name} does not exist in torch {torch.__version__}")
