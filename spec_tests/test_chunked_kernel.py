@@ -1,11 +1,13 @@
-"""Properties of the ``chunked`` kernel beyond the conformance suite (SPEC §1: O(L + S) memory).
+"""Properties of the ``chunked`` kernel beyond the conformance suite (its promise: O(L + S) memory).
 
 ``spec_tests/test_attention.py`` already holds the kernel to equation 1 and to torch's
 SDPA. This file pins what makes it *chunked*: the result does not depend on the tile
 sizes (online softmax, Milakov & Gimelshein 2018; FlashAttention), the backward pass
 keeps no ``(L, S)`` tensor, causal tiles above the diagonal are never computed, dropout
-is regenerated exactly in the backward pass, the worker threads change nothing, and
-the peak memory is a small fraction of the reference kernel's.
+is regenerated exactly in the backward pass, the worker threads change nothing (nor
+torch's process-wide thread count), a lower-right causal bias is applied as a shifted
+diagonal without any ``(L, S)`` tensor, and the peak memory is a small fraction of the
+reference kernel's.
 
 Notation: B batch, H heads, L target/query length, S source/key length, E head dim.
 """
@@ -17,13 +19,17 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
+import warnings
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 import transformer
+from transformer.conformance.memory import AllocationLog, track_allocations
 from transformer.kernels import chunked
 from transformer.testing import assert_close
 
@@ -243,6 +249,125 @@ def test_worker_threads_give_the_single_thread_result(
     finally:
         torch.set_num_threads(threads)
     assert torch.get_num_threads() == threads
+
+
+@spec(section="extra", kind="property")
+def test_worker_threads_leave_torch_thread_count_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker threads run their ops single-threaded without calling torch.set_num_threads (a process-wide setting): the caller and threads started afterwards keep torch's thread count."""
+    if chunked._SET_THREAD_COUNT is None:
+        pytest.skip("no per-thread OpenMP control here: the kernel runs in the calling thread")
+    calls: list[str] = []
+    real_set = torch.set_num_threads
+
+    def recording_set(n: int) -> None:
+        calls.append(threading.current_thread().name)
+        real_set(n)
+
+    seen: list[tuple[str, int]] = []
+    real_forward = chunked._forward_units
+
+    def recording_forward(pb, units, out, lse):  # type: ignore[no-untyped-def]
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return real_forward(pb, units, out, lse)
+
+    monkeypatch.setattr(chunked, "PARALLEL_MIN_SCORES", 0)
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 64)
+    monkeypatch.setattr(chunked, "_forward_units", recording_forward)
+    threads = torch.get_num_threads()
+    try:
+        real_set(2)
+        monkeypatch.setattr(torch, "set_num_threads", recording_set)
+        run_case("plain", block_l=8, block_s=8)
+        monkeypatch.setattr(torch, "set_num_threads", real_set)
+        later: list[int] = []
+        probe = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        probe.start()
+        probe.join()
+        assert torch.get_num_threads() == 2
+        assert later == [2], "a thread started after the kernel got another thread count"
+    finally:
+        real_set(threads)
+    assert calls == [], f"torch.set_num_threads was called from {calls}"
+    workers = [n for name, n in seen if name.startswith("chunked-attention")]
+    assert len(workers) == 2 and workers == [1, 1], seen
+
+
+@spec(section="torch", kind="masking")
+@pytest.mark.parametrize(("L", "S"), [(37, 53), (53, 37), (9, 40)], ids=["L<S", "L>S", "L<<S"])
+def test_lower_right_bias_with_small_blocks_matches_the_reference(L: int, S: int) -> None:
+    """torch's causal_lower_right(L, S) (query i sees keys j <= i + S - L) with 4 x 4 tiles gives the reference kernel's output and query/key/value gradients, GQA included, and zero rows where L > S leaves a query without keys."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns of NaNs when L > S
+        bias = causal_lower_right(L, S)
+    q, k, v = randn(2, 4, L, 8, seed=0), randn(2, 2, S, 8, seed=1), randn(2, 2, S, 5, seed=2)
+
+    def tiled(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return chunked.chunked_attention(q, k, v, bias, enable_gqa=True, block_l=4, block_s=4)
+
+    def reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return transformer.scaled_dot_product_attention(
+            q, k, v, bias, enable_gqa=True, kernel="reference"
+        )
+
+    ours = forward_backward(tiled, q, k, v)
+    assert_same(ours, forward_backward(reference, q, k, v))
+    if L > S:
+        assert bool((ours[0][..., : L - S, :] == 0).all())
+
+
+@spec(section="torch", kind="masking")
+def test_lower_right_tiles_beyond_the_shifted_diagonal_are_never_computed(
+    tile_log: list[tuple[int, int, int, int]],
+) -> None:
+    """Under causal_lower_right(L, S) no tile whose keys all lie beyond its last query's diagonal i + S - L is computed (forward and backward), query blocks without any key compute no tile, and every allowed pair is still covered."""
+    for L, S in ((40, 64), (64, 40)):
+        tile_log.clear()
+        offset = S - L
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            bias = causal_lower_right(L, S)
+        q, k, v = (randn(1, 2, n, 8, seed=i) for i, n in enumerate((L, S, S)))
+        q.requires_grad_(True)
+        out = chunked.chunked_attention(q, k, v, bias, block_l=8, block_s=8)
+        forward = list(tile_log)
+        out.sum().backward()
+        allowed = torch.ones(L, S, dtype=torch.bool).tril(offset)
+        for tiles in (forward, tile_log[len(forward) :]):
+            assert tiles, "no tile was computed"
+            assert all(j0 < i1 + offset for i0, i1, j0, j1 in tiles), (L, S, tiles)
+            covered = torch.zeros(L, S, dtype=torch.bool)
+            for i0, i1, j0, j1 in tiles:
+                covered[i0:i1, j0:j1] = True
+            assert bool(covered[allowed].all()), "an allowed (query, key) pair was skipped"
+
+
+@spec(section="extra", kind="property")
+def test_lower_right_bias_creates_no_tensor_of_query_by_key_size() -> None:
+    """With causal_lower_right(L, S) no op of forward or backward creates a tensor of L * S elements or more (the bias is a shifted diagonal, never a materialised mask), while the reference kernel does."""
+    # L is longer than a default causal tile (128 query rows): no tile holds L * S scores.
+    L, S = 384, 512
+    bias = causal_lower_right(L, S)
+    q, k, v = randn(1, 1, L, 8, seed=0), randn(1, 1, S, 8, seed=1), randn(1, 1, S, 8, seed=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # every op in this thread, where the tracker sees it
+    try:
+        logs = {}
+        for name, kernel in (("chunked", "chunked"), ("reference", "reference")):
+            log = AllocationLog()
+            leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+            with track_allocations(log, "forward"):
+                out = transformer.scaled_dot_product_attention(
+                    *leaves, attn_mask=bias, kernel=kernel
+                )
+            with track_allocations(log, "backward"):
+                out.sum().backward()
+            logs[name] = log
+    finally:
+        torch.set_num_threads(threads)
+    assert logs["reference"].at_least(L * S), "the probe has no power"
+    chunked_log = logs["chunked"]
+    assert {a.phase for a in chunked_log.allocations} == {"forward", "backward"}
+    assert not chunked_log.at_least(L * S), chunked_log.at_least(L * S)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``torch.compile`` gives the eager results (ISSUE 8): kernels, multi-head attention, the model.
+"""``torch.compile`` gives the eager results: kernels, multi-head attention, the model.
 
 A user who wraps attention or the whole model in ``torch.compile`` must get the numbers
 of eager mode, in the forward pass and in the gradients. The default suite compiles
@@ -8,6 +8,10 @@ functions go wrong) but no code generation, so it is fast and needs no C++ compi
 The full ``inductor`` backend, which generates and compiles C++, runs in the tests
 marked ``slow``; they skip, saying why, where a trivial function cannot be compiled
 (e.g. no C++ compiler on the machine).
+
+``fullgraph=True`` turns every graph break into an error: the chunked kernel (tile
+loops, a thread pool, a dropout seed read with ``.item()``) must reach the compiler as
+one op, not as Python the compiler gives up on.
 
 Notation: B batch, H heads, L target length, S source length, E head dim / d_model.
 """
@@ -123,6 +127,59 @@ def test_reference_kernel_traces_into_one_graph() -> None:
     inputs = attention_inputs()
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     assert_close(compiled(*inputs), fn(*inputs))
+
+
+@spec(component="attention")
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_chunked_kernel_compiles_into_one_graph_forward_and_backward(is_causal: bool) -> None:
+    """torch.compile(fullgraph=True) of attention on the chunked kernel raises no graph break and gives eager's output and gradients of query, key, value and a float mask (a fully masked row included)."""
+    fn = attention_fn("chunked", is_causal)
+    inputs = attention_inputs()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    assert_same(forward_backward(compiled, *inputs), forward_backward(fn, *inputs))
+
+
+@spec(component="attention")
+def test_compiled_chunked_dropout_is_eager_dropout_under_one_seed() -> None:
+    """Under one torch.manual_seed the fullgraph-compiled chunked kernel draws the dropout of eager mode: same output and gradients with dropout_p = 0.3."""
+
+    def fn(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        return transformer.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=0.3, kernel="chunked"
+        )
+
+    def seeded(f: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def run(*args: Tensor) -> Tensor:
+            torch.manual_seed(7)  # outside the compiled code: dynamo does not trace it
+            return f(*args)
+
+        return run
+
+    inputs = attention_inputs()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    eager = forward_backward(seeded(fn), *inputs)
+    assert not torch.allclose(eager[0], forward_backward(fn, *inputs)[0]), "seed has no effect"
+    assert_same(forward_backward(seeded(compiled), *inputs), eager)
+
+
+@pytest.mark.slow
+@spec(component="attention")
+def test_inductor_fullgraph_chunked_kernel_matches_eager_forward_and_gradients(
+    inductor: str,
+) -> None:
+    """torch.compile(backend="inductor", fullgraph=True) of a module around the chunked kernel compiles without a graph break and gives eager's output and gradients (causal, float mask)."""
+
+    class Attend(torch.nn.Module):
+        def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+            out = transformer.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=True, kernel="chunked"
+            )
+            return out * 2.0 + 1.0  # ops around the kernel, for inductor to fuse
+
+    module = Attend()
+    inputs = attention_inputs()
+    compiled = torch.compile(module, backend=inductor, fullgraph=True)
+    assert_same(forward_backward(compiled, *inputs), forward_backward(module, *inputs))
 
 
 @spec(component="multi_head_attention", section="3.2.2")

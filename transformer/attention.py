@@ -18,6 +18,12 @@ Conventions pinned by the spec suite:
   it broadcasts to ``(..., L, S)``;
 * ``is_causal=True`` is the top-left aligned lower-triangular mask; given together with
   ``attn_mask`` both apply (a key must be allowed by each), as in torch >= 2.5 on CPU;
+* ``attn_mask`` may be one of torch's attention-bias objects,
+  ``torch.nn.attention.bias.causal_upper_left(L, S)`` or ``causal_lower_right(L, S)``
+  (a ``CausalBias``): every kernel returns what torch's SDPA returns for it. The front
+  door checks that its sizes are the query's ``L`` and the key's ``S`` and refuses it
+  together with ``is_causal=True`` (torch's ``CausalBias._dispatch`` raises
+  ``ValueError`` for that pair too), then hands the object itself to the kernel;
 * a query row with no key it may attend to yields zeros and zero gradients, never NaN.
 
 Non-finite numbers (the contract ``spec_tests/test_numerical_robustness.py`` and
@@ -46,8 +52,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias
 
-from transformer.masks import causal_mask
+from transformer.masks import causal_bias_mask, causal_mask, causal_offset
 
 __all__ = [
     "AttentionKernel",
@@ -63,7 +70,8 @@ __all__ = [
 class AttentionKernel(Protocol):
     """The signature every kernel shares: ``torch.nn.functional.scaled_dot_product_attention``'s.
 
-    Kernels receive arguments the front door has already validated.
+    Kernels receive arguments the front door has already validated; ``attn_mask`` may
+    be a torch ``CausalBias`` (then ``is_causal`` is False and its sizes are ``L``, ``S``).
     """
 
     def __call__(
@@ -71,7 +79,7 @@ class AttentionKernel(Protocol):
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        attn_mask: Tensor | None = None,
+        attn_mask: Tensor | CausalBias | None = None,
         dropout_p: float = 0.0,
         is_causal: bool = False,
         scale: float | None = None,
@@ -167,11 +175,27 @@ def _check_tensor(name: str, t: object) -> Tensor:
     return t
 
 
+def _check_causal_bias(bias: CausalBias, is_causal: bool, L: int, S: int) -> None:
+    """A ``CausalBias`` must describe this call's ``(L, S)`` and not come with ``is_causal``."""
+    if is_causal:
+        # torch's CausalBias._dispatch raises ValueError("CausalBias should not be used
+        # with causal=True"); we refuse the same pair rather than guess which one is meant.
+        raise ValueError(
+            "attn_mask is a CausalBias, which cannot be combined with is_causal=True "
+            "(as in torch); pass one of them"
+        )
+    if (bias.seq_len_q, bias.seq_len_kv) != (L, S):
+        raise ValueError(
+            f"attn_mask is a CausalBias of size (seq_len_q, seq_len_kv) = "
+            f"({bias.seq_len_q}, {bias.seq_len_kv}) but query has L={L} and key has S={S}"
+        )
+
+
 def _validate(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attn_mask: Tensor | None,
+    attn_mask: Tensor | CausalBias | None,
     dropout_p: float,
     is_causal: bool,
     scale: float | None,
@@ -228,7 +252,13 @@ def _validate(
     if enable_gqa:
         batch = (*batch, query.size(-3))
     scores_shape = (*batch, L, S)
-    if attn_mask is not None:
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if isinstance(attn_mask, CausalBias):
+        # A CausalBias is a Tensor subclass whose data is meaningless (uninitialised
+        # storage); only its variant and sizes count, so no tensor check applies to it.
+        _check_causal_bias(attn_mask, is_causal, L, S)
+    elif attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(
                 f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}"
@@ -253,8 +283,6 @@ def _validate(
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
@@ -283,10 +311,13 @@ def safe_softmax(scores: Tensor) -> Tensor:
     The plain softmax divides 0 by 0 there and returns NaN, which then poisons the
     gradients of every other row sharing a weight. Subtracting the (detached) row
     max leaves the result unchanged (softmax is shift invariant) and keeps ``exp``
-    from overflowing.
+    from overflowing. fp16/bf16 scores are normalised in fp32 and rounded once, as
+    ``torch.softmax`` does: summing the row in bf16 would round at every term.
     """
     if scores.size(-1) == 0:
         return scores
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        return safe_softmax(scores.float()).to(scores.dtype)
     row_max = scores.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     unnormalised = torch.exp(scores - row_max)
@@ -297,17 +328,20 @@ def safe_softmax(scores: Tensor) -> Tensor:
 def attention_weights(
     query: Tensor,
     key: Tensor,
-    attn_mask: Tensor | None = None,
+    attn_mask: Tensor | CausalBias | None = None,
     is_causal: bool = False,
     scale: float | None = None,
 ) -> Tensor:
     """The attention weights of equation 1: ``softmax(QK^T / sqrt(d_k) + mask)``.
 
     Shapes: query ``(..., L, E)``, key ``(..., S, E)``, SDPA-convention ``attn_mask``
-    broadcastable to ``(..., L, S)``; returns ``(..., L, S)``, each row summing to one
+    broadcastable to ``(..., L, S)`` or a torch ``CausalBias`` of size ``(L, S)`` (read
+    as the bool mask it stands for); returns ``(..., L, S)``, each row summing to one
     (or all zeros where no key is allowed).
     """
     L, S = query.size(-2), key.size(-2)
+    if isinstance(attn_mask, CausalBias):
+        attn_mask = causal_bias_mask(attn_mask, device=query.device)  # (L, S)
     # 1/sqrt(d_k): "to counteract" the dot products growing large (section 3.2.1).
     # With d_k = 0 every score is an empty sum (0) and any scale gives torch's uniform
     # weights; 1.0 avoids dividing by zero.
@@ -328,7 +362,7 @@ def reference_attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attn_mask: Tensor | None = None,
+    attn_mask: Tensor | CausalBias | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
@@ -339,7 +373,8 @@ def reference_attention(
     Materialises the full ``(..., L, S)`` score matrix; clarity over speed.
 
     Shapes: query ``(..., L, E)``, key ``(..., S, E)``, value ``(..., S, Ev)``,
-    attn_mask broadcastable to ``(..., L, S)``; returns ``(..., L, Ev)``.
+    attn_mask broadcastable to ``(..., L, S)`` or a torch ``CausalBias`` (materialised
+    as its ``(L, S)`` bool mask); returns ``(..., L, Ev)``.
     """
     if enable_gqa:
         key, value = repeat_kv_heads(query, key), repeat_kv_heads(query, value)
@@ -365,7 +400,7 @@ def torch_attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attn_mask: Tensor | None = None,
+    attn_mask: Tensor | CausalBias | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
@@ -377,7 +412,19 @@ def torch_attention(
     rejects, (b) repeats GQA heads itself, since ``enable_gqa`` only exists in torch >= 2.5,
     and (c) gives zero output and zero gradient to rows with no allowed key on every
     backend: such rows are given every key (so the softmax is finite) and then zeroed.
+    A torch ``CausalBias`` is folded before torch sees it: an upper-left one (or any
+    square one) becomes ``is_causal=True``, which is what torch's own dispatch does, and
+    a lower-right one becomes its bool mask, which is what torch does on CPU, so that
+    its key-less rows (``L > S``) go through (c) instead of torch's NaN warning.
+
+    Shapes: query ``(..., L, E)``, key ``(..., S, E)``, value ``(..., S, Ev)``; returns
+    ``(..., L, Ev)``.
     """
+    if isinstance(attn_mask, CausalBias):
+        if causal_offset(attn_mask) == 0:
+            attn_mask, is_causal = None, True
+        else:
+            attn_mask = causal_bias_mask(attn_mask, device=query.device)  # (L, S)
     if enable_gqa:
         key, value = repeat_kv_heads(query, key), repeat_kv_heads(query, value)
     # torch's SDPA sizes its output from the query's batch dims and fails when key or
@@ -387,7 +434,7 @@ def torch_attention(
     key = key.expand(*batch, *key.shape[-2:])  # (..., S, E)
     value = value.expand(*batch, *value.shape[-2:])  # (..., S, Ev)
     L, S = query.size(-2), key.size(-2)
-    if attn_mask is not None and attn_mask.dim() < 2:
+    if isinstance(attn_mask, Tensor) and attn_mask.dim() < 2:
         # torch's SDPA rejects masks of fewer than two dims although they broadcast.
         attn_mask = attn_mask.expand(L, S)
     if attn_mask is None and is_causal and scale is not None and scale <= 0.0:
@@ -434,7 +481,7 @@ def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attn_mask: Tensor | None = None,
+    attn_mask: Tensor | CausalBias | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
@@ -449,7 +496,10 @@ def scaled_dot_product_attention(
         key: ``(..., S, E)``; batch dims broadcast with the query's.
         value: ``(..., S, Ev)``.
         attn_mask: broadcastable to ``(..., L, S)``; bool ``True`` = may attend, float is
-            added to the scores.
+            added to the scores. Or a torch ``CausalBias`` of size ``(L, S)``
+            (``torch.nn.attention.bias.causal_upper_left`` / ``causal_lower_right``),
+            passed to the kernel as it is; with ``causal_lower_right`` and ``L > S`` the
+            first ``L - S`` rows have no key and are zeros.
         dropout_p: dropout on the attention weights, applied whenever ``> 0`` (like torch's
             functional form, it does not look at a module's training flag).
         is_causal: apply the top-left aligned causal mask (query ``i`` sees keys ``<= i``).
@@ -463,8 +513,9 @@ def scaled_dot_product_attention(
 
     Raises:
         TypeError: an argument has the wrong type (e.g. an integer ``query``).
-        ValueError: shapes/dtypes do not fit, ``dropout_p`` is outside ``[0, 1)``, or the
-            kernel name is unknown or unavailable on the device.
+        ValueError: shapes/dtypes do not fit, ``dropout_p`` is outside ``[0, 1)``, a
+            ``CausalBias`` has other sizes than ``(L, S)`` or comes with
+            ``is_causal=True``, or the kernel name is unknown or unavailable on the device.
     """
     _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     fn = _pick_kernel(kernel, query.device)

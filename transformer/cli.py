@@ -699,7 +699,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands that live in their own modules, each registered by `add_<name>_parser(sub)`;
 # a module that is absent (a trimmed install) simply leaves its subcommand out.
-_OPTIONAL_COMMANDS = {"bench": "transformer.bench", "spec": "transformer.specification"}
+_OPTIONAL_COMMANDS = {
+    "bench": "transformer.bench",
+    "spec": "transformer.specification",
+    "conform": "transformer.conformance.cli",
+}
 
 
 def _add_optional_parsers(sub: Any) -> None:

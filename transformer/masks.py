@@ -10,6 +10,10 @@ Two conventions meet in this package, each inherited from torch:
   a float mask is added.
 
 Every conversion between the two happens here, so no other file re-implements it.
+torch's attention-bias objects (``torch.nn.attention.bias.CausalBias``, made by
+``causal_upper_left(L, S)`` and ``causal_lower_right(L, S)``) are read here too: a
+bias is a causal mask with a diagonal offset (:func:`causal_offset`), which kernels
+either apply natively or materialise with :func:`causal_bias_mask`.
 
 Notation: B batch, H heads, L target (query) length, S source (key) length.
 """
@@ -18,26 +22,59 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 __all__ = [
+    "causal_bias_mask",
     "causal_mask",
+    "causal_offset",
     "merge_module_masks",
     "module_mask_to_sdpa",
     "square_subsequent_mask",
 ]
 
 
-def causal_mask(L: int, S: int, device: torch.device | str | None = None) -> Tensor:
-    """Top-left aligned causal mask in the SDPA convention (``True`` = may attend).
+def causal_mask(
+    L: int, S: int, device: torch.device | str | None = None, *, diagonal: int = 0
+) -> Tensor:
+    """Causal mask in the SDPA convention (``True`` = may attend), ``(L, S)`` bool.
 
-    Query ``i`` may attend to keys ``0..i``; this is torch's ``is_causal=True``
-    (a lower-triangular ``(L, S)`` matrix). Every row keeps at least key ``0``
-    whatever ``L`` and ``S`` are (rows ``i >= S`` keep all keys); only ``S == 0``
-    leaves rows empty.
+    Query ``i`` may attend to keys ``j <= i + diagonal``. ``diagonal=0`` is top-left
+    aligned, torch's ``is_causal=True`` (a lower-triangular matrix): every row keeps at
+    least key ``0`` whatever ``L`` and ``S`` are (rows ``i >= S`` keep all keys); only
+    ``S == 0`` leaves rows empty. ``diagonal=S - L`` is bottom-right aligned, torch's
+    ``causal_lower_right(L, S)``: the last query sees every key, and with ``L > S`` the
+    first ``L - S`` rows see none (the package gives such rows zeros).
 
     Shape: ``(L, S)``, dtype ``bool``.
     """
-    return torch.ones(L, S, dtype=torch.bool, device=device).tril()
+    return torch.ones(L, S, dtype=torch.bool, device=device).tril(diagonal)
+
+
+def causal_offset(bias: CausalBias) -> int:
+    """The diagonal of a torch ``CausalBias``: query ``i`` may attend keys ``j <= i + offset``.
+
+    ``0`` for ``CausalVariant.UPPER_LEFT`` (``is_causal=True``'s mask) and
+    ``seq_len_kv - seq_len_q`` for ``CausalVariant.LOWER_RIGHT``, the ``diagonal`` that
+    torch's ``CausalBias._lower_right`` passes to ``torch.tril``.
+
+    Raises:
+        ValueError: the bias has a variant this package does not know.
+    """
+    if bias.variant == CausalVariant.UPPER_LEFT:
+        return 0
+    if bias.variant == CausalVariant.LOWER_RIGHT:
+        return bias.seq_len_kv - bias.seq_len_q
+    raise ValueError(f"attn_mask is a CausalBias of unknown variant {bias.variant!r}")
+
+
+def causal_bias_mask(bias: CausalBias, device: torch.device | str | None = None) -> Tensor:
+    """The bool mask a torch ``CausalBias`` stands for (``True`` = may attend).
+
+    Shape: ``(seq_len_q, seq_len_kv)``, dtype ``bool``; the same values as torch's
+    ``CausalBias._materialize``.
+    """
+    return causal_mask(bias.seq_len_q, bias.seq_len_kv, device, diagonal=causal_offset(bias))
 
 
 def square_subsequent_mask(

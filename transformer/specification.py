@@ -130,9 +130,20 @@ COMPONENTS: tuple[Component, ...] = (
             "property_tests/test_attention_properties.py",
             "property_tests/test_hostile_inputs.py",
             "spec_tests/test_attention.py",
+            "spec_tests/test_attention_bias.py",
             "spec_tests/test_compile.py",
             "spec_tests/test_numerical_robustness.py",
         ),
+    ),
+    Component(
+        "conformance",
+        "The attention conformance tool for outside kernels",
+        "transformer/conformance/__init__.py",
+        not_applicable={
+            "masking": "runs the masking cases against other kernels; its own cases are "
+            "held to torch by running torch's SDPA through it",
+        },
+        tests=("spec_tests/test_conformance.py",),
     ),
     Component(
         "chunked_kernel",

@@ -14,19 +14,24 @@ log-sum-exp ``lse = m + log(l)``, and recomputes each tile's probabilities
     dV += P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(dO * O)),
     dQ += scale * dS K,   dK += scale * dS^T Q,   d(mask) = dS.
 
-Under ``is_causal`` a tile whose keys all lie after its last query is never computed,
-and a key block is cut at the query block's end. Masks are read tile by tile from
-their broadcast view, never expanded to ``(..., L, S)``. Grouped-query attention folds
-the ``g`` query heads of a key/value head into the rows of one matmul, so key/value
-heads are never repeated in memory. Dropout draws each tile's keep-mask from a
-generator seeded by (call seed, tile): the backward pass regenerates exactly the
-forward's mask, and one ``torch.manual_seed`` makes a call reproducible. fp16/bf16
-inputs are computed in fp32 and the results rounded back.
+Causal masks are a diagonal offset ``d`` (query ``i`` sees keys ``j <= i + d``): 0 for
+``is_causal`` and torch's ``causal_upper_left``, ``S - L`` for ``causal_lower_right``.
+A tile whose keys all lie after its last query's last key is never computed, and a key
+block is cut at the query block's diagonal end; no ``(L, S)`` causal mask is built.
+Masks are read tile by tile from their broadcast view, never expanded to ``(..., L, S)``.
+Grouped-query attention folds the ``g`` query heads of a key/value head into the rows
+of one matmul, so key/value heads are never repeated in memory. Dropout draws each
+tile's keep-mask from a generator seeded by (call seed, tile): the backward pass
+regenerates exactly the forward's mask, and one ``torch.manual_seed`` makes a call
+reproducible. fp16/bf16 inputs are computed in fp32 and the results rounded back.
 
 Performance on CPU: a tile holds about :data:`TILE_ELEMENTS` scores so it stays in
 cache; large problems are split over worker threads, each running its ops
 single-threaded (one fork per call instead of one OpenMP fork/join per small op,
-which on a busy machine costs more than the op itself).
+which on a busy machine costs more than the op itself). A worker sets only its own
+OpenMP thread count, never torch's process-wide one. The kernel is a pair of
+``torch.library`` custom operators, so ``torch.compile`` (``fullgraph=True`` too)
+keeps it as one opaque op instead of tracing the tiles and the thread pool.
 
 Notation: B batch, H heads (Hq query heads, Hk key/value heads, ``g = Hq / Hk``), L
 target/query length, S source/key length, E query/key head dim, Ev value head dim,
@@ -36,17 +41,21 @@ matmul rows of a query block of ``n`` rows, w key columns of a tile.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias
 
 from transformer.attention import reference_attention, register_kernel
+from transformer.masks import causal_offset
 
 __all__ = [
     "BLOCK_L",
@@ -110,7 +119,9 @@ class _Problem:
     mask: Tensor | None
     # Index into the mask's first dim for each of the N slices; None when M == 1.
     mask_index: Tensor | None
-    is_causal: bool
+    # Causal diagonal: query i may see keys j <= i + causal (0 = is_causal, S - L = a
+    # lower-right CausalBias); None = not causal.
+    causal: int | None
     scale: float
     dropout_p: float
     seed: int
@@ -120,16 +131,18 @@ class _Problem:
     def key_blocks(self, i0: int, i1: int) -> list[tuple[int, int, int]]:
         """``(kj, j0, j1)`` of the key blocks that query rows ``i0:i1`` must visit.
 
-        Under ``is_causal`` keys ``>= i1`` are masked for every row of the block, so
-        blocks holding only such keys are skipped; the keys before ``i0`` are seen by
-        every row (blocks that need no causal mask) and ``i0:i1`` is the diagonal, so
+        Under a causal diagonal ``d`` keys ``>= i1 + d`` are masked for every row of the
+        block, so blocks holding only such keys are skipped (all of them for rows with
+        no key, ``i1 + d <= 0``); the keys before ``i0 + d`` are seen by every row
+        (blocks that need no causal mask) and ``i0 + d : i1 + d`` is the diagonal, so
         only the upper triangle of the diagonal blocks is computed in vain.
         """
         S = self.k.shape[1]
-        if not self.is_causal:
+        if self.causal is None:
             starts = range(0, S, self.block_s)
             return [(kj, j0, min(j0 + self.block_s, S)) for kj, j0 in enumerate(starts)]
-        full, end = min(i0, S), min(i1, S)
+        full = min(max(i0 + self.causal, 0), S)
+        end = min(max(i1 + self.causal, 0), S)
         blocks = [(j0, min(j0 + self.block_s, full)) for j0 in range(0, full, self.block_s)]
         blocks += [(j0, min(j0 + self.block_s, end)) for j0 in range(full, end, self.block_s)]
         return [(kj, j0, j1) for kj, (j0, j1) in enumerate(blocks)]
@@ -200,9 +213,11 @@ def _scores(pb: _Problem, unit: _Unit, qb: Tensor, j0: int, j1: int, buf: Tensor
     # E = 0 never reaches a tile: chunked_attention sends empty inputs to the reference.
     s.baddbmm_(qb, k_tile, beta=0.0, alpha=pb.scale)  # (c, R, w)
     s4 = s.view(c, R // n, n, w)  # (c, g, n, w): broadcasts with the mask tile
-    if pb.is_causal and j1 - 1 > unit.i0:
-        # Query i0 + r may see key j0 + col iff col - r <= i0 - j0.
-        future = torch.ones(n, w, dtype=torch.bool, device=s.device).triu_(unit.i0 - j0 + 1)
+    if pb.causal is not None and j1 - 1 > unit.i0 + pb.causal:
+        # Query i0 + r may see key j0 + col iff col - r <= i0 + d - j0. An (n, w) tile
+        # mask, never an (L, S) one.
+        diagonal = unit.i0 + pb.causal - j0 + 1
+        future = torch.ones(n, w, dtype=torch.bool, device=s.device).triu_(diagonal)
         s4.masked_fill_(future, _NEG_INF)
     tile = _mask_tile(pb, unit, j0, j1)
     if tile is not None:
@@ -239,8 +254,8 @@ def _forward_units(pb: _Problem, units: list[_Unit], out: Tensor, lse: Tensor) -
             p = torch.softmax(s, dim=-1, out=s)  # (c, R, w), normalised within the tile
             l_tile = p.amax(dim=-1, keepdim=True).reciprocal_()  # sum of exp(s - m_tile)
             # A row of a visited tile can have no allowed key only under a mask, or under
-            # is_causal in a diagonal tile that starts right of the unit's first query.
-            if pb.mask is not None or (pb.is_causal and j0 > u.i0):
+            # a causal diagonal in a tile that starts right of the first query's last key.
+            if pb.mask is not None or (pb.causal is not None and j0 > u.i0 + pb.causal):
                 # softmax of a row of -inf is NaN; such a row adds nothing.
                 empty_tile = m_tile == _NEG_INF
                 p.masked_fill_(empty_tile, 0.0)
@@ -326,13 +341,69 @@ def _add_mask_grad(pb: _Problem, u: _Unit, j0: int, j1: int, ds: Tensor, dmask: 
         target.index_add_(0, pb.mask_index[u.n0 : u.n1], per_slice)
 
 
+def _openmp_set_num_threads() -> Callable[[int], object] | None:
+    """The OpenMP runtime's ``omp_set_num_threads`` that ATen's ops obey, or ``None``.
+
+    OpenMP keeps the thread count of the next parallel region per thread (the
+    ``nthreads-var`` ICV of the calling thread's task), and ATen's intra-op
+    parallelism and MKL read it in the thread that runs the op; so a worker can make
+    its own ops single-threaded with it. ``torch.set_num_threads`` cannot be used for
+    that: it also stores a process-wide default (the count every new thread starts
+    with, read by ``torch.get_num_threads`` elsewhere) and resizes a shared pool.
+    torch does not expose the per-thread setter, so it is looked up in the OpenMP
+    library the process has loaded (``None`` when ATen does not use OpenMP or the
+    library cannot be found: the kernel then runs in the calling thread).
+    """
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    candidates: list[str | None] = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                name = os.path.basename(path)
+                if name.startswith(("libgomp", "libiomp", "libomp")) and path not in candidates:
+                    candidates.append(path)
+    except OSError:  # no /proc (macOS, Windows): try the symbols already loaded
+        pass
+    candidates.append(None)
+    for library in candidates:
+        try:
+            setter = ctypes.CDLL(library).omp_set_num_threads
+        except (OSError, AttributeError):
+            continue
+        setter.argtypes, setter.restype = [ctypes.c_int], None
+        return cast(Callable[[int], object], setter)
+    return None
+
+
+_SET_THREAD_COUNT = _openmp_set_num_threads()
+
+
+def _single_threaded_worker() -> None:
+    """Worker thread start-up: make the ops this thread runs single-threaded, for it only."""
+    assert _SET_THREAD_COUNT is not None
+    # ATen initialises a thread's OpenMP count lazily, on its first parallel query,
+    # from the process-wide default; trigger that first so it does not undo ours.
+    torch.get_num_threads()
+    _SET_THREAD_COUNT(1)
+
+
 def _pool(workers: int) -> ThreadPoolExecutor:
     with _POOL_LOCK:
         if _POOL and _POOL[0][0] != workers:
             _POOL.pop()[1].shutdown(wait=False)
         if not _POOL:
-            _POOL.append((workers, ThreadPoolExecutor(workers, "chunked-attention")))
+            pool = ThreadPoolExecutor(
+                workers, "chunked-attention", initializer=_single_threaded_worker
+            )
+            _POOL.append((workers, pool))
         return _POOL[0][1]
+
+
+def _worker_count() -> int:
+    """How many worker threads a large problem is split over: one per torch thread."""
+    return torch.get_num_threads() if _SET_THREAD_COUNT is not None else 1
 
 
 def _run(
@@ -341,14 +412,12 @@ def _run(
     """Run ``work(units_of_worker, worker_index)`` on every unit; return the worker count.
 
     Small problems run in the calling thread. Large ones are split over one worker
-    thread per torch thread, each running its ops single-threaded; with ``by_chunk`` a
+    thread per torch thread, each running its ops single-threaded (without touching
+    process-wide settings: see :func:`_openmp_set_num_threads`); with ``by_chunk`` a
     chunk of slices never straddles two workers (so they never add into the same rows),
     otherwise the caller gives every worker its own accumulators.
     """
-    workers = torch.get_num_threads()
-    if torch.compiler.is_compiling():
-        # Dynamo cannot trace into a thread pool; traced code runs in the caller.
-        workers = 1
+    workers = _worker_count()
     chunks = len({u.chunk for u in units})
     if by_chunk:
         workers = min(workers, chunks)
@@ -361,30 +430,104 @@ def _run(
         parts = [units[w::workers] for w in range(workers)]
 
     def run_part(w: int) -> None:
-        # Each thread has its own OpenMP thread count; this sets the worker's only.
-        torch.set_num_threads(1)
         with torch.no_grad():  # grad mode is per thread; the kernel builds no graph
             work(parts[w], w)
 
-    threads = torch.get_num_threads()
-    try:
-        for future in [_pool(workers).submit(run_part, w) for w in range(workers)]:
-            future.result()
-    finally:
-        # set_num_threads also records the count new threads start with; put it back.
-        torch.set_num_threads(threads)
+    for future in [_pool(workers).submit(run_part, w) for w in range(workers)]:
+        future.result()
     return workers
 
 
 def _split_by_chunk(units: list[_Unit]) -> bool:
     """Can workers own whole chunks (no shared accumulators) and still share the work evenly?"""
     chunks = len({u.chunk for u in units})
-    workers = torch.get_num_threads()
+    workers = _worker_count()
     return chunks % workers == 0 or chunks >= 4 * workers
 
 
+def _forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    mask_index: Tensor | None,
+    causal: int | None,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    block_l: int,
+    block_s: int,
+) -> tuple[Tensor, Tensor]:
+    """Online-softmax forward pass over all units: ``(out, lse)``.
+
+    Shapes: ``q (N, g, L, E)``, ``k (N, S, E)``, ``v (N, S, Ev)``, mask ``(M, g', L', S')``;
+    returns ``out (N, g, L, Ev)`` and the per-row log-sum-exp ``lse (N, g, L)``.
+    """
+    pb = _Problem(q, k, v, mask, mask_index, causal, scale, dropout_p, seed, block_l, block_s)
+    N, g, L, _ = q.shape
+    S, Ev = k.shape[1], v.shape[2]
+    out = q.new_empty(N, g, L, Ev)
+    lse = q.new_empty(N, g, L)
+    units = _units(N, g, L, S, block_l, block_s)
+    _run(units, N * g * L * S, lambda part, w: _forward_units(pb, part, out, lse), False)
+    return out, lse
+
+
+def _backward(
+    pb: _Problem, d_out: Tensor, out: Tensor, lse: Tensor, want_dmask: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """FlashAttention-2's backward pass over all units: ``(dq, dk, dv, dmask)``.
+
+    Shapes: ``d_out``/``out (N, g, L, Ev)``, ``lse (N, g, L)``; returns ``dq (N, g, L, E)``,
+    ``dk (N, S, E)``, ``dv (N, S, Ev)`` and ``dmask`` of the mask's shape (or ``None``).
+    """
+    N, g, L, _ = pb.q.shape
+    S = pb.k.shape[1]
+    d_out = d_out.contiguous()
+    # rowsum(dO * O) = rowsum(dP * P): the softmax backward's correction, dropout included.
+    delta = (d_out * out).sum(dim=-1)  # (N, g, L)
+    units = _units(N, g, L, S, pb.block_l, pb.block_s)
+    by_chunk = _split_by_chunk(units)
+    workers = _worker_count()
+    mask = pb.mask
+
+    def zeros(shared: _Grads | None) -> _Grads:
+        # dq rows never overlap between workers; dk/dv/dmask may unless split by chunk.
+        return _Grads(
+            shared.dq if shared else torch.zeros_like(pb.q),
+            shared.dk if shared and by_chunk else torch.zeros_like(pb.k),
+            shared.dv if shared and by_chunk else torch.zeros_like(pb.v),
+            torch.zeros(mask.shape, dtype=pb.q.dtype, device=pb.q.device)
+            if want_dmask and mask is not None
+            else None,
+        )
+
+    grads = [zeros(None)]
+    grads += [zeros(grads[0]) for _ in range(1, workers)]
+
+    def work(part: list[_Unit], w: int) -> None:
+        _backward_units(pb, part, d_out, delta, lse, grads[w])
+
+    used = _run(units, N * g * L * S, work, by_chunk)
+    total = grads[0]
+    for extra in grads[1:used]:
+        if not by_chunk:
+            total.dk.add_(extra.dk)
+            total.dv.add_(extra.dv)
+        if total.dmask is not None and extra.dmask is not None:
+            total.dmask.add_(extra.dmask)
+    dmask = None if total.dmask is None or mask is None else total.dmask.to(mask.dtype)
+    return total.dq, total.dk, total.dv, dmask
+
+
 class _ChunkedAttention(torch.autograd.Function):
-    """Online-softmax attention whose backward recomputes tiles from ``(q, k, v, out, lse)``."""
+    """Eager mode: online-softmax attention; the backward recomputes tiles from saved rows.
+
+    It saves only ``(q, k, v, out, lse)`` (and the mask), never an ``(L, S)`` tensor.
+
+    Eager calls run the tile ops in the open (a ``TorchDispatchMode`` sees each one);
+    compiled ones go through the custom operators below, which share the same code.
+    """
 
     @staticmethod
     def forward(
@@ -394,7 +537,7 @@ class _ChunkedAttention(torch.autograd.Function):
         v: Tensor,
         mask: Tensor | None,
         mask_index: Tensor | None,
-        is_causal: bool,
+        causal: int | None,
         scale: float,
         dropout_p: float,
         seed: int,
@@ -402,17 +545,10 @@ class _ChunkedAttention(torch.autograd.Function):
         block_s: int,
     ) -> Tensor:
         """``q (N, g, L, E)``, ``k (N, S, E)``, ``v (N, S, Ev)``, mask ``(M, g', L', S')``."""
-        pb = _Problem(
-            q, k, v, mask, mask_index, is_causal, scale, dropout_p, seed, block_l, block_s
-        )
-        N, g, L, _ = q.shape
-        S, Ev = k.shape[1], v.shape[2]
-        out = q.new_empty(N, g, L, Ev)
-        lse = q.new_empty(N, g, L)
-        units = _units(N, g, L, S, block_l, block_s)
-        _run(units, N * g * L * S, lambda part, w: _forward_units(pb, part, out, lse), False)
+        config = (causal, scale, dropout_p, seed, block_l, block_s)
+        out, lse = _forward(q, k, v, mask, mask_index, *config)
         ctx.save_for_backward(q, k, v, out, lse, mask, mask_index)
-        ctx.config = (is_causal, scale, dropout_p, seed, block_l, block_s)
+        ctx.config = config
         return out
 
     @staticmethod
@@ -420,41 +556,129 @@ class _ChunkedAttention(torch.autograd.Function):
     def backward(ctx: Any, d_out: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, mask, mask_index = ctx.saved_tensors
         pb = _Problem(q, k, v, mask, mask_index, *ctx.config)
-        N, g, L, _ = q.shape
-        S = k.shape[1]
-        d_out = d_out.contiguous()
-        # rowsum(dO * O) = rowsum(dP * P): the softmax backward's correction, dropout included.
-        delta = (d_out * out).sum(dim=-1)  # (N, g, L)
         want_dmask = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
-        units = _units(N, g, L, S, pb.block_l, pb.block_s)
-        by_chunk = _split_by_chunk(units)
-        workers = torch.get_num_threads()
+        dq, dk, dv, dmask = _backward(pb, d_out, out, lse, want_dmask)
+        return dq, dk, dv, dmask, None, None, None, None, None, None, None
 
-        def zeros(shared: _Grads | None) -> _Grads:
-            # dq rows never overlap between workers; dk/dv/dmask may unless split by chunk.
-            return _Grads(
-                shared.dq if shared else torch.zeros_like(q),
-                shared.dk if shared and by_chunk else torch.zeros_like(k),
-                shared.dv if shared and by_chunk else torch.zeros_like(v),
-                torch.zeros(mask.shape, dtype=q.dtype, device=q.device) if want_dmask else None,
-            )
 
-        grads = [zeros(None)]
-        grads += [zeros(grads[0]) for _ in range(1, workers)]
+# Under torch.compile the kernel is two custom operators with an autograd formula:
+# the compiler (fullgraph included) keeps each as one opaque op of known output shape
+# instead of tracing the tile loops, the thread pool and the dropout seed, which it cannot.
 
-        def work(part: list[_Unit], w: int) -> None:
-            _backward_units(pb, part, d_out, delta, lse, grads[w])
 
-        used = _run(units, N * g * L * S, work, by_chunk)
-        total = grads[0]
-        for extra in grads[1:used]:
-            if not by_chunk:
-                total.dk.add_(extra.dk)
-                total.dv.add_(extra.dv)
-            if total.dmask is not None and extra.dmask is not None:
-                total.dmask.add_(extra.dmask)
-        dmask = None if total.dmask is None else total.dmask.to(mask.dtype)
-        return total.dq, total.dk, total.dv, dmask, None, None, None, None, None, None, None
+@torch.library.custom_op(
+    "transformer::chunked_attention_forward",
+    mutates_args=(),
+    tags=(torch.Tag.nondeterministic_seeded,),  # draws the dropout seed: never merge calls
+)
+def _forward_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    mask_index: Tensor | None,
+    causal: int | None,
+    scale: float,
+    dropout_p: float,
+    block_l: int,
+    block_s: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_forward` plus the dropout seed it drew, a 0-dim int64 tensor (0 without dropout)."""
+    seed = _draw_seed(dropout_p)
+    out, lse = _forward(q, k, v, mask, mask_index, causal, scale, dropout_p, seed, block_l, block_s)
+    return out, lse, torch.tensor(seed, dtype=torch.int64)
+
+
+@_forward_op.register_fake
+def _forward_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    mask_index: Tensor | None,
+    causal: int | None,
+    scale: float,
+    dropout_p: float,
+    block_l: int,
+    block_s: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    N, g, L, _ = q.shape
+    out = q.new_empty(N, g, L, v.shape[2])
+    return out, q.new_empty(N, g, L), torch.empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("transformer::chunked_attention_backward", mutates_args=())
+def _backward_op(
+    d_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    seed: Tensor,
+    mask: Tensor | None,
+    mask_index: Tensor | None,
+    causal: int | None,
+    scale: float,
+    dropout_p: float,
+    block_l: int,
+    block_s: int,
+    want_dmask: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_backward`; ``dmask`` is empty ``(0,)`` unless ``want_dmask`` (ops return tensors)."""
+    config = (causal, scale, dropout_p, int(seed.item()), block_l, block_s)
+    pb = _Problem(q, k, v, mask, mask_index, *config)
+    dq, dk, dv, dmask = _backward(pb, d_out, out, lse, want_dmask)
+    return dq, dk, dv, q.new_empty(0) if dmask is None else dmask
+
+
+@_backward_op.register_fake
+def _backward_fake(
+    d_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    seed: Tensor,
+    mask: Tensor | None,
+    mask_index: Tensor | None,
+    causal: int | None,
+    scale: float,
+    dropout_p: float,
+    block_l: int,
+    block_s: int,
+    want_dmask: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dmask = mask.new_empty(mask.shape) if want_dmask and mask is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    q, k, v, mask, mask_index, causal, scale, dropout_p, block_l, block_s = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, seed, mask, mask_index)
+    ctx.config = (causal, scale, dropout_p, block_l, block_s)
+
+
+def _op_backward(
+    ctx: Any, d_out: Tensor, d_lse: Tensor | None, d_seed: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """Only ``out`` is differentiable: ``lse`` and the seed are the backward's own inputs."""
+    q, k, v, out, lse, seed, mask, mask_index = ctx.saved_tensors
+    want_dmask = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
+    dq, dk, dv, dmask = _backward_op(
+        d_out, q, k, v, out, lse, seed, mask, mask_index, *ctx.config, want_dmask
+    )
+    return dq, dk, dv, dmask if want_dmask else None, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+def _draw_seed(dropout_p: float) -> int:
+    """The call's dropout seed: one draw from the global generator (``torch.manual_seed``)."""
+    return int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
 
 
 def _layout(
@@ -511,7 +735,7 @@ def chunked_attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attn_mask: Tensor | None = None,
+    attn_mask: Tensor | CausalBias | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
@@ -526,26 +750,41 @@ def chunked_attention(
     (torch SDPA's signature), which were validated by the front door. Shapes: query
     ``(..., L, E)``, key ``(..., S, E)``, value ``(..., S, Ev)``, attn_mask
     broadcastable to ``(..., L, S)`` (bool True = may attend, float added; a float mask
-    that requires grad gets one); returns ``(..., L, Ev)``, zeros on rows with no
-    allowed key.
+    that requires grad gets one) or a torch ``CausalBias`` of size ``(L, S)``; returns
+    ``(..., L, Ev)``, zeros on rows with no allowed key.
+
+    A ``CausalBias`` is never materialised: like ``is_causal`` it becomes a causal
+    diagonal ``d`` (query ``i`` sees keys ``j <= i + d``; 0 upper-left, ``S - L``
+    lower-right) that skips whole tiles and masks the diagonal ones, so the extra
+    memory stays O(L + S). Rows with no key (lower-right, ``L > S``) are zeros.
+
+    Runs as two ``torch.library`` custom operators (forward, backward), so
+    ``torch.compile(..., fullgraph=True)`` keeps the kernel as one op in its graph.
 
     Args:
         block_l: query rows per tile (default :data:`BLOCK_L`, :data:`CAUSAL_BLOCK_L`
-            under ``is_causal``); results do not depend on it beyond rounding (dropout
+            when causal); results do not depend on it beyond rounding (dropout
             masks do: they are drawn per tile).
         block_s: key columns per tile (default :data:`BLOCK_S`, :data:`CAUSAL_BLOCK_S`).
     """
+    given_mask = attn_mask
+    causal: int | None = 0 if is_causal else None
+    if isinstance(attn_mask, CausalBias):
+        # Both apply when a caller passes both (the front door refuses the pair).
+        offset = causal_offset(attn_mask)
+        causal = offset if causal is None else min(causal, offset)
+        attn_mask = None
     if block_l is None:
-        block_l = CAUSAL_BLOCK_L if is_causal else BLOCK_L
+        block_l = CAUSAL_BLOCK_L if causal is not None else BLOCK_L
     if block_s is None:
-        block_s = CAUSAL_BLOCK_S if is_causal else BLOCK_S
+        block_s = CAUSAL_BLOCK_S if causal is not None else BLOCK_S
     if block_l < 1 or block_s < 1:
         raise ValueError(f"block_l and block_s must be >= 1, got {block_l} and {block_s}")
     if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
         # Nothing to tile (a zero length, head dim or batch): the reference's answer
         # is the definition, and an empty mask has no layout to reshape into.
         return reference_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+            query, key, value, given_mask, dropout_p, is_causal, scale, enable_gqa
         )
     d_k = query.size(-1)
     # Like the reference: E = 0 gives empty (zero) dot products, and 1.0 avoids 1/0.
@@ -555,11 +794,15 @@ def chunked_attention(
     q, k, v, mask, mask_index, batch = _layout(
         query.to(work), key.to(work), value.to(work), attn_mask, enable_gqa
     )
-    # One draw from the global generator: torch.manual_seed makes the call reproducible.
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
-    out = _ChunkedAttention.apply(
-        q, k, v, mask, mask_index, is_causal, scale_factor, dropout_p, seed, block_l, block_s
-    )  # (N, g, L, Ev)
+    if torch.compiler.is_compiling():
+        out = _forward_op(
+            q, k, v, mask, mask_index, causal, scale_factor, dropout_p, block_l, block_s
+        )[0]  # (N, g, L, Ev)
+    else:
+        seed = _draw_seed(dropout_p)
+        out = _ChunkedAttention.apply(
+            q, k, v, mask, mask_index, causal, scale_factor, dropout_p, seed, block_l, block_s
+        )  # (N, g, L, Ev)
     return out.reshape(*batch, query.size(-2), value.size(-1)).to(dtype)  # (..., L, Ev)
 
 

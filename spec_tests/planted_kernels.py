@@ -1,0 +1,207 @@
+"""Attention kernels with one planted bug each: the conformance suite must catch every one.
+
+Each kernel is torch SDPA's semantics written plainly (:func:`plain`) with exactly one
+thing wrong, the kind of bug FlashAttention-style kernels have shipped with. They live
+outside the package, as a kernel author's code would, and are named as
+``planted_kernels:NAME`` targets.
+
+Notation: B batch, H heads, L query length, S key length, E head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.attention.bias import CausalBias, CausalVariant
+
+NEG_INF = float("-inf")
+
+
+def _allowed(
+    mask: Any, L: int, S: int, device: torch.device, *, bottom_right: bool = True
+) -> Tensor | None:
+    """A CausalBias as its bool mask; ``bottom_right=False`` reads lower-right as upper-left."""
+    rows = torch.arange(L, device=device)[:, None]
+    cols = torch.arange(S, device=device)[None, :]
+    lower_right = mask.variant == CausalVariant.LOWER_RIGHT and bottom_right
+    return cols <= rows + (S - L if lower_right else 0)
+
+
+def plain(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    causal_diagonal: int = 0,
+    bias_bottom_right: bool = True,
+    invert_bool: bool = False,
+    ignore_float: bool = False,
+    repeat_heads: str = "interleave",
+    safe_empty_rows: bool = True,
+    scale_kept: bool = True,
+    default_scale: bool = True,
+) -> Tensor:
+    """Equation 1 with an explicit ``(..., L, S)`` score matrix; the keywords plant the bugs."""
+    L, S, E = query.size(-2), key.size(-2), query.size(-1)
+    if enable_gqa:
+        g = query.size(-3) // key.size(-3)
+        if repeat_heads == "interleave":
+            key, value = key.repeat_interleave(g, dim=-3), value.repeat_interleave(g, dim=-3)
+        else:  # tiles the heads: query head h gets key head h % Hk instead of h // g
+            reps = [1] * key.dim()
+            reps[-3] = g
+            key, value = key.repeat(*reps), value.repeat(*reps)
+    factor = scale if scale is not None else (1 / math.sqrt(E) if default_scale else 1.0)
+    scores = (query @ key.transpose(-2, -1)) * factor  # (..., L, S)
+    allowed = torch.ones(L, S, dtype=torch.bool, device=query.device)
+    if is_causal:
+        allowed = allowed & torch.ones(L, S, dtype=torch.bool, device=query.device).tril(
+            causal_diagonal
+        )
+    if isinstance(attn_mask, CausalBias):
+        allowed = allowed & _allowed(attn_mask, L, S, query.device, bottom_right=bias_bottom_right)
+    elif attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = allowed & (~attn_mask if invert_bool else attn_mask)
+    elif attn_mask is not None and not ignore_float:
+        scores = scores + attn_mask
+    scores = scores.masked_fill(~allowed, NEG_INF)
+    if safe_empty_rows:
+        empty = (scores == NEG_INF).all(dim=-1, keepdim=True)
+        weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    else:
+        weights = torch.softmax(scores, dim=-1)
+    if dropout_p:
+        keep = torch.rand_like(weights) >= dropout_p
+        weights = weights * keep / ((1 - dropout_p) if scale_kept else 1.0)
+    return weights @ value  # (..., L, Ev)
+
+
+def materialises_scores(*args: Any, **kwargs: Any) -> Tensor:
+    """Right answers, but it holds the whole ``L x S`` score matrix (no flash memory)."""
+    return plain(*args, **kwargs)
+
+
+def forgets_scale(*args: Any, **kwargs: Any) -> Tensor:
+    """Bug: ``scale=None`` multiplies the scores by 1 instead of ``1/sqrt(E)``."""
+    return plain(*args, default_scale=False, **kwargs)
+
+
+def ignores_is_causal(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    **kwargs: Any,
+) -> Tensor:
+    """Bug: accepts ``is_causal`` and drops it."""
+    return plain(query, key, value, attn_mask, dropout_p, False, **kwargs)
+
+
+def top_left_for_bottom_right(*args: Any, **kwargs: Any) -> Tensor:
+    """Bug: ``causal_lower_right(L, S)`` is applied top-left aligned."""
+    return plain(*args, bias_bottom_right=False, **kwargs)
+
+
+def causal_off_by_one(*args: Any, **kwargs: Any) -> Tensor:
+    """Bug: under ``is_causal`` query ``i`` also sees key ``i + 1``."""
+    return plain(*args, causal_diagonal=1, **kwargs)
+
+
+def gqa_heads_tiled(*args: Any, **kwargs: Any) -> Tensor:
+    """Bug: GQA pairs query head ``h`` with key head ``h % Hk`` (``repeat``) instead of ``h // g``."""
+    return plain(*args, repeat_heads="tile", **kwargs)
+
+
+def mask_polarity_inverted(*args: Any, **kwargs: Any) -> Tensor:
+    """Bug: a bool mask is read as True = masked out (torch MHA's convention, not SDPA's)."""
+    return plain(*args, invert_bool=True, **kwargs)
+
+
+def float_mask_ignored(*args: Any, **kwargs: Any) -> Tensor:
+    """Bug: a float mask is accepted and not added."""
+    return plain(*args, ignore_float=True, **kwargs)
+
+
+def nan_on_empty_rows(*args: Any, **kwargs: Any) -> Tensor:
+    """Bug: a row with no allowed key gets softmax of all ``-inf``: NaN."""
+    return plain(*args, safe_empty_rows=False, **kwargs)
+
+
+def dropout_unscaled(*args: Any, **kwargs: Any) -> Tensor:
+    """Bug: dropped weights are zeroed but the kept ones are not scaled by ``1/(1-p)``."""
+    return plain(*args, scale_kept=False, **kwargs)
+
+
+def low_precision_accumulation(
+    query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any
+) -> Tensor:
+    """Bug: fp16/bf16 outputs are summed over the keys one at a time in their own dtype."""
+    if query.dtype not in (torch.float16, torch.bfloat16) or kwargs.get("enable_gqa"):
+        return plain(query, key, value, *args, **kwargs)
+    S = key.size(-2)
+    # The weights in fp32, then weights @ value accumulated key by key in low precision.
+    eye = torch.eye(S, dtype=torch.float32, device=value.device).expand(*value.shape[:-2], S, S)
+    weights = plain(query.float(), key.float(), eye, *args, **kwargs).to(query.dtype)  # (..., L, S)
+    out = torch.zeros(*weights.shape[:-1], value.size(-1), dtype=query.dtype, device=query.device)
+    for j in range(S):
+        out = out + weights[..., j : j + 1] * value[..., j : j + 1, :]
+    return out
+
+
+class _WrongKeyGrad(torch.autograd.Function):
+    """Identity on the key in the forward; its gradient comes back 1% too large."""
+
+    @staticmethod
+    def forward(ctx: Any, key: Tensor) -> Tensor:
+        return key.view_as(key)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad * 1.01
+
+
+def wrong_key_gradient(
+    query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any
+) -> Tensor:
+    """Bug: the output is right but the gradient of the key is 1% off."""
+    return plain(query, _WrongKeyGrad.apply(key), value, *args, **kwargs)
+
+
+def nondeterministic(
+    query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any
+) -> Tensor:
+    """Bug: keys are summed in a random order each call (as unordered atomics would)."""
+    S = key.size(-2)
+    mask = kwargs.get("attn_mask", args[0] if args else None)
+    if mask is not None or kwargs.get("is_causal") or S < 2:
+        return plain(query, key, value, *args, **kwargs)
+    order = torch.randperm(S, device=key.device)
+    return plain(query, key[..., order, :], value[..., order, :], *args, **kwargs)
+
+
+#: planted kernel -> the property that must catch it.
+CAUGHT_BY: dict[str, str] = {
+    "forgets_scale": "default-scale",
+    "ignores_is_causal": "causal-top-left",
+    "top_left_for_bottom_right": "causal-bias-objects",
+    "materialises_scores": "no-score-matrix",
+    "causal_off_by_one": "causal-top-left",
+    "gqa_heads_tiled": "gqa",
+    "mask_polarity_inverted": "bool-mask",
+    "float_mask_ignored": "float-mask",
+    "nan_on_empty_rows": "empty-rows-give-zeros",
+    "dropout_unscaled": "dropout-rate",
+    "low_precision_accumulation": "decode",  # S = 300 in the quick tier; "forward" at S = 1031
+    "wrong_key_gradient": "gradients",
+    "nondeterministic": "deterministic",
+}

@@ -1,0 +1,211 @@
+"""The attention conformance tool, tested: torch passes it, every planted bug is caught.
+
+A check is trusted only once it has been seen to catch a planted fault, so
+``planted_kernels.py`` holds kernels with one bug each (a forgotten scale, causal off by
+one, a score matrix in memory, ...) and each must FAIL the property named for it in the
+default (quick) run, while ``torch.nn.functional.scaled_dot_product_attention`` itself
+passes every core and memory property. The command line, the report and the pytest
+plugin are tested as a kernel author meets them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import planted_kernels
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformer.cli import main
+from transformer.conformance import PROPERTIES, Settings, run
+from transformer.conformance.compare import judge
+
+spec = functools.partial(pytest.mark.spec, component="conformance")
+QUICK = Settings("quick", (torch.float32, torch.bfloat16))
+HERE = Path(__file__).parent
+
+
+@spec(section="torch", kind="equivalence")
+def test_torch_sdpa_passes_every_core_and_memory_property() -> None:
+    """torch's own ``scaled_dot_product_attention`` passes every core and memory property (the suite's core is torch's documented semantics)."""
+    report = run(F.scaled_dot_product_attention, QUICK)
+    bad = {
+        p.prop.name: p.status
+        for p in report.properties
+        if p.prop.section in ("core", "memory") and p.status not in ("PASS", "NOT RUN")
+    }
+    assert bad == {}
+    assert report.exit_code() == 0
+
+
+@spec(section="extra", kind="property")
+@pytest.mark.parametrize(("name", "caught_by"), sorted(planted_kernels.CAUGHT_BY.items()))
+def test_every_planted_bug_is_caught_by_its_property(name: str, caught_by: str) -> None:
+    """Each planted-bug kernel FAILs the property named for its bug in the quick tier, and a core or memory failure makes the exit status 1."""
+    report = run(getattr(planted_kernels, name), QUICK)
+    failed = [p.prop.name for p in report.failures()]
+    assert caught_by in failed, f"{name} was not caught by {caught_by}; failures: {failed}"
+    section = PROPERTIES[caught_by].section
+    assert report.exit_code(strict=section == "extensions") == 1
+
+
+@spec(section="extra", kind="property")
+@pytest.mark.parametrize(
+    ("name", "root"),
+    [
+        ("forgets_scale", "default-scale"),
+        ("ignores_is_causal", "causal-top-left"),
+        ("top_left_for_bottom_right", "causal-bias-objects"),
+        ("materialises_scores", "no-score-matrix"),
+    ],
+)
+def test_report_names_the_broken_property_first(name: str, root: str, tmp_path: Path) -> None:
+    """The report's first failure is the root cause (a forgotten scale is "default-scale", not the many equivalence cases it breaks), in the Markdown and the JSON."""
+    code = main(
+        [
+            "conform",
+            f"planted_kernels:{name}",
+            "--tier",
+            "quick",
+            "--report",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
+    assert code == 1
+    data = json.loads((tmp_path / "conformance.json").read_text())
+    assert data["root_cause"] == root
+    assert f"Start here: **{root}**" in (tmp_path / "conformance.md").read_text()
+
+
+@spec(section="extra", kind="shape")
+def test_failure_names_case_worst_element_values_and_bound() -> None:
+    """A failure gives the property's sentence, then the case (shapes, dtype, flags), the worst element's index, both values, and the error against its bound."""
+    report = run(
+        planted_kernels.ignores_is_causal,
+        Settings("quick", (torch.float32,)),
+        properties=["causal-top-left"],
+    )
+    (result,) = report.properties
+    detail = result.first("FAIL").detail  # type: ignore[union-attr]
+    assert "output[" in detail and "expected" in detail and "> bound" in detail
+    assert (
+        "case: query (2, 2, 17, 32)" in detail and "is_causal=True" in detail and "fp32" in detail
+    )
+
+
+@spec(section="extra", kind="equivalence")
+def test_bound_is_twice_the_reference_error_plus_one_rounding() -> None:
+    """FlashAttention's rule: in fp64, an error of 1.5x the reference math's own error passes, 3x fails."""
+    exact = torch.linspace(-1, 1, 101, dtype=torch.float64)
+    ref_low = exact + 0.01
+    assert judge("out", exact + 0.015, exact, ref_low) is None
+    mismatch = judge("out", exact + 0.03, exact, ref_low)
+    assert mismatch is not None and mismatch.error == pytest.approx(0.03)
+
+
+def _refuses_everything(*args: object, **kwargs: object) -> torch.Tensor:
+    raise NotImplementedError("this kernel only prints")
+
+
+@spec(section="extra", kind="error")
+def test_a_refusing_kernel_is_unsupported_and_fails_only_under_strict() -> None:
+    """A kernel that raises NotImplementedError is UNSUPPORTED (not FAIL) everywhere but the errors section; the exit status is 0, and 1 with ``--strict``."""
+    report = run(_refuses_everything, Settings("quick", (torch.float32,)))
+    statuses = {p.prop.section: set() for p in report.properties}
+    for p in report.properties:
+        statuses[p.prop.section].add(p.status)
+    assert statuses["core"] == {"UNSUPPORTED"} and statuses["extensions"] == {"UNSUPPORTED"}
+    assert report.exit_code() == 0 and report.exit_code(strict=True) == 1
+
+
+@spec(section="extra", kind="error")
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["nowhere.module:fn"], "TARGET"),
+        (["torch.nn.functional:scaled_dot_product_attention", "--dtypes", "fp8"], "--dtypes"),
+        ([], "either TARGET"),
+        (["--kernel", "nope"], "--kernel"),
+    ],
+)
+def test_conform_refuses_bad_arguments_before_running(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``transformer conform`` checks the target, the dtypes and the kernel name before any case runs, exits 2 and names the flag."""
+    assert main(["conform", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@spec(section="extra", kind="error")
+def test_conform_never_overwrites_a_report_without_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A report folder that already holds a report is refused (naming ``--force``), and left as it was."""
+    (tmp_path / "conformance.md").write_text("mine")
+    target = "torch.nn.functional:scaled_dot_product_attention"
+    assert main(["conform", target, "--report", str(tmp_path), "--properties", "output-shape"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / "conformance.md").read_text() == "mine"
+    assert (
+        main(
+            [
+                "conform",
+                target,
+                "--report",
+                str(tmp_path),
+                "--properties",
+                "output-shape",
+                "--force",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert "output-shape" in (tmp_path / "conformance.md").read_text()
+
+
+@spec(section="extra", kind="shape")
+def test_pytest_plugin_runs_the_suite_on_an_outside_kernel_from_an_empty_folder(
+    tmp_path: Path,
+) -> None:
+    """``pytest --attention-kernel package.module:function`` in a folder without tests collects the suite through the entry point and fails on the planted bug."""
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    args = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--attention-kernel",
+        "planted_kernels:forgets_scale",
+        "--conformance-dtypes",
+        "fp32",
+        "-k",
+        "default-scale or output-shape",
+    ]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "default-scale" in proc.stdout and "no scale at all" in proc.stdout
+    assert "4 passed" in proc.stdout  # the output-shape cases, in fp32
+
+
+@spec(section="extra", kind="error")
+def test_without_the_option_the_plugin_adds_nothing(tmp_path: Path) -> None:
+    """Installed, the plugin is inert: a pytest run without ``--attention-kernel`` collects no conformance case."""
+    (tmp_path / "test_one.py").write_text("def test_one():\n    pass\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout

@@ -1,0 +1,119 @@
+"""Dropout properties: the drop rate is p, kept weights are scaled by 1/(1-p), a seed reproduces.
+
+Dropout acts on the attention weights (torch's SDPA: "Dropout probability; if greater
+than 0.0, dropout is applied"), so it is observed through a probe: with all scores equal
+(query and key zero) every weight is ``1/S``, and with value the identity ``(S, S)``
+each output element *is* one weight: ``0`` where it was dropped, ``1 / (S (1 - p))``
+where kept. The drop count is binomial, so the observed rate must lie within five
+standard deviations of ``p``.
+
+Notation: L query length, S key length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from transformer.conformance.case import (
+    Case,
+    Failure,
+    Kernel,
+    Settings,
+    build_inputs,
+    call_kernel,
+    invoke,
+)
+from transformer.conformance.checks import kernel_gradients, upstream_for
+from transformer.conformance.core import bhle, per_dtype
+from transformer.conformance.registry import conformance_property
+
+_SDPA = "torch.nn.functional.scaled_dot_product_attention docs (dropout_p)"
+_SIGMAS = 5.0
+
+
+def _rate_cases(settings: Settings) -> list[Case]:
+    return per_dtype(
+        settings,
+        [
+            Case(q=(4, 2, 64, 8), k=(4, 2, 64, 8), v=(4, 2, 64, 64), dropout_p=p, grads=False)
+            for p in (0.1, 0.5)
+        ],
+    )
+
+
+@conformance_property(
+    "dropout-rate",
+    section="core",
+    rank=80,
+    source=f"{_SDPA}; FlashAttention tests (dropout fraction)",
+    kind="property",
+    cases=_rate_cases,
+)
+def dropout_rate(kernel: Kernel, case: Case, device: str) -> str | None:
+    """Dropout drops each attention weight with probability ``p`` (the observed rate lies within a binomial bound) and scales the kept ones by ``1/(1-p)``."""
+    S, p = case.S, case.dropout_p
+    zeros = torch.zeros(case.q, dtype=case.dtype, device=device)
+    keys = torch.zeros(case.k, dtype=case.dtype, device=device)
+    eye = torch.eye(S, dtype=case.dtype, device=device).expand(case.v).contiguous()
+    out = invoke(lambda: kernel(zeros, keys, eye, dropout_p=p))
+    weights = out.detach().double().cpu()
+    n = weights.numel()
+    dropped = int((weights == 0).sum())
+    rate, spread = dropped / n, _SIGMAS * math.sqrt(p * (1 - p) / n) + 1 / n
+    if abs(rate - p) > spread:
+        raise Failure(
+            f"{dropped} of {n} weights dropped: rate {rate:.4f}, expected {p} +- {spread:.4f}"
+            f"\n    case: {case.describe()}"
+        )
+    kept = weights[weights != 0]
+    want = 1.0 / (S * (1.0 - p))
+    tol = 4 * torch.finfo(case.dtype).eps * want
+    worst = (kept - want).abs().max().item() if kept.numel() else 0.0
+    if worst > tol:
+        raise Failure(
+            f"kept weights are not scaled by 1/(1-p): a kept weight is "
+            f"{kept[(kept - want).abs().argmax()].item():.6g}, expected 1/(S(1-p)) = {want:.6g}"
+            f"\n    case: {case.describe()}"
+        )
+    return f"observed drop rate {rate:.4f} for p={p}"
+
+
+def _seed_cases(settings: Settings) -> list[Case]:
+    return per_dtype(settings, [bhle(2, 3, 33, 47, 16, dropout_p=0.3)])
+
+
+def _seeded_run(kernel: Kernel, case: Case, device: str, seed: int) -> list[torch.Tensor]:
+    inputs = build_inputs(case, device)
+    torch.manual_seed(seed)
+    out = call_kernel(kernel, case, inputs)
+    grads = kernel_gradients(out, inputs, upstream_for(out, case.seed))
+    return [out.detach()] + [g for g in grads if g is not None]
+
+
+@conformance_property(
+    "dropout-seed",
+    section="core",
+    rank=81,
+    source=f"{_SDPA}; torch.manual_seed",
+    kind="property",
+    cases=_seed_cases,
+)
+def dropout_seed(kernel: Kernel, case: Case, device: str) -> str | None:
+    """With ``dropout_p > 0`` the same ``torch.manual_seed`` gives bit-identical outputs and gradients, and another seed gives another output."""
+    first = _seeded_run(kernel, case, device, 1234)
+    again = _seeded_run(kernel, case, device, 1234)
+    other = _seeded_run(kernel, case, device, 4321)
+    for name, a, b in zip(
+        ["output", "grad of query", "grad of key", "grad of value"], first, again, strict=False
+    ):
+        if not torch.equal(a, b):
+            raise Failure(
+                f"{name} differs between two calls after torch.manual_seed(1234)\n    case: {case.describe()}"
+            )
+    if torch.equal(first[0], other[0]):
+        raise Failure(
+            f"seeds 1234 and 4321 give the same output: dropout ignores the seed\n    case: {case.describe()}"
+        )
+    return None

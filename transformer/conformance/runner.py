@@ -1,0 +1,171 @@
+"""Run the properties against one kernel and collect what happened, case by case.
+
+:func:`run` is the whole suite as a function: ``run(kernel, Settings(...))`` returns a
+:class:`Report`. The command line (``transformer conform``) and the pytest plugin both
+call :func:`run_case`, so a case means the same thing under either.
+
+Statuses: a case PASSes, FAILs (:class:`~transformer.conformance.case.Failure`: the
+kernel broke the property, or raised something other than a refusal), is UNSUPPORTED
+(the kernel refused the feature) or "PASS (forward only)" (right output, backward refused). A property FAILs when any case fails, PASSes when
+none fails and some pass, and is UNSUPPORTED when every case was refused. In the errors
+section a failure is shown as SILENT: the kernel answered bad input instead of refusing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from transformer.conformance.case import (
+    BackwardUnsupported,
+    Case,
+    Failure,
+    Kernel,
+    Settings,
+    Unsupported,
+)
+from transformer.conformance.registry import PROPERTIES, SECTIONS, Property
+
+__all__ = ["CaseResult", "PropertyResult", "Report", "load_kernel", "run", "run_case"]
+
+PASS, FAIL, UNSUPPORTED, SILENT = "PASS", "FAIL", "UNSUPPORTED", "SILENT"
+#: Every case that ran had a right forward and a refused backward.
+FORWARD_ONLY = "PASS (forward only)"
+#: Sections whose failures make the exit status non-zero (``--strict`` adds the others).
+COUNTED = ("core", "memory")
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """What one case gave: status, the failure's or refusal's text, a note, seconds."""
+
+    case: Case
+    status: str
+    detail: str
+    seconds: float
+
+
+@dataclass
+class PropertyResult:
+    """Every case of one property."""
+
+    prop: Property
+    results: list[CaseResult] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def status(self) -> str:
+        """FAIL (SILENT in the errors section) if any case failed, else PASS if any passed."""
+        if self.count(FAIL):
+            return SILENT if self.prop.section == "errors" else FAIL
+        if self.count(PASS):
+            return PASS
+        if self.count(FORWARD_ONLY):
+            return FORWARD_ONLY
+        return UNSUPPORTED if self.results else "NOT RUN"
+
+    def first(self, status: str) -> CaseResult | None:
+        return next((r for r in self.results if r.status == status), None)
+
+
+@dataclass
+class Report:
+    """A run's results, property by property, with what was run and where."""
+
+    target: str
+    settings: Settings
+    properties: list[PropertyResult]
+    seconds: float
+    torch_version: str = torch.__version__
+
+    def in_section(self, section: str) -> list[PropertyResult]:
+        return [p for p in self.properties if p.prop.section == section]
+
+    def failures(self) -> list[PropertyResult]:
+        """FAILing properties, the most fundamental first (the likely root cause leads).
+
+        SILENT (errors section) is not a failure of semantics and is listed apart.
+        """
+        return sorted((p for p in self.properties if p.status == FAIL), key=lambda p: p.prop.rank)
+
+    def silent(self) -> list[PropertyResult]:
+        """Errors-section properties where the kernel answered bad input."""
+        return [p for p in self.properties if p.status == SILENT]
+
+    def exit_code(self, strict: bool = False) -> int:
+        """1 when a core or memory property FAILs; ``strict`` also fails on any FAIL or UNSUPPORTED."""
+        for p in self.properties:
+            if p.status == FAIL and (strict or p.prop.section in COUNTED):
+                return 1
+            if strict and p.status in (UNSUPPORTED, FORWARD_ONLY):
+                return 1
+        return 0
+
+
+def run_case(prop: Property, kernel: Kernel, case: Case, device: str) -> CaseResult:
+    """Check one case; never raises for what the kernel does (it is recorded instead)."""
+    start = time.perf_counter()
+    try:
+        note = prop.check(kernel, case, device)
+        status, detail = PASS, note or ""
+    except Failure as failure:
+        status, detail = FAIL, str(failure)
+    except BackwardUnsupported as refusal:
+        status, detail = FORWARD_ONLY, str(refusal)
+    except Unsupported as refusal:
+        status, detail = UNSUPPORTED, str(refusal)
+    finally:
+        # A failed case may leave a CUDA error or a pending allocation behind.
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return CaseResult(case, status, detail, time.perf_counter() - start)
+
+
+def selected(names: Iterable[str] | None = None) -> list[Property]:
+    """The properties to run, in report order (by section, then rank)."""
+    chosen = list(PROPERTIES.values()) if names is None else [PROPERTIES[n] for n in names]
+    order = list(SECTIONS)
+    return sorted(chosen, key=lambda p: (order.index(p.section), p.rank))
+
+
+def run(
+    kernel: Kernel,
+    settings: Settings,
+    *,
+    target: str = "",
+    properties: Iterable[str] | None = None,
+    progress: Callable[[PropertyResult], None] | None = None,
+) -> Report:
+    """Run every selected property's cases against ``kernel``; ``progress`` sees each property's result."""
+    start = time.perf_counter()
+    results = []
+    for prop in selected(properties):
+        result = PropertyResult(prop)
+        for case in prop.cases(settings):
+            result.results.append(run_case(prop, kernel, case, settings.device))
+        results.append(result)
+        if progress is not None:
+            progress(result)
+    return Report(target, settings, results, time.perf_counter() - start)
+
+
+def load_kernel(spec: str) -> Kernel:
+    """The function named by ``package.module:function`` (``ValueError`` if it cannot be loaded)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"kernel must be given as package.module:function, got {spec!r}")
+    try:
+        obj: object = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"kernel {spec!r} cannot be loaded: {err}") from err
+    if not callable(obj):
+        raise ValueError(f"kernel {spec!r} is a {type(obj).__name__}, not a function")
+    return obj  # type: ignore[return-value,unused-ignore]
