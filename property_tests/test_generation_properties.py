@@ -3,7 +3,10 @@
 * cached decode equals full decode: greedy decoding with the KV cache returns exactly the
   tokens of re-decoding the whole prefix at every step;
 * one beam is greedy: ``beam_search(beam_size=1)`` returns what ``greedy_decode`` returns;
-* batch independence: a row decodes the same alone and inside a batch.
+* batch independence: a row decodes the same alone and inside a batch;
+* sampling is a function of its generator: the same seed gives the same tokens, with or
+  without the KV cache, every token is a real one (never padding before the EOS), and
+  ``top_k=1`` is greedy decoding.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
 
-from transformer.generate import beam_search, greedy_decode
+from transformer.generate import beam_search, greedy_decode, sample_decode
 from transformer.model import Seq2SeqTransformer
 
 spec = functools.partial(pytest.mark.spec, component="generation", section="extra", kind="property")
@@ -104,3 +107,46 @@ def test_a_row_decodes_the_same_alone_and_in_a_batch(
         alone = beam_search(model, src[b : b + 1, :n], max_len, BOS, EOS, beam_size=beam_size)[0]
         assert torch.equal(batch[b, : alone.numel()], alone)
         assert bool((batch[b, alone.numel() :] == PAD).all())
+
+
+@spec()
+@given(
+    decoding_cases(),
+    st.integers(0, 2**16),
+    st.floats(0.1, 3.0),
+    st.one_of(st.none(), st.integers(1, V)),
+    st.one_of(st.none(), st.floats(0.05, 1.0)),
+)
+def test_sampling_is_a_function_of_the_generator_and_draws_real_tokens(
+    case: tuple[Seq2SeqTransformer, Tensor, int, float],
+    seed: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+) -> None:
+    """``sample_decode`` with one generator seed returns the same tokens twice and with or without the KV cache; its tokens are in the vocabulary, padding only after an EOS; with ``top_k=1`` it returns the greedy tokens."""
+    model, src, max_len, bias = case
+    model = with_eos_bias(model, bias)
+
+    def draw(use_cache: bool = True, **kw: object) -> Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        args = {"temperature": temperature, "top_k": top_k, "top_p": top_p, **kw}
+        return sample_decode(
+            model,
+            src,
+            max_len,
+            BOS,
+            EOS,
+            generator=gen,
+            use_cache=use_cache,
+            **args,  # type: ignore[arg-type]
+        )
+
+    out = draw()
+    assert torch.equal(draw(), out)
+    assert torch.equal(draw(use_cache=False), out)
+    assert bool(((out >= 0) & (out < V)).all())
+    for row in out.tolist():
+        end = row.index(EOS) + 1 if EOS in row else len(row)
+        assert PAD not in row[:end] and all(t == PAD for t in row[end:]), row
+    assert torch.equal(draw(top_k=1, top_p=None), greedy_decode(model, src, max_len, BOS, EOS))

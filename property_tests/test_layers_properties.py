@@ -186,3 +186,29 @@ def test_each_row_equals_its_unpadded_sequence_run_alone(case: Case) -> None:
     for b, (s, t) in enumerate(zip(case.src_lens, case.tgt_lens, strict=True)):
         alone = model(src[b, :s], tgt[b, :t], tgt_mask=future_mask(t))  # (t, E)
         assert_close(out[b, :t], alone, msg=f"row {b}")
+
+
+@spec(section="torch")
+@given(cases(), st.booleans(), st.booleans())
+def test_fast_path_switches_change_no_output(
+    case: Case, enable_nested_tensor: bool, mask_check: bool
+) -> None:
+    """An encoder stack built with any of torch's fast-path switches ``enable_nested_tensor`` / ``mask_check`` gives exactly the output of the default stack with the same weights, in eval mode without gradients (where torch would take its fast path)."""
+    model = ours_model(case)
+    encoder = model.encoder
+    assert isinstance(encoder, layers.TransformerEncoder)
+    switched = layers.TransformerEncoder(
+        encoder.layers[0],
+        encoder.num_layers,
+        encoder.norm,
+        enable_nested_tensor=enable_nested_tensor,
+        mask_check=mask_check,
+    )
+    switched.load_state_dict(encoder.state_dict())
+    src, _ = batch(case)
+    if not case.batch_first:
+        src = src.transpose(0, 1)
+    kpm = key_padding(case.src_lens, case.S)
+    with torch.no_grad():
+        expected = encoder.eval()(src, src_key_padding_mask=kpm)
+        assert torch.equal(switched.eval()(src, src_key_padding_mask=kpm), expected)

@@ -1,4 +1,4 @@
-"""The attention benchmark (``transformer bench attention``, SPEC §7): report schema, files, errors.
+"""The attention benchmark (``transformer bench attention``): report schema, files, errors, memory.
 
 Benchmarks measure and never assert on time; these tests run them at tiny sizes and
 pin what a user relies on: the JSON report's fields, the plot, skipped combinations
@@ -35,6 +35,7 @@ ROW_FIELDS = {
     "percent_of_peak",
     "ratio_to_torch_sdpa",
     "peak_memory_mib",
+    "memory_note",
     "skipped",
 }
 
@@ -412,3 +413,111 @@ def test_cuda_flash_bench_runs_end_to_end_as_a_cpu_dry_run(
     if not torch.cuda.is_available():
         assert _load_cuda_flash_bench().main(["--seq-lens", "32"]) == 2  # type: ignore[attr-defined]
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def _planted_kernel(L: int, S: int, on_worker: bool):  # type: ignore[no-untyped-def]
+    """A kernel that holds an (L, S) fp32 buffer for a moment (on a worker thread if asked), then returns the reference's answer."""
+    import threading
+
+    import torch
+
+    def planted(query, key, value, **kwargs):  # type: ignore[no-untyped-def]
+        def hold() -> None:
+            buffer = torch.ones(L, S)  # (L, S): freed before the kernel returns
+            buffer.mul_(2.0)
+
+        if on_worker:
+            worker = threading.Thread(target=hold)
+            worker.start()
+            worker.join()
+        else:
+            hold()
+        return attention.reference_attention(query, key, value, **kwargs)
+
+    return planted
+
+
+@spec(kind="property")
+@pytest.mark.parametrize("on_worker", [False, True], ids=["calling-thread", "worker-thread"])
+def test_cpu_peak_memory_counts_a_buffer_a_kernel_frees_before_returning(
+    monkeypatch: pytest.MonkeyPatch, on_worker: bool
+) -> None:
+    """The CPU peak-memory column counts every allocation a kernel makes through torch's allocator, also one it frees before returning and also one made on a worker thread: a kernel that holds an L x S fp32 buffer internally reports at least L * S * 4 bytes, where its output alone is 64 times smaller."""
+    monkeypatch.setattr(attention, "_KERNELS", dict(attention._KERNELS))
+    L = S = 512
+    attention.register_kernel("planted", _planted_kernel(L, S, on_worker))
+    report = run_attention_bench(
+        kernels=("planted",), dtypes=("fp32",), modes=("fwd",), causal=(False,), log=None,
+        **{**TINY, "seq_lens": (L,)},
+    )  # fmt: skip
+    rows = {r["kernel"]: r for r in report["rows"]}
+    planted = rows["planted"]
+    assert planted["peak_memory_mib"] >= L * S * 4 / 2**20, planted
+    assert planted["memory_note"] is None  # a Python kernel: all its buffers are tensors
+
+
+@spec(kind="property")
+def test_cpu_peak_memory_counts_the_chunked_kernels_tile_buffers_on_its_worker_threads() -> None:
+    """With two torch threads the chunked kernel runs its tiles on worker threads; the peak still includes their score tiles, so it exceeds the output (B, H, L, E) alone."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        call = bench.make_attention_call("chunked", batch=2, heads=4, seq_len=1024, head_dim=64)
+        call()
+        peak = bench.cpu_peak_bytes(call)
+    finally:
+        torch.set_num_threads(threads)
+    output = 2 * 4 * 1024 * 64 * 4
+    assert peak is not None and peak > 2 * output, (peak, output)
+
+
+@spec(kind="property")
+def test_cpu_memory_measurement_keeps_allocator_and_profiler_logs_off_the_terminal(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Measuring CPU peak memory prints nothing to stdout or stderr: c10's per-allocation log lines go to a temporary file and are parsed there, and no profiler banner is written."""
+    import torch
+
+    def allocate() -> None:
+        torch.ones(256, 256).sum()
+
+    capfd.readouterr()
+    assert bench.cpu_peak_bytes(allocate) >= 256 * 256 * 4  # type: ignore[operator]
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)
+
+
+@spec(kind="shape")
+def test_torch_candidates_peak_memory_is_marked_as_possibly_missing_fused_scratch() -> None:
+    """Rows of torch's fused candidates (torch-sdpa, the "torch" kernel) carry a memory note, shown as a footnote mark after their figure and a footnote line in the table; the Python kernels' rows carry none, and the table states the method."""
+    report = run_attention_bench(
+        kernels=("torch", "reference"), dtypes=("fp32",), modes=("fwd",), causal=(False,),
+        log=None, **{**TINY, "seq_lens": (16,)},
+    )  # fmt: skip
+    rows = {r["kernel"]: r for r in report["rows"]}
+    assert rows["torch-sdpa"]["memory_note"] == rows["torch"]["memory_note"] == bench.FUSED_NOTE
+    assert rows["reference"]["memory_note"] is None
+    table = format_table(report).splitlines()
+    (sdpa_line,) = [t for t in table if t.startswith("torch-sdpa ")]
+    (ref_line,) = [t for t in table if t.startswith("reference ")]
+    assert sdpa_line.endswith("*") and not ref_line.endswith("*")
+    assert f"* {bench.FUSED_NOTE}" in table
+    assert f"peak MiB: {bench.CPU_MEMORY_METHOD}" in table
+
+
+@spec(kind="shape")
+def test_torch_wrapper_bench_reports_ratios_to_raw_sdpa_and_writes_json(tmp_path: Path) -> None:
+    """``transformer bench torch-wrapper`` times raw torch SDPA, the "torch" kernel function and the front door with kernel="torch" side by side and writes, per length and causal flag, each one's median time and median ratio to raw SDPA (raw SDPA's own ratio is 1)."""
+    code = main(["bench", "torch-wrapper", "--seq-lens", "16", "--batch", "1", "--heads", "1",
+                 "--head-dim", "4", "--rounds", "1", "--min-run-time", "0.01",
+                 "--out", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    report = json.loads((tmp_path / "torch-wrapper-cpu.json").read_text())
+    assert [(r["seq_len"], r["causal"]) for r in report["rows"]] == [(16, False), (16, True)]
+    for row in report["rows"]:
+        assert row["sdpa_ratio"] == row["sdpa_best_ratio"] == 1.0
+        for name in bench.WRAPPER_CANDIDATES:
+            assert row[f"{name}_ms"] > 0 and row[f"{name}_ratio"] > 0, row
+    assert main(["bench", "torch-wrapper", "--rounds", "0"]) == 2

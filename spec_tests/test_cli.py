@@ -616,3 +616,87 @@ def test_demo_at_a_tiny_size_runs_its_four_stages_and_reports_unmet_goals(
     max_len = meta["max_target_len"] + 8
     ids = translate(model, tokenizer, [src for src, _ in shown], max_len=max_len)
     assert [got for _, got in shown] == [tokenizer.decode(row) for row in ids]
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+@spec(kind="equivalence")
+def test_generate_samples_what_sample_decode_draws_with_the_seeded_generator(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`generate --temperature T --top-k K --top-p P --seed N` prints what ``sample_decode`` draws with ``torch.Generator().manual_seed(N)``; the same seed prints the same lines, and ``--temperature 0`` prints the greedy lines."""
+    from transformer.data import pad_sequences
+    from transformer.generate import sample_decode
+
+    texts = ["a b c", "j", "d e"]
+    flags = ["--temperature", "1.7", "--top-k", "5", "--top-p", "0.9", "--seed", "3"]
+    run = ["generate", "--checkpoint", str(trained_run), *texts, "--max-len", "9"]
+    capsys.readouterr()
+    assert main([*run, *flags]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert main([*run, *flags]) == 0
+    assert capsys.readouterr().out.splitlines() == printed
+
+    model, meta = load_checkpoint(trained_run / "checkpoint")
+    tokenizer = Tokenizer.from_str(meta["tokenizer"])
+    src = pad_sequences([tokenizer.encode(t) for t in texts], tokenizer.pad_id)
+    gen = torch.Generator().manual_seed(3)
+    out = sample_decode(
+        model, src, 9, tokenizer.bos_id, tokenizer.eos_id,
+        temperature=1.7, top_k=5, top_p=0.9, generator=gen,
+    )  # fmt: skip
+    assert printed == [tokenizer.decode(row) for row in out]
+
+    assert main([*run, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out.splitlines()
+    assert main(run) == 0
+    assert greedy == capsys.readouterr().out.splitlines()
+
+
+@spec(kind="error")
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--temperature", "-1"], "--temperature: must be a non-negative number, got '-1'"),
+        (["--temperature", "warm"], "--temperature: must be a non-negative number, got 'warm'"),
+        (["--top-k", "0"], "--top-k: must be a positive integer, got '0'"),
+        (["--top-p", "1.5"], r"--top-p: must be a number in \(0, 1\], got '1.5'"),
+        (["--top-p", "0"], r"--top-p: must be a number in \(0, 1\], got '0'"),
+        (["--seed", "-2"], "--seed: must be a non-negative integer, got '-2'"),
+    ],
+)
+def test_bad_sampling_flags_end_with_one_line_and_status_2(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad --temperature, --top-k, --top-p or --seed prints one 'transformer: error:' line naming the flag and the value and exits 2, before any checkpoint is read."""
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--checkpoint", "no/such/run", "x", *flags])
+    assert info.value.code == 2
+    assert re.search(message, _one_line_error(capsys))
+
+
+@spec(kind="error")
+def test_beam_search_with_sampling_flags_is_refused_before_reading_the_checkpoint(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`generate --beam-size 4 --top-k 5` exits 1 with one line saying that beam search does not combine with the sampling flags, before looking for the checkpoint (which does not exist)."""
+    argv = ["generate", "--checkpoint", "no/such/run", "x", "--beam-size", "4", "--top-k", "5"]
+    assert main(argv) == 1
+    line = _one_line_error(capsys)
+    assert "--beam-size cannot be combined with --temperature, --top-k or --top-p" in line
+
+
+@spec(kind="shape")
+def test_generate_help_documents_every_sampling_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """`generate --help` lists --temperature, --top-k, --top-p and --seed, each with its help text."""
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, words in (
+        ("--temperature", "0 = greedy"),
+        ("--top-k", "K most probable tokens"),
+        ("--top-p", "nucleus"),
+        ("--seed", "same seed, same output"),
+    ):
+        assert flag in text and words in text, flag

@@ -140,7 +140,7 @@ def test_dropout_acts_after_the_activation() -> None:
 
 @spec(kind="error")
 def test_bad_arguments_raise_errors_naming_them() -> None:
-    """Non-positive sizes, dropout outside [0, 1] and unknown activation names raise ValueError naming the argument; a non-callable activation raises TypeError."""
+    """Non-positive sizes, dropout outside [0, 1] and unknown activation names raise ValueError naming the argument; a size or dropout of the wrong type (a float size, a str dropout) and a non-callable activation raise TypeError naming it and the value."""
     with pytest.raises(ValueError, match=r"d_model must be a positive int, got 0"):
         FeedForward(0, FF)
     with pytest.raises(ValueError, match=r"dim_feedforward must be a positive int, got -3"):
@@ -153,6 +153,10 @@ def test_bad_arguments_raise_errors_naming_them() -> None:
         FeedForward(E, FF, activation="swish")
     with pytest.raises(TypeError, match=r"activation must be a str or a callable, got NoneType"):
         FeedForward(E, FF, activation=None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"dropout must be a real number in \[0, 1\], got str 'x'"):
+        FeedForward(E, FF, dropout="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"dim_feedforward must be an int, got float 8\.0"):
+        FeedForward(E, 8.0)  # type: ignore[arg-type]
 
 
 @spec(kind="error")

@@ -1,13 +1,15 @@
 """Spec of token-by-token generation: greedy decoding, beam search and the KV cache.
 
-``greedy_decode`` and ``beam_search`` (module ``transformer.generate``) feed the decoder
-its own outputs one token at a time. The suite pins: the KV cache changes nothing (the
+``greedy_decode``, ``beam_search`` and ``sample_decode`` (module ``transformer.generate``)
+feed the decoder its own outputs one token at a time. The suite pins: the KV cache changes nothing (the
 tokens of a cached run are exactly those of re-decoding the whole prefix at each step,
 and a cached step's logits equal the teacher-forced ones); the result format (no BOS,
 EOS kept, ``pad_id`` after it); batch elements finish independently; beam search with
 one beam is greedy decoding; a wide enough beam finds the best sequence under GNMT's
 length-penalised objective (paper section 6.1), which the test computes by brute force;
-and the errors on bad arguments.
+the padding token is never generated, even by a model that prefers it above all; sampling
+stays inside the top-k and the nucleus, follows ``softmax(logits / T)``, is greedy at
+``T = 0`` and is reproducible with a ``torch.Generator``; and the errors on bad arguments.
 
 Random models do not end sequences by themselves, so tests push the EOS logit up
 through the output bias until the rows of a batch end at different steps.
@@ -24,7 +26,15 @@ import pytest
 import torch
 from torch import Tensor
 
-from transformer.generate import CachedDecoder, FullDecoder, beam_search, greedy_decode
+from transformer.generate import (
+    CachedDecoder,
+    FullDecoder,
+    beam_search,
+    filter_logits,
+    greedy_decode,
+    sample_decode,
+    sample_next,
+)
 from transformer.model import Seq2SeqTransformer
 from transformer.testing import assert_close
 
@@ -76,6 +86,17 @@ def sources(seed: int, lengths: list[int], vocab: int = V) -> Tensor:
 def eos_steps(tokens: Tensor) -> list[int | None]:
     """1-based step at which each row generated EOS (``None``: it never did)."""
     return [int(row.tolist().index(EOS)) + 1 if EOS in row.tolist() else None for row in tokens]
+
+
+def run_search(search: str, model: Seq2SeqTransformer, src: Tensor, max_len: int) -> Tensor:
+    """``greedy``, ``beam`` (3 beams) or ``sample`` (temperature 1, generator seed 0)."""
+    if search == "greedy":
+        return greedy_decode(model, src, max_len, BOS, EOS)
+    if search == "beam":
+        return beam_search(model, src, max_len, BOS, EOS, beam_size=3)
+    assert search == "sample"
+    gen = torch.Generator().manual_seed(0)
+    return sample_decode(model, src, max_len, BOS, EOS, generator=gen)
 
 
 def end_rows_at_different_steps(
@@ -175,7 +196,7 @@ def test_cached_beam_search_returns_the_tokens_of_uncached_beam_search(seed: int
 
 
 @spec(kind="shape")
-@pytest.mark.parametrize("search", ["greedy", "beam"])
+@pytest.mark.parametrize("search", ["greedy", "beam", "sample"])
 def test_result_starts_after_bos_keeps_eos_and_is_padded_after_it(search: str) -> None:
     """Each row starts with the first generated token (no BOS), holds no padding before its EOS, keeps the EOS, holds only ``pad_id`` after it, and the width is that of the longest row (<= ``max_len``)."""
     model = make_model(6)
@@ -185,7 +206,7 @@ def test_result_starts_after_bos_keeps_eos_and_is_padded_after_it(search: str) -
     if search == "greedy":
         out = greedy_decode(model, src, max_len, BOS, EOS)
     else:
-        out = beam_search(model, src, max_len, BOS, EOS, beam_size=3)
+        out = run_search(search, model, src, max_len)
         steps = eos_steps(out)
     assert out.dtype == torch.int64
     lengths = [max_len if s is None else s for s in steps]
@@ -344,15 +365,17 @@ def test_length_penalty_changes_which_length_wins() -> None:
 
 @spec(kind="error")
 def test_bad_arguments_raise_errors_naming_them() -> None:
-    """``max_len < 1``, ``beam_size < 1``, a negative length penalty, BOS/EOS outside the vocabulary and a source that is not 2-D integer ids raise ``ValueError``/``TypeError`` naming the argument."""
+    """``max_len < 1``, ``beam_size < 1``, a negative or non-numeric length penalty, BOS/EOS outside the vocabulary and a source that is not 2-D integer ids raise ``ValueError``/``TypeError`` naming the argument."""
     model = make_model(0)
     src = sources(1, [3])
-    with pytest.raises(ValueError, match="max_len must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="max_len must be a positive int, got 0"):
         greedy_decode(model, src, 0, BOS, EOS)
-    with pytest.raises(ValueError, match="beam_size must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="beam_size must be a positive int, got 0"):
         beam_search(model, src, 5, BOS, EOS, beam_size=0)
     with pytest.raises(ValueError, match="length_penalty must be a number >= 0"):
         beam_search(model, src, 5, BOS, EOS, length_penalty=-0.5)
+    with pytest.raises(TypeError, match=r"length_penalty must be a real number, got str '0\.6'"):
+        beam_search(model, src, 5, BOS, EOS, length_penalty="0.6")  # type: ignore[arg-type]
     with pytest.raises(
         ValueError, match=f"eos_id={V} is outside the target vocabulary of size {V}"
     ):
@@ -361,8 +384,10 @@ def test_bad_arguments_raise_errors_naming_them() -> None:
         greedy_decode(model, src.float(), 5, BOS, EOS)
     with pytest.raises(ValueError, match=r"src must be 2-D \(B, T\)"):
         beam_search(model, src[0], 5, BOS, EOS)
-    with pytest.raises(TypeError, match="max_len must be an int"):
+    with pytest.raises(TypeError, match=r"max_len must be an int, got float 5\.0"):
         greedy_decode(model, src, 5.0, BOS, EOS)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="use_cache must be a bool, got str 'no'"):
+        greedy_decode(model, src, 5, BOS, EOS, use_cache="no")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="model must be a Seq2SeqTransformer"):
         greedy_decode(model.transformer, src, 5, BOS, EOS)  # type: ignore[arg-type]
 
@@ -370,12 +395,13 @@ def test_bad_arguments_raise_errors_naming_them() -> None:
 @spec(kind="shape")
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "uncached"])
 def test_empty_batch_gives_zero_rows_of_zero_tokens(use_cache: bool) -> None:
-    """A batch of no source rows ``(0, S)`` gives ``(0, 0)`` int64 from greedy and beam search alike (the longest of no rows is empty), without running the decoder."""
+    """A batch of no source rows ``(0, S)`` gives ``(0, 0)`` int64 from greedy, beam search and sampling alike (the longest of no rows is empty), without running the decoder."""
     model = make_model(21)
     src = torch.zeros((0, 5), dtype=torch.long)
     for out in (
         greedy_decode(model, src, 6, BOS, EOS, use_cache=use_cache),
         beam_search(model, src, 6, BOS, EOS, beam_size=3, use_cache=use_cache),
+        sample_decode(model, src, 6, BOS, EOS, use_cache=use_cache),
     ):
         assert out.shape == (0, 0)
         assert out.dtype == torch.int64
@@ -392,6 +418,8 @@ def test_eos_that_is_the_padding_id_may_be_generated() -> None:
         assert greedy_decode(model, src, 5, BOS, PAD, use_cache=use_cache).tolist() == [[PAD]] * 2
         beam = beam_search(model, src, 5, BOS, PAD, beam_size=2, use_cache=use_cache)
         assert beam.tolist() == [[PAD]] * 2
+        drawn = sample_decode(model, src, 5, BOS, PAD, use_cache=use_cache)
+        assert drawn.tolist() == [[PAD]] * 2
 
 
 @spec(kind="error")
@@ -413,3 +441,295 @@ def test_kv_cache_refuses_decoders_it_cannot_walk_and_points_to_use_cache_false(
     ).eval()
     with pytest.raises(TypeError, match="use_cache=False"):
         CachedDecoder(model, src)
+
+
+# --------------------------------------------------------------------------------------
+# The padding token is never generated (unless it is EOS), by any search.
+# --------------------------------------------------------------------------------------
+
+SEARCHES = ("greedy", "beam", "sample")
+
+
+def assert_no_padding_before_the_end(out: Tensor, max_len: int) -> None:
+    """Each row holds no ``PAD`` up to its EOS (or over all ``max_len`` tokens without one)."""
+    for row in out.tolist():
+        end = row.index(EOS) + 1 if EOS in row else max_len
+        assert len(row) >= end and PAD not in row[:end], f"padding generated: {row}"
+        assert all(token == PAD for token in row[end:]), row
+
+
+@spec(kind="masking")
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "uncached"])
+@pytest.mark.parametrize("search", SEARCHES)
+def test_a_model_that_prefers_padding_above_all_never_generates_it(
+    search: str, use_cache: bool
+) -> None:
+    """The padding token is never generated when it is not EOS, even by a model whose output bias makes it win by far at every step: every other logit is about -100 and padding's 10^4, so setting padding's logit to 0 (or any value the other tokens do not beat) instead of -inf would be caught by greedy, beam search and sampling alike."""
+    model = make_model(29)
+    with torch.no_grad():
+        model.output.bias.fill_(-100.0)  # every real token (EOS included) far below 0 ...
+        model.output.bias[PAD] = 1e4  # ... and padding far above all of them
+    src = sources(30, [5, 2, 7])
+    max_len = 8
+    gen = torch.Generator().manual_seed(1)
+    if search == "greedy":
+        out = greedy_decode(model, src, max_len, BOS, EOS, use_cache=use_cache)
+    elif search == "beam":
+        out = beam_search(model, src, max_len, BOS, EOS, beam_size=3, use_cache=use_cache)
+    else:
+        out = sample_decode(model, src, max_len, BOS, EOS, generator=gen, use_cache=use_cache)
+    assert_no_padding_before_the_end(out, max_len)
+
+
+# --------------------------------------------------------------------------------------
+# max_len is bounded by the positional table (section 3.5), checked before any step.
+# --------------------------------------------------------------------------------------
+
+
+@spec(section="3.5", kind="error")
+@pytest.mark.parametrize("search", SEARCHES)
+def test_max_len_beyond_the_positional_table_raises_before_the_first_step(
+    search: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``max_len`` may fill the model's positional table (the last step decodes BOS and ``max_len - 1`` tokens) but not exceed it: one more raises ValueError naming max_len and the table size before the source is even encoded, instead of failing ``max_len`` steps later."""
+    model = make_model(27, max_len=6)
+    with torch.no_grad():
+        model.output.bias[EOS] = -1e4  # no row ends early: every step is taken
+    src = sources(28, [4, 2])
+    assert run_search(search, model, src, 6).shape == (2, 6)
+
+    def encode(src: Tensor) -> Tensor:
+        raise AssertionError("the search started before checking max_len")
+
+    monkeypatch.setattr(model, "encode", encode)
+    with pytest.raises(
+        ValueError, match=r"max_len=7 exceeds the model's positional table of 6 positions"
+    ):
+        run_search(search, model, src, 7)
+
+
+# --------------------------------------------------------------------------------------
+# Sampling: temperature, top-k (Fan et al., 2018) and top-p (Holtzman et al., 2020).
+# --------------------------------------------------------------------------------------
+
+
+def teacher_forced_logits(model: Seq2SeqTransformer, src: Tensor, out: Tensor) -> Tensor:
+    """Float64 logits ``(B, T, V)`` the model gives at each step of ``out``, padding at -inf."""
+    tgt_in = torch.cat([torch.full((out.size(0), 1), BOS), out[:, :-1]], dim=1)
+    with torch.no_grad():
+        logits = model(src, tgt_in).double()
+    logits[..., PAD] = float("-inf")
+    return logits
+
+
+def generated_steps(out: Tensor) -> list[tuple[int, int]]:
+    """``(row, step)`` of every generated token up to and including each row's EOS."""
+    steps = []
+    for b, row in enumerate(out.tolist()):
+        end = row.index(EOS) + 1 if EOS in row else len(row)
+        steps += [(b, t) for t in range(end)]
+    return steps
+
+
+@spec(kind="equivalence")
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_top_k_samples_never_leave_the_k_most_probable_tokens(top_k: int) -> None:
+    """Every token ``sample_decode(top_k=k)`` draws is among the k largest logits the model gives at that step (over 24 rows x 10 steps at temperature 2, which spreads draws over all k; padding excluded), and with k = 3 the draws do use ranks beyond the first."""
+    model = make_model(41)
+    src = sources(42, [6] * 24)
+    gen = torch.Generator().manual_seed(3)
+    out = sample_decode(model, src, 10, BOS, EOS, temperature=2.0, top_k=top_k, generator=gen)
+    logits = teacher_forced_logits(model, src, out)
+    ranks = []
+    for b, t in generated_steps(out):
+        step = logits[b, t]
+        ranks.append(int((step > step[out[b, t]]).sum()))  # 0 = the most probable token
+    assert max(ranks) < top_k, f"ranks drawn: {sorted(set(ranks))}"
+    if top_k > 1:
+        assert max(ranks) > 0, "the draws never left the greedy token"
+
+
+def nucleus(probs: Tensor, top_p: float) -> set[int]:
+    """The smallest set of most probable tokens whose probabilities sum to >= top_p (float64)."""
+    order = probs.argsort(descending=True).tolist()
+    kept: set[int] = set()
+    mass = 0.0
+    for token in order:
+        kept.add(token)
+        mass += float(probs[token])
+        if mass >= top_p:
+            break
+    return kept
+
+
+@spec(kind="equivalence")
+@pytest.mark.parametrize("top_p", [0.3, 0.75])
+def test_top_p_samples_never_leave_the_smallest_nucleus(top_p: float) -> None:
+    """Every token ``sample_decode(top_p=p)`` draws lies in the nucleus of that step: the smallest set of most probable tokens of ``softmax(logits / T)`` (padding excluded) whose mass reaches p, computed plainly in float64; at p = 0.75 the draws use more than the most probable token."""
+    model = make_model(43)
+    src = sources(44, [5] * 24)
+    gen = torch.Generator().manual_seed(4)
+    temperature = 1.5
+    out = sample_decode(
+        model, src, 10, BOS, EOS, temperature=temperature, top_p=top_p, generator=gen
+    )
+    probs = (teacher_forced_logits(model, src, out) / temperature).softmax(dim=-1)
+    outside, beyond_first = [], 0
+    for b, t in generated_steps(out):
+        token = int(out[b, t])
+        if token not in nucleus(probs[b, t], top_p):
+            outside.append((b, t, token))
+        beyond_first += int(token != int(probs[b, t].argmax()))
+    assert not outside, f"(row, step, token) outside the nucleus: {outside}"
+    if top_p > 0.5:
+        assert beyond_first > 0, "the draws never left the most probable token"
+
+
+@spec(kind="equivalence")
+def test_filter_logits_keeps_exactly_the_top_k_and_the_smallest_nucleus() -> None:
+    """``filter_logits`` sets to -inf exactly the tokens outside the k largest logits, and outside the smallest set of most probable tokens whose probability reaches p (the most probable one always kept), keeps the others' logits unchanged and leaves its input as it was."""
+    probs = torch.tensor([0.05, 0.3, 0.02, 0.5, 0.13], dtype=torch.float64)  # ranks 3 1 4 0 2
+    logits = probs.log()[None].repeat(2, 1)  # (2, 5)
+    before = logits.clone()
+    cases: list[tuple[int | None, float | None, set[int]]] = [
+        (1, None, {3}),
+        (2, None, {3, 1}),
+        (4, None, {3, 1, 4, 0}),
+        (9, None, set(range(5))),  # k >= V keeps every token
+        (None, 0.4, {3}),  # 0.5 >= 0.4 already
+        (None, 0.7, {3, 1}),  # 0.8 >= 0.7
+        (None, 0.85, {3, 1, 4}),  # 0.93 >= 0.85
+        (None, 0.1, {3}),  # the most probable token always stays
+        (None, 1.0, set(range(5))),
+        (2, 0.9, {3, 1}),  # top-p over what top-k left
+    ]
+    for top_k, top_p, kept in cases:
+        out = filter_logits(logits, top_k=top_k, top_p=top_p)
+        finite = set(torch.isfinite(out[0]).nonzero().flatten().tolist())
+        assert finite == kept, f"top_k={top_k}, top_p={top_p}: kept {finite}, expected {kept}"
+        assert torch.equal(out[:, sorted(kept)], logits[:, sorted(kept)])
+        assert torch.equal(out[0], out[1])
+    assert torch.equal(logits, before)
+
+
+def binomial_bound(p: Tensor, n: int) -> Tensor:
+    """Five standard deviations of a frequency of ``n`` Bernoulli(p) draws, plus one count."""
+    return 5.0 * (p * (1.0 - p) / n).sqrt() + 1.0 / n
+
+
+def reference_distribution(
+    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None
+) -> Tensor:
+    """``softmax(logits / T)`` cut to the top k, then to the nucleus, renormalised (float64, plain loops)."""
+    probs = (logits.double() / temperature).softmax(dim=-1)
+    keep = set(range(logits.numel()))
+    if top_k is not None:
+        keep = set(probs.argsort(descending=True)[:top_k].tolist())
+    cut = torch.zeros_like(probs)
+    cut[sorted(keep)] = probs[sorted(keep)]
+    cut /= cut.sum()
+    if top_p is not None:
+        kept = nucleus(cut, top_p)
+        cut = torch.where(
+            torch.tensor([t in kept for t in range(cut.numel())]), cut, torch.zeros_like(cut)
+        )
+        cut /= cut.sum()
+    return cut
+
+
+@spec(kind="equivalence")
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [(1.0, None, None), (0.5, None, None), (2.5, None, None), (1.3, 4, None), (0.8, None, 0.8)],
+)
+def test_one_step_sample_frequencies_match_softmax_of_logits_over_temperature(
+    temperature: float, top_k: int | None, top_p: float | None
+) -> None:
+    """Over 40000 one-step draws of ``sample_next``, each token's frequency matches its probability under ``softmax(logits / T)`` (cut to the top k or the nucleus and renormalised) within five binomial standard deviations, and tokens cut away are never drawn."""
+    logits = torch.tensor([1.2, -0.4, 2.0, 0.3, -1.5, 0.9, 0.0], dtype=torch.float64)
+    n = 40_000
+    gen = torch.Generator().manual_seed(11)
+    draws = sample_next(logits.expand(n, -1), temperature, top_k=top_k, top_p=top_p, generator=gen)
+    assert draws.shape == (n,) and draws.dtype == torch.int64
+    freq = torch.bincount(draws, minlength=logits.numel()).double() / n
+    expected = reference_distribution(logits, temperature, top_k, top_p)
+    assert bool((freq[expected == 0] == 0).all()), f"cut tokens drawn: {freq}"
+    error = (freq - expected).abs()
+    bound = binomial_bound(expected, n)
+    assert bool((error <= bound).all()), (
+        f"frequencies {freq.tolist()}\nexpected {expected.tolist()}\nmax error "
+        f"{float(error.max()):.2e}, mean {float(error.mean()):.2e}"
+    )
+
+
+@spec(kind="equivalence")
+def test_temperature_zero_a_tiny_temperature_and_top_k_one_give_the_greedy_tokens() -> None:
+    """``sample_decode`` with ``temperature=0`` (documented as greedy), with a tiny temperature (1e-6: the distribution collapses onto the most probable token) or with ``top_k=1`` returns exactly the tokens of ``greedy_decode``, rows ending at different steps."""
+    model = make_model(45)
+    src = sources(46, [7, 3, 5, 6])
+    end_rows_at_different_steps(model, src, max_len=12)
+    greedy = greedy_decode(model, src, 12, BOS, EOS)
+    for kw in ({"temperature": 0.0}, {"temperature": 1e-6}, {"top_k": 1, "temperature": 5.0}):
+        gen = torch.Generator().manual_seed(0)
+        drawn = sample_decode(model, src, 12, BOS, EOS, generator=gen, **kw)  # type: ignore[arg-type]
+        assert torch.equal(drawn, greedy), f"{kw}\nsampled\n{drawn}\ngreedy\n{greedy}"
+
+
+@spec(kind="equivalence")
+def test_the_same_generator_seed_gives_the_same_tokens_and_another_seed_differs() -> None:
+    """Sampling is a function of the ``torch.Generator``'s state: the same seed gives the same tokens, with and without the KV cache; another seed gives other tokens; torch's global generator is neither used nor advanced."""
+    model = make_model(47)
+    src = sources(48, [6, 4, 7, 5, 3, 6])
+
+    def draw(seed: int, use_cache: bool = True) -> Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return sample_decode(
+            model,
+            src,
+            10,
+            BOS,
+            EOS,
+            temperature=1.5,
+            top_p=0.95,
+            generator=gen,
+            use_cache=use_cache,
+        )
+
+    global_state = torch.get_rng_state()
+    first = draw(7)
+    assert torch.equal(torch.get_rng_state(), global_state), "the global generator moved"
+    assert torch.equal(draw(7), first)
+    assert torch.equal(draw(7, use_cache=False), first)
+    assert not torch.equal(draw(8), first)
+
+
+@spec(kind="error")
+def test_bad_sampling_arguments_raise_errors_naming_them() -> None:
+    """A temperature that is negative, NaN or not a number, a top_k that is not a positive int, a top_p outside (0, 1], a generator that is not a ``torch.Generator`` and logits that are not ``(N, V)`` floats with a finite entry per row raise ``ValueError``/``TypeError`` naming the argument and the value seen."""
+    model = make_model(49)
+    src = sources(50, [3])
+    bad: list[tuple[dict[str, object], type[Exception], str]] = [
+        ({"temperature": -0.5}, ValueError, r"temperature must be >= 0 \(0 = greedy\), got -0.5"),
+        ({"temperature": float("nan")}, ValueError, "temperature must be finite, got nan"),
+        ({"temperature": "hot"}, TypeError, "temperature must be a real number, got str 'hot'"),
+        ({"top_k": 0}, ValueError, "top_k must be a positive int, got 0"),
+        ({"top_k": 2.0}, TypeError, "top_k must be an int, got float 2.0"),
+        ({"top_p": 0.0}, ValueError, r"top_p must be in \(0, 1\], got 0.0"),
+        ({"top_p": 1.5}, ValueError, r"top_p must be in \(0, 1\], got 1.5"),
+        ({"top_p": "0.9"}, TypeError, r"top_p must be a real number in \(0, 1\], got str"),
+        ({"generator": 123}, TypeError, "generator must be a torch.Generator or None, got int"),
+    ]
+    for kw, error, match in bad:
+        with pytest.raises(error, match=match):
+            sample_decode(model, src, 4, BOS, EOS, **kw)  # type: ignore[arg-type]
+        with pytest.raises(error, match=match):
+            sample_next(torch.zeros(2, 5), **kw)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="logits must be a floating point tensor, got dtype"):
+        sample_next(torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"logits must be 2-D \(N, V\).*got shape \(5,\)"):
+        filter_logits(torch.zeros(5), top_k=2)
+    row_of_inf = torch.tensor([[0.0, 1.0], [float("-inf"), float("-inf")]])
+    with pytest.raises(ValueError, match="a finite logit in every row"):
+        sample_next(row_of_inf)
+    with pytest.raises(ValueError, match="logits must be finite or -inf"):
+        sample_next(torch.tensor([[0.0, float("nan")]]))

@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import itertools
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -250,11 +252,14 @@ def _params(fn: Callable[..., Any], drop: tuple[str, ...] = ()) -> list[tuple[st
 @spec(section="torch", kind="equivalence")
 @pytest.mark.parametrize("name", _CLASSES)
 def test_constructor_and_forward_signatures_equal_torchs(name: str) -> None:
-    """Constructor and forward take torch's argument names in torch's order with torch's defaults (minus the fast-path switches enable_nested_tensor and mask_check)."""
+    """Constructor and forward take torch's argument names in torch's order with torch's defaults, the fast-path switches enable_nested_tensor and mask_check included (``inspect.signature`` of the installed torch)."""
     ours, theirs = getattr(layers, name), getattr(nn, name)
-    drop = ("enable_nested_tensor", "mask_check")
-    assert _params(ours.__init__) == _params(theirs.__init__, drop)
+    assert _params(ours.__init__) == _params(theirs.__init__)
     assert _params(ours.forward) == _params(theirs.forward)
+    if name == "Transformer":
+        assert _params(ours.generate_square_subsequent_mask) == _params(
+            theirs.generate_square_subsequent_mask
+        )
 
 
 @spec(section="torch", kind="equivalence")
@@ -715,15 +720,78 @@ def test_d_model_not_divisible_by_nhead_raises_value_error(d_model: int, nhead: 
 
 @spec(section="extra", kind="error")
 @pytest.mark.parametrize(
-    ("name", "value"),
-    [("d_model", 0), ("nhead", 2.0), ("dim_feedforward", -8), ("dim_feedforward", True)],
+    ("name", "value", "error", "match"),
+    [
+        ("d_model", 0, ValueError, "d_model must be a positive int, got 0"),
+        ("dim_feedforward", -8, ValueError, "dim_feedforward must be a positive int, got -8"),
+        ("nhead", 2.0, TypeError, r"nhead must be an int, got float 2\.0"),
+        ("dim_feedforward", True, TypeError, "dim_feedforward must be an int, got bool True"),
+    ],
 )
-def test_sizes_that_are_not_positive_ints_raise_value_error_naming_them(
-    name: str, value: object
+def test_sizes_that_are_not_positive_ints_raise_errors_naming_them(
+    name: str, value: object, error: type[Exception], match: str
 ) -> None:
-    """A layer size (d_model, nhead, dim_feedforward) that is not a positive int (zero, negative, a float, a bool) raises ValueError naming the argument and the value, in every layer class."""
+    """A layer size (d_model, nhead, dim_feedforward) below 1 raises ValueError, and one that is not an int (a float, a bool) raises TypeError, naming the argument and the value, in every layer class."""
     for make in _every_constructor(**{name: value}):
-        with pytest.raises(ValueError, match=rf"{name} must be a positive int, got {value!r}"):
+        with pytest.raises(error, match=match):
+            make()
+
+
+@spec(section="extra", kind="error")
+@pytest.mark.parametrize(
+    ("name", "value", "error", "match"),
+    [
+        ("dropout", "x", TypeError, r"dropout must be a real number in \[0, 1\], got str 'x'"),
+        ("layer_norm_eps", "a", TypeError, "layer_norm_eps must be a real number, got str 'a'"),
+        ("layer_norm_eps", -1e-5, ValueError, "layer_norm_eps must be >= 0, got -1e-05"),
+        ("batch_first", "yes", TypeError, "batch_first must be a bool, got str 'yes'"),
+        ("norm_first", 1, TypeError, "norm_first must be a bool, got int 1"),
+        ("bias", None, TypeError, "bias must be a bool, got NoneType None"),
+        ("dtype", "float32", TypeError, "dtype must be a torch.dtype or None, got str"),
+        ("device", "nowhere", ValueError, "device='nowhere' is not a device"),
+    ],
+)
+def test_constructor_arguments_of_the_wrong_type_raise_errors_naming_them(
+    name: str, value: object, error: type[Exception], match: str
+) -> None:
+    """Every layer class checks each argument's type before using it: a str dropout, a non-bool flag, a str dtype or an unknown device raises TypeError/ValueError naming the argument and the value seen (torch fails later with an unrelated message, or accepts)."""
+    for make in _every_constructor(**{name: value}):
+        with pytest.raises(error, match=match):
+            make()
+
+
+@spec(section="extra", kind="error")
+def test_stack_and_model_arguments_of_the_wrong_type_raise_type_error_naming_them() -> None:
+    """The stacks and ``Transformer`` check their own arguments' types: a layer or norm that is not an ``nn.Module``, a float depth or a non-bool fast-path switch raises TypeError naming it."""
+    layer = layers.TransformerEncoderLayer(E, H, FF)
+    cases: list[tuple[Callable[[], object], str]] = [
+        (lambda: layers.TransformerEncoder(None, 2), "encoder_layer must be an nn.Module"),  # type: ignore[arg-type]
+        (lambda: layers.TransformerEncoder(layer, 2.0), "num_layers must be an int, got float"),  # type: ignore[arg-type]
+        (lambda: layers.TransformerEncoder(layer, 2, "ln"), "norm must be an nn.Module or None"),  # type: ignore[arg-type]
+        (
+            lambda: layers.TransformerEncoder(layer, 2, enable_nested_tensor="no"),  # type: ignore[arg-type]
+            "enable_nested_tensor must be a bool, got str 'no'",
+        ),
+        (
+            lambda: layers.TransformerEncoder(layer, 2, mask_check=None),  # type: ignore[arg-type]
+            "mask_check must be a bool, got NoneType",
+        ),
+        (lambda: layers.TransformerDecoder(layer.linear1, 1.5), "num_layers must be an int"),  # type: ignore[arg-type]
+        (
+            lambda: layers.Transformer(E, H, custom_encoder="enc"),  # type: ignore[arg-type]
+            "custom_encoder must be an nn.Module or None, got str",
+        ),
+        (
+            lambda: layers.Transformer(E, H, num_decoder_layers="6"),  # type: ignore[arg-type]
+            "num_decoder_layers must be an int, got str '6'",
+        ),
+        (
+            lambda: layers.Transformer.generate_square_subsequent_mask(3.0),  # type: ignore[arg-type]
+            r"sz must be an int, got float 3\.0",
+        ),
+    ]
+    for make, match in cases:
+        with pytest.raises(TypeError, match=match):
             make()
 
 
@@ -791,3 +859,99 @@ def test_transformer_runs_the_custom_encoder_and_decoder_it_is_given() -> None:
     assert model.encoder is encoder and model.decoder is decoder
     src, tgt = torch.randn(S_LEN, 2, E), torch.randn(T_LEN, 2, E)
     torch.testing.assert_close(model(src, tgt), decoder(tgt, encoder(src)), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# A drop-in for torch.nn: torch's own documented examples, fast-path switches, NestedTensor.
+# --------------------------------------------------------------------------------------
+
+
+class _OursAsNN:
+    """A stand-in for ``torch.nn`` whose Transformer classes (and MultiheadAttention) are ours."""
+
+    def __getattr__(self, name: str) -> Any:
+        from transformer import MultiheadAttention
+
+        if name == "MultiheadAttention":
+            return MultiheadAttention
+        return getattr(layers, name) if name in _CLASSES else getattr(nn, name)
+
+
+@spec(section="torch", kind="equivalence")
+@pytest.mark.parametrize("name", ("MultiheadAttention", *_CLASSES))
+def test_torchs_documented_examples_run_unchanged_on_our_classes(name: str) -> None:
+    """The usage examples of torch.nn's own docstrings (class and ``forward``), read from the installed torch with ``doctest`` and run with ``nn`` bound to our classes, construct and run unchanged, and every output has the shape torch documents (like the target, or the query)."""
+    import doctest
+
+    torch.manual_seed(0)
+    theirs = getattr(nn, name)
+    # Names torch's examples use without defining them (MultiheadAttention, Transformer.forward).
+    namespace: dict[str, Any] = {
+        "torch": torch,
+        "nn": _OursAsNN(),
+        "embed_dim": 16,
+        "num_heads": 4,
+        "query": torch.rand(5, 2, 16),
+        "key": torch.rand(7, 2, 16),
+        "value": torch.rand(7, 2, 16),
+        "src_mask": nn.Transformer.generate_square_subsequent_mask(10),
+        "tgt_mask": nn.Transformer.generate_square_subsequent_mask(20),
+    }
+    parser = doctest.DocTestParser()
+    examples = [
+        e
+        for doc in (theirs.__doc__, theirs.forward.__doc__)
+        for e in parser.get_examples(doc or "")
+    ]
+    assert examples, f"torch.nn.{name} documents no example any more"
+    with _quiet(), torch.no_grad():
+        for example in examples:
+            exec(compile(example.source, f"<torch.nn.{name} example>", "exec"), namespace)
+            for result in ("out", "output", "attn_output"):
+                if not re.match(rf"{result}\b", example.source):  # what this line computed
+                    continue
+                like = namespace["query"] if result == "attn_output" else namespace.get("tgt")
+                like = namespace["src"] if like is None else like
+                assert namespace[result].shape == like.shape, (example.source, result)
+                assert bool(torch.isfinite(namespace[result]).all())
+    built = [v for v in namespace.values() if isinstance(v, nn.Module)]
+    assert built and all(type(m).__module__.startswith("transformer.") for m in built)
+
+
+@spec(section="torch", kind="equivalence")
+def test_fast_path_switches_are_accepted_and_change_nothing() -> None:
+    """``TransformerEncoder(enable_nested_tensor=..., mask_check=...)`` accepts torch's fast-path switches and stores them like torch, and every combination gives the same output (there is no fast path: ``use_nested_tensor`` stays False)."""
+    torch.manual_seed(1)
+    layer = layers.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=True)
+    src = randn(BATCH, S_LEN, E, seed=2, dtype=torch.float32)
+    pad = padding(S_LEN, (0, 2, 4))
+    outputs = []
+    for nested, check in itertools.product((True, False), repeat=2):
+        stack = layers.TransformerEncoder(layer, 2, enable_nested_tensor=nested, mask_check=check)
+        assert (stack.enable_nested_tensor, stack.mask_check) == (nested, check)
+        assert stack.use_nested_tensor is False
+        stack.load_state_dict(layers.TransformerEncoder(layer, 2).state_dict())
+        with torch.no_grad():
+            outputs.append(stack.eval()(src, src_key_padding_mask=pad))
+    for out in outputs[1:]:
+        assert torch.equal(out, outputs[0])
+
+
+@spec(section="torch", kind="error")
+@pytest.mark.parametrize("kind", KINDS)
+def test_nested_tensor_inputs_raise_type_error_asking_for_padding_and_a_mask(kind: str) -> None:
+    """A NestedTensor input (which torch's fast path builds) raises TypeError naming the input and asking for a padded tensor with a key padding mask, in every layer, stack and the Transformer."""
+    model = build(kind, layers, batch_first=True, dropout=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: nested tensors are a prototype
+        nested = torch.nested.nested_tensor([torch.randn(3, E), torch.randn(2, E)])
+    dense = torch.randn(2, 3, E)
+    call = {
+        "encoder_layer": lambda: model(nested),
+        "encoder": lambda: model(nested),
+        "decoder_layer": lambda: model(dense, nested),
+        "decoder": lambda: model(nested, dense),
+        "transformer": lambda: model(nested, dense),
+    }[kind]
+    with pytest.raises(TypeError, match=r"is a NestedTensor.*padded tensor.*key padding mask"):
+        call()

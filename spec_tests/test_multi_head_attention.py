@@ -19,7 +19,9 @@ D head_dim = E / H.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -569,17 +571,62 @@ def test_embed_dim_not_divisible_by_num_heads_raises_value_error_naming_both() -
     [
         ((0, 2), ValueError, r"embed_dim must be a positive int, got 0"),
         ((12, 0), ValueError, r"num_heads must be a positive int, got 0"),
-        ((12, 2.0), ValueError, r"num_heads must be a positive int, got 2\.0"),
+        ((12, 2.0), TypeError, r"num_heads must be an int, got float 2\.0"),
         ((12, 3, 1.5), ValueError, r"dropout must be in \[0, 1\], got 1\.5"),
+        ((8, 2, "x"), TypeError, r"dropout must be a real number in \[0, 1\], got str 'x'"),
+        ((8, 2, 0.0, "yes"), TypeError, r"bias must be a bool, got str 'yes'"),
+        ((8, 2, 0.0, True, False, False, 4.0), TypeError, r"kdim must be an int, got float"),
+        ((8, 2, 0.0, True, False, False, None, 0), ValueError, "vdim must be a positive int"),
     ],
-    ids=["embed_dim-0", "num_heads-0", "num_heads-float", "dropout-1.5"],
+    ids=[
+        "embed_dim-0",
+        "num_heads-0",
+        "num_heads-float",
+        "dropout-1.5",
+        "dropout-str",
+        "bias-str",
+        "kdim-float",
+        "vdim-0",
+    ],
 )
 def test_bad_constructor_arguments_raise_with_message(
     args: tuple[object, ...], error: type[Exception], match: str
 ) -> None:
-    """Bad constructor arguments raise ValueError naming the argument and the value seen."""
+    """Bad constructor arguments raise ValueError (out of range) or TypeError (wrong type, e.g. ``dropout="x"``, where torch fails with an unrelated comparison error) naming the argument and the value seen."""
     with pytest.raises(error, match=match):
         MultiheadAttention(*args)
+
+
+@spec(section="torch", kind="equivalence")
+def test_constructor_and_forward_signatures_equal_torchs() -> None:
+    """``MultiheadAttention``'s constructor and ``forward`` take ``torch.nn.MultiheadAttention``'s argument names in its order with its defaults (``inspect.signature`` of the installed torch)."""
+
+    def params(fn: object) -> list[tuple[str, object]]:
+        return [(n, p.default) for n, p in inspect.signature(fn).parameters.items()]  # type: ignore[arg-type]
+
+    assert params(MultiheadAttention.__init__) == params(torch.nn.MultiheadAttention.__init__)
+    assert params(MultiheadAttention.forward) == params(torch.nn.MultiheadAttention.forward)
+
+
+@spec(section="torch", kind="error")
+def test_nested_tensor_query_raises_type_error_asking_for_padding_and_a_mask() -> None:
+    """A NestedTensor query/key/value raises TypeError naming it and asking for a padded tensor with a key padding mask (we have no nested-tensor path)."""
+    mha = MultiheadAttention(8, 2, batch_first=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: nested tensors are a prototype
+        nested = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(2, 8)])
+    with pytest.raises(TypeError, match=r"query is a NestedTensor.*key padding mask"):
+        mha(nested, nested, nested)
+
+
+@spec(section="torch", kind="error")
+def test_forward_flags_that_are_not_bools_raise_type_error_naming_them() -> None:
+    """``need_weights``, ``average_attn_weights`` and ``is_causal`` must be bools; anything else raises TypeError naming the flag and the value."""
+    mha = MultiheadAttention(8, 2)
+    x = torch.randn(3, 1, 8)
+    for flag in ("need_weights", "average_attn_weights", "is_causal"):
+        with pytest.raises(TypeError, match=rf"{flag} must be a bool, got str 'no'"):
+            mha(x, x, x, **{flag: "no"})
 
 
 def _bad_call(case: str) -> dict[str, object]:

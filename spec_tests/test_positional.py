@@ -108,12 +108,30 @@ def test_encoding_at_pos_plus_k_is_a_linear_function_of_encoding_at_pos() -> Non
 
 @spec(kind="error")
 @pytest.mark.parametrize(
-    ("max_len", "d_model", "name"), [(0, 4, "max_len"), (4, 0, "d_model"), (4, 2.5, "d_model")]
+    ("max_len", "d_model", "error", "match"),
+    [
+        (0, 4, ValueError, "max_len must be a positive int, got 0"),
+        (4, 0, ValueError, "d_model must be a positive int, got 0"),
+        (4, 2.5, TypeError, r"d_model must be an int, got float 2\.5"),
+    ],
 )
-def test_table_rejects_non_positive_sizes(max_len: int, d_model: int, name: str) -> None:
-    """Sizes must be positive ints; otherwise ValueError naming the argument."""
-    with pytest.raises(ValueError, match=rf"{name} must be a positive int"):
+def test_table_rejects_non_positive_sizes(
+    max_len: int, d_model: int, error: type[Exception], match: str
+) -> None:
+    """Sizes must be positive ints: below 1 raises ValueError, a non-int TypeError, naming the argument and the value."""
+    with pytest.raises(error, match=match):
         sinusoidal_table(max_len, d_model)
+
+
+@spec(kind="error")
+def test_table_and_module_arguments_of_the_wrong_type_raise_type_error_naming_them() -> None:
+    """A non-float table dtype, a str dropout and a non-bool batch_first raise TypeError naming the argument and the value seen (torch-style code would otherwise fail deep inside a comparison)."""
+    with pytest.raises(TypeError, match=r"dtype must be a floating point dtype, got torch\.int64"):
+        sinusoidal_table(4, 8, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"dropout must be a real number in \[0, 1\], got str 'x'"):
+        SinusoidalPositionalEncoding(8, dropout="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="batch_first must be a bool, got int 0"):
+        SinusoidalPositionalEncoding(8, batch_first=0)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------
@@ -256,11 +274,22 @@ def test_offset_adds_the_rows_of_the_positions_the_steps_sit_at(batch_first: boo
 
 
 @spec(kind="error")
-@pytest.mark.parametrize("offset", [-1, 1.0, True, "2"], ids=["negative", "float", "bool", "str"])
-def test_offset_that_is_not_a_non_negative_int_raises_value_error(offset: object) -> None:
-    """An offset that is negative or not an int raises ValueError naming offset and the value seen."""
+@pytest.mark.parametrize(
+    ("offset", "error", "match"),
+    [
+        (-1, ValueError, "offset must be an int >= 0, got -1"),
+        (1.0, TypeError, r"offset must be an int, got float 1\.0"),
+        (True, TypeError, "offset must be an int, got bool True"),
+        ("2", TypeError, "offset must be an int, got str '2'"),
+    ],
+    ids=["negative", "float", "bool", "str"],
+)
+def test_offset_that_is_not_a_non_negative_int_raises_an_error_naming_it(
+    offset: object, error: type[Exception], match: str
+) -> None:
+    """A negative offset raises ValueError, and one that is not an int TypeError, naming offset and the value seen."""
     pe = SinusoidalPositionalEncoding(8, max_len=10, dropout=0.0)
-    with pytest.raises(ValueError, match=r"offset must be an int >= 0, got"):
+    with pytest.raises(error, match=match):
         pe(torch.zeros(1, 2, 8), offset=offset)  # type: ignore[arg-type]
 
 

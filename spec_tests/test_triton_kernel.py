@@ -29,6 +29,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias, causal_lower_right, causal_upper_left
 
 import transformer
 from transformer.kernels import triton_flash
@@ -238,18 +239,26 @@ def test_non_contiguous_inputs_are_read_through_their_strides() -> None:
 @spec(section="3.2.3", kind="masking")
 # The interpreter warns while reducing the poisoned rows past the cut; those are not checked.
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
-def test_causal_skips_key_blocks_right_of_the_diagonal() -> None:
-    """Under ``is_causal=True`` a query block never reads keys/values right of its diagonal: NaN planted there does not reach earlier rows' outputs or query gradients (§3.2.3, FlashAttention-2 block skipping)."""
-    # The cut is a multiple of every tile height (16 interpreted, up to 128 on a GPU), so
-    # rows before it lie in blocks that end at or before it.
+@pytest.mark.parametrize("variant", ["is_causal", "lower_right"])
+def test_causal_skips_key_blocks_right_of_the_diagonal(variant: str) -> None:
+    """Under ``is_causal=True`` and torch's ``causal_lower_right(L, S)`` (diagonal ``S - L``) a query block never reads keys/values right of its diagonal: NaN planted there does not reach earlier rows' outputs or query gradients (§3.2.3, FlashAttention-2 block skipping)."""
+    # The cut and the offset are multiples of every tile size (16 interpreted, up to 128
+    # on a GPU), so rows before the cut lie in blocks whose last key block ends at
+    # cut + offset exactly.
     cut = 32 if _INTERPRETING else 256
-    n = cut + cut // 2
-    q, k, v = randn(1, 2, n, 32, seed=7), randn(1, 2, n, 32, seed=8), randn(1, 2, n, 16, seed=9)
+    offset = 0 if variant == "is_causal" else cut // 2
+    L = cut + cut // 2
+    S = L + offset
+    q, k, v = randn(1, 2, L, 32, seed=7), randn(1, 2, S, 32, seed=8), randn(1, 2, S, 16, seed=9)
     k_poisoned, v_poisoned = k.clone(), v.clone()
-    k_poisoned[..., cut:, :] = float("nan")
-    v_poisoned[..., cut:, :] = float("nan")
-    out, (gq, _, _) = forward_backward(triton_fn(is_causal=True), q, k_poisoned, v_poisoned)
-    clean_out, (clean_gq, _, _) = forward_backward(triton_fn(is_causal=True), q, k, v)
+    k_poisoned[..., cut + offset :, :] = float("nan")
+    v_poisoned[..., cut + offset :, :] = float("nan")
+    if variant == "is_causal":
+        fn = triton_fn(is_causal=True)
+    else:
+        fn = functools.partial(triton_flash.triton_attention, attn_mask=causal_lower_right(L, S))
+    out, (gq, _, _) = forward_backward(fn, q, k_poisoned, v_poisoned)
+    clean_out, (clean_gq, _, _) = forward_backward(fn, q, k, v)
     assert torch.isfinite(out[..., :cut, :]).all() and torch.isfinite(gq[..., :cut, :]).all()
     assert_close(out[..., :cut, :], clean_out[..., :cut, :], msg="output before the cut")
     assert_close(gq[..., :cut, :], clean_gq[..., :cut, :], msg="grad q before the cut")
@@ -303,6 +312,85 @@ def test_float_mask_gradient_matches_float64_reference(
     assert torch.equal(ours[1][3][..., 4], torch.zeros_like(ours[1][3][..., 4]))
 
 
+@spec(section="3.2.3", kind="masking")
+@pytest.mark.parametrize(
+    ("mask_shape", "gqa", "dropout_p"),
+    [((19, 1), False, 0.0), ((2, 1, 1, 19, 23), False, 0.0), ((1, 4, 1, 23), True, 0.0),
+     ((3, 4, 19, 23), False, 0.25)],
+    ids=["L-1", "A-1-1-L-S", "gqa-1-H-1-S", "dropout-B-H-L-S"],
+)  # fmt: skip
+def test_float_mask_gradient_sums_its_broadcast_dims_like_autograd(
+    mask_shape: tuple[int, ...], gqa: bool, dropout_p: float
+) -> None:
+    """A float mask broadcast over key columns, over some outer batch dims, or over rows and batch under GQA, and a full mask under dropout, gets dS summed over exactly its broadcast dims, in its own shape, as autograd gives for the float64 math (torch's broadcasting gradient)."""
+    # Outer batch (2, 3) and 4 query heads (on 2 key/value heads with GQA): every mask
+    # broadcasts over the outer 2 at least.
+    q = randn(2, 3, 4, 19, 16, seed=50)
+    k, v = (
+        randn(2, 3, 2 if gqa else 4, 23, 16, seed=51),
+        randn(2, 3, 2 if gqa else 4, 23, 8, seed=52),
+    )
+    mask = randn(*mask_shape, seed=53)
+    torch.manual_seed(7)
+    fn = functools.partial(triton_flash.triton_attention, dropout_p=dropout_p, enable_gqa=gqa)
+    ours = forward_backward(fn, q, k, v, mask)
+    keep = None
+    if dropout_p:
+        torch.manual_seed(7)
+        seed = triton_flash._new_seed()
+        keep = triton_flash.dropout_keep_mask(seed, 24, 19, 23, dropout_p, DEVICE)
+        keep = keep.view(2, 3, 4, 19, 23)
+
+    def paper(q: Tensor, k: Tensor, v: Tensor, m: Tensor) -> Tensor:
+        if gqa:
+            k, v = k.repeat_interleave(2, dim=-3), v.repeat_interleave(2, dim=-3)
+        return paper_attention(q, k, v, m, keep=keep, dropout_p=dropout_p)
+
+    exact = forward_backward(paper, *(t.double() for t in (q, k, v, mask)), upstream_dtype=q.dtype)
+    assert ours[1][3].shape == mask.shape
+    assert_matches_float64(ours, exact, "qkvm")
+
+
+@spec(section="torch", kind="masking")
+# torch warns when it builds causal_lower_right(L, S) with L > S (its own math gives NaN).
+@pytest.mark.filterwarnings("ignore:Lower right causal bias will produce NaNs:UserWarning")
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+@pytest.mark.parametrize(
+    ("L", "S"), [(3, 5), (5, 3), (1, 7), (37, 70), (70, 37)], ids=lambda n: str(n)
+)
+def test_causal_bias_objects_match_torch(L: int, S: int, variant: str) -> None:
+    """torch's ``causal_upper_left(L, S)`` and ``causal_lower_right(L, S)`` given as ``attn_mask`` give torch's SDPA output and q/k/v gradients for the same bias object (float64); lower-right rows with no key (``L > S``) are zeros with zero gradient, never NaN."""
+    make = causal_upper_left if variant == "upper_left" else causal_lower_right
+    q = randn(2, 3, L, 20, seed=60, dtype=torch.float64)
+    k, v = (
+        randn(2, 3, S, 20, seed=61, dtype=torch.float64),
+        randn(2, 3, S, 12, seed=62, dtype=torch.float64),
+    )
+    ours = forward_backward(
+        functools.partial(triton_flash.triton_attention, attn_mask=make(L, S)), q, k, v
+    )
+    theirs = forward_backward(
+        functools.partial(torch.nn.functional.scaled_dot_product_attention, attn_mask=make(L, S)),
+        q, k, v,
+    )  # fmt: skip
+    for t in (ours[0], *ours[1]):
+        assert torch.isfinite(t).all()
+    assert_matches_float64(ours, theirs, "qkv")
+    empty = L - S if variant == "lower_right" and L > S else 0
+    for t in (ours[0], ours[1][0]):  # output and grad of q of the rows that see no key
+        assert torch.equal(t[..., :empty, :], torch.zeros_like(t[..., :empty, :]))
+
+
+@spec(section="torch", kind="error")
+def test_causal_bias_with_is_causal_or_other_lengths_raises_value_error() -> None:
+    """A ``CausalBias`` together with ``is_causal=True`` raises ValueError (torch's SDPA refuses it too), and so does one made for other lengths than the query's and key's."""
+    q, k = torch.zeros(1, 4, 16, device=DEVICE), torch.zeros(1, 6, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="CausalBias; is_causal must be False"):
+        triton_flash.triton_attention(q, k, k, causal_upper_left(4, 6), is_causal=True)
+    with pytest.raises(ValueError, match=r"CausalBias for \(L, S\) = \(4, 5\).*\(4, 6\)"):
+        triton_flash.triton_attention(q, k, k, causal_lower_right(4, 5))
+
+
 @spec(section="extra", kind="masking")
 def test_rows_without_keys_in_a_multi_tile_problem_are_zero_with_zero_gradient() -> None:
     """Rows with no allowed key (an all-False mask row, and rows L > S under causal with padding) give zeros and zero gradients, never NaN, while every other row is exact."""
@@ -320,6 +408,42 @@ def test_rows_without_keys_in_a_multi_tile_problem_are_zero_with_zero_gradient()
     paper = functools.partial(paper_attention, attn_mask=mask, is_causal=True)
     exact = forward_backward(paper, q.double(), k.double(), v.double(), upstream_dtype=q.dtype)
     assert_matches_float64(ours, exact, "qkv")
+
+
+# --------------------------------------------------------------------------------------
+# Memory: O(L + S) per (batch, head), forward and backward.
+# --------------------------------------------------------------------------------------
+
+
+@spec(section="extra", kind="property")
+@pytest.mark.parametrize(
+    "case", ["plain", "causal", "bool mask", "lower-right bias", "float key mask with grad"]
+)
+def test_forward_and_backward_create_no_tensor_of_l_times_s_elements(case: str) -> None:
+    """No tensor created in the forward or the backward pass (dQ, dK and dV all wanted) holds ``L * S`` elements or more: P is recomputed per tile and dQ accumulated on chip, as in FlashAttention-2's backward (Dao 2023, algorithm 2), so extra memory is O(L + S) per head; a broadcast float mask's gradient is summed in the kernel, at the mask's own size."""
+    from transformer.conformance.memory import AllocationLog, track_allocations
+
+    L, S = 47, 70  # q, k, v and every per-row statistic stay well below L * S elements
+    q, k, v = randn(1, 2, L, 16, seed=40), randn(1, 2, S, 16, seed=41), randn(1, 2, S, 8, seed=42)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    mask: Tensor | CausalBias | None = None
+    if case == "bool mask":
+        mask = bool_mask(L, S, seed=43)
+    elif case == "lower-right bias":
+        mask = causal_lower_right(L, S)
+    elif case == "float key mask with grad":
+        mask = randn(S, seed=45).requires_grad_()
+        leaves.append(mask)
+    upstream = randn(1, 2, L, 8, seed=44)
+    log = AllocationLog()
+    with track_allocations(log, "forward"):
+        out = triton_flash.triton_attention(q, k, v, attn_mask=mask, is_causal=case == "causal")
+    with track_allocations(log, "backward"):
+        out.backward(upstream)
+    # The log really saw the backward pass: dQ, dK and dV are created there.
+    assert sum(a.phase == "backward" for a in log.allocations) >= 3, log.allocations
+    assert not log.at_least(L * S), log.at_least(L * S)
+    assert all(t.grad is not None for t in leaves)
 
 
 # --------------------------------------------------------------------------------------

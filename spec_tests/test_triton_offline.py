@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 from transformer.cli import main
 from transformer.kernels.triton_offline import (
@@ -52,8 +53,11 @@ DTYPES = {
     "fp64": torch.float64,
 }
 ITEMSIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
-# The autotuned kernels; "bwd_preprocess" runs one fixed tile.
+# The kernels of a training call without a mask gradient; "bwd_preprocess" runs one fixed
+# tile, the others are autotuned. "attn_bwd_dmask" adds itself for a float mask with grad.
+TRAINING = ("attn_fwd", "bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq")
 TUNED = ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq")
+DMASK = ("attn_bwd_dmask",)
 
 
 def operands(
@@ -95,7 +99,7 @@ def describe(builds: list[KernelBuild]) -> str:
 
 @spec(section="3.2.1", kind="shape")
 def test_one_build_per_launched_kernel_and_autotune_config() -> None:
-    """A training call compiles the forward, the backward pre-pass, dK/dV and dQ kernels, one build per autotune config; inference compiles the forward only."""
+    """A training call compiles the forward, the backward pre-pass, dK/dV and dQ kernels, one build per autotune config; inference compiles the forward only; a float mask that requires grad adds its gradient pass."""
     from transformer.kernels import _triton_kernels as k
 
     builds = compile_offline(*operands(), arch=H100)
@@ -112,6 +116,10 @@ def test_one_build_per_launched_kernel_and_autotune_config() -> None:
     ]
     inference = compile_offline(*operands(grad=False), arch=H100, configs="smallest")
     assert [b.kernel for b in inference] == ["attn_fwd"]
+    query, key, value = operands()
+    mask = float_mask_with_grad(query, key)
+    with_mask_grad = compile_offline(query, key, value, mask, arch=H100, configs="smallest")
+    assert [b.kernel for b in with_mask_grad] == list(KERNELS)
 
 
 @spec(section="extra", kind="shape")
@@ -151,8 +159,31 @@ def test_the_fallback_tile_builds_and_fits_an_h100_for_every_dtype_and_head_dim(
 ) -> None:
     """For fp16, bf16, fp32 and fp64 at head dims 16 to 256, every kernel's smallest autotune config (the one every problem can fall back on) compiles for sm_90 and fits its shared memory and registers, so no supported call fails at launch for want of a tile."""
     builds = compile_offline(*operands(head_dim, DTYPES[dtype_name]), arch=H100, configs="smallest")
-    assert [b.kernel for b in builds] == list(KERNELS)
+    assert [b.kernel for b in builds] == list(TRAINING)
     assert all(b.fits for b in builds), describe(builds)
+
+
+def float_mask_with_grad(q: Tensor, k: Tensor, shape: str = "B-H-L-S") -> Tensor:
+    """A float mask that requires grad: ``(B, H, L, S)``, or ``(B, 1, 1, S)`` (key padding)."""
+    B, H, L, S = q.size(0), q.size(1), q.size(2), k.size(2)
+    size = (B, H, L, S) if shape == "B-H-L-S" else (B, 1, 1, S)
+    return torch.zeros(size, dtype=q.dtype, requires_grad=True)
+
+
+@spec(section="extra", kind="property")
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_the_mask_gradient_fallback_tile_builds_and_fits_h100_and_a100(
+    dtype_name: str, head_dim: int
+) -> None:
+    """The float mask's gradient pass (run only when a float ``attn_mask`` requires grad; it recomputes dS tile by tile like FlashAttention-2's dQ pass) compiles its smallest config for sm_90 at every dtype and head dim 16 to 256 within the shared memory and registers of one program, and for sm_80 at head dim 256, as the other kernels do."""
+    q, k, v = operands(head_dim, DTYPES[dtype_name])
+    mask = float_mask_with_grad(q, k)
+    archs = (H100, A100) if head_dim == 256 else (H100,)
+    for arch in archs:
+        builds = compile_offline(q, k, v, mask, arch=arch, configs="smallest", kernels=DMASK)
+        assert [b.kernel for b in builds] == list(DMASK)
+        assert all(b.fits for b in builds), describe(builds)
 
 
 @spec(section="extra", kind="property")
@@ -196,9 +227,11 @@ def test_loads_are_pipelined_exactly_when_a_config_has_two_or_more_stages() -> N
 
 @spec(section="extra", kind="equivalence")
 def test_fp32_dots_run_as_ieee_products_never_tf32() -> None:
-    """fp32 inputs ask for IEEE products, not TF32 (whose 10-bit mantissa would miss the fp32 tolerances the suite holds the kernel to against torch): on sm_80 and sm_90 no fp32 kernel's PTX holds a matrix instruction, only fused multiply-adds."""
+    """fp32 inputs ask for IEEE products, not TF32 (whose 10-bit mantissa would miss the fp32 tolerances the suite holds the kernel to against torch): on sm_80 and sm_90 no fp32 kernel's PTX, the mask gradient pass's included, holds a matrix instruction, only fused multiply-adds."""
+    q, k, v = operands(64, torch.float32)
+    mask = float_mask_with_grad(q, k)
     for arch in (A100, H100):
-        builds = compile_offline(*operands(64, torch.float32), arch=arch, configs="smallest")
+        builds = compile_offline(q, k, v, mask, arch=arch, configs="smallest")
         assert [b.matmul for b in builds] == ["fma"] * len(KERNELS), describe(builds)
 
 
@@ -230,13 +263,17 @@ def test_matmul_reader_names_instruction_and_input_type() -> None:
 
 
 @spec(section="3.2.3", kind="masking")
+# torch warns when it builds causal_lower_right(L, S) with L > S (its own math gives NaN).
+@pytest.mark.filterwarnings("ignore:Lower right causal bias will produce NaNs:UserWarning")
 @pytest.mark.parametrize(
     "variant",
     [
         "causal",
         "bool mask",
         "float mask with grad",
+        "float key padding mask with grad",
         "broadcast key padding mask",
+        "lower-right causal bias",
         "dropout",
         "gqa",
         "E != Ev",
@@ -245,7 +282,7 @@ def test_matmul_reader_names_instruction_and_input_type() -> None:
     ],
 )
 def test_every_variant_builds_and_fits_an_h100(variant: str) -> None:
-    """Causal, bool and float masks (with the mask gradient's dS store), broadcast masks, dropout, grouped-query heads, E != Ev and a padded odd head dim each compile every kernel for sm_90 within its limits."""
+    """Causal (top-left, and torch's lower-right bias), bool and float masks (with the mask gradient pass, full and summed over broadcast dims), broadcast masks, dropout, grouped-query heads, E != Ev and a padded odd head dim each compile every kernel for sm_90 within its limits."""
     dtype = torch.float64 if variant == "fp64 bool mask" else torch.bfloat16
     E = 59 if variant == "odd head dim" else 64
     q, k, v = operands(E, dtype, Ev=128 if variant == "E != Ev" else None,
@@ -257,7 +294,12 @@ def test_every_variant_builds_and_fits_an_h100(variant: str) -> None:
     elif variant in ("bool mask", "fp64 bool mask"):
         kwargs["attn_mask"] = torch.ones(L, S, dtype=torch.bool)
     elif variant == "float mask with grad":
-        kwargs["attn_mask"] = torch.zeros(2, 4, L, S, dtype=dtype, requires_grad=True)
+        kwargs["attn_mask"] = float_mask_with_grad(q, k)
+    elif variant == "float key padding mask with grad":
+        kwargs["attn_mask"] = float_mask_with_grad(q, k, "B-1-1-S")
+    elif variant == "lower-right causal bias":
+        kwargs["attn_mask"] = causal_lower_right(L, S - 44)  # S - L = -44
+        k, v = k[..., :-44, :], v[..., :-44, :]
     elif variant == "broadcast key padding mask":
         kwargs["attn_mask"] = torch.ones(2, 1, 1, S, dtype=torch.bool)
     elif variant == "dropout":
@@ -265,7 +307,8 @@ def test_every_variant_builds_and_fits_an_h100(variant: str) -> None:
     elif variant == "gqa":
         kwargs["enable_gqa"] = True
     builds = compile_offline(q, k, v, arch=H100, configs="smallest", **kwargs)  # type: ignore[arg-type]
-    assert [b.kernel for b in builds] == list(KERNELS)
+    with_mask_grad = variant.startswith("float") and variant.endswith("with grad")
+    assert [b.kernel for b in builds] == list(KERNELS if with_mask_grad else TRAINING)
     assert all(b.fits for b in builds), describe(builds)
 
 
@@ -376,7 +419,7 @@ def test_report_rejects_sizes_below_one_and_prints_nothing_when_log_is_none(
     report = compile_report(
         head_dims=(16,), causal=(False,), seq_len=32, configs="smallest", log=None
     )
-    assert [r["kernel"] for r in report["rows"]] == list(KERNELS)
+    assert [r["kernel"] for r in report["rows"]] == list(TRAINING)
     assert capsys.readouterr().out == ""
 
 
@@ -400,7 +443,7 @@ def test_bench_compile_prints_a_table_and_writes_json(
     report = json.loads((tmp_path / f"compile-sm90-triton{triton.__version__}.json").read_text())
     assert report["shared_memory_limit_bytes"] == 227 * 1024
     rows = report["rows"]
-    assert [r["kernel"] for r in rows] == list(KERNELS)
+    assert [r["kernel"] for r in rows] == list(TRAINING)
     assert all(r["dtype"] == "bf16" and r["head_dim"] == 64 and r["fits"] for r in rows)
     for r in rows:
         assert r["kernel"] in table

@@ -47,14 +47,17 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import CausalBias
 
-from transformer.masks import causal_bias_mask, causal_mask, causal_offset
+from transformer.kernel_choice import rank_by_speed
+from transformer.masks import causal_bias_mask, causal_mask, causal_offset, is_causal_bias
+
+if TYPE_CHECKING:
+    from torch.nn.attention.bias import CausalBias
 
 __all__ = [
     "AttentionKernel",
@@ -92,7 +95,8 @@ class _Entry:
     fn: AttentionKernel
     # Answers "can this kernel run on tensors of this device?"
     is_available: Callable[[torch.device], bool]
-    # Higher wins when ``kernel=None``; negative priorities are never picked by default.
+    # >= 0: a candidate for ``kernel=None`` (negative: never picked implicitly); among
+    # candidates the committed measurements decide, and priority where there are none.
     priority: int
 
 
@@ -117,8 +121,14 @@ def register_kernel(
         fn: a callable with the signature of ``torch.nn.functional.scaled_dot_product_attention``
             (no ``kernel`` argument). It receives validated arguments.
         is_available: ``device -> bool``; ``None`` means every device.
-        priority: when ``kernel=None`` the available kernel with the highest priority
-            runs; the default ``-1`` keeps a user kernel from being picked implicitly.
+        priority: ``>= 0`` makes the kernel a candidate for ``kernel=None``; the default
+            ``-1`` keeps a user kernel from being picked implicitly. Among the candidates
+            available on the call's device, ``kernel=None`` runs the fastest according
+            to the committed measurements for that device type and dtype
+            (:data:`transformer.kernel_choice.MEASURED`, derived from
+            ``benchmarks/results/``); candidates with no measurement there rank after
+            the measured ones, highest priority first, so where nothing is measured
+            (another device or dtype) the priority alone decides.
 
     Raises:
         TypeError: ``name`` is not a non-empty string or ``fn`` is not callable.
@@ -130,16 +140,31 @@ def register_kernel(
     _KERNELS[name] = _Entry(fn, is_available or _always, priority)
 
 
-def available_kernels(device: torch.device | str | None = None) -> list[str]:
-    """Names of the kernels usable on ``device`` (default CPU), best first."""
+def available_kernels(
+    device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> list[str]:
+    """Names of the kernels usable on ``device`` (default CPU), in ``kernel=None``'s order.
+
+    First the candidates for ``kernel=None`` (priority ``>= 0``), fastest first by the
+    committed measurements for the device type and ``dtype`` (default: torch's default
+    dtype; see :func:`transformer.kernel_choice.rank_by_speed`), unmeasured ones after
+    them by priority; then the kernels only run when named (negative priority), by
+    priority. ``kernel=None`` runs the first name.
+    """
     dev = torch.device("cpu" if device is None else device)
     usable = [(entry.priority, name) for name, entry in _KERNELS.items() if entry.is_available(dev)]
-    return [name for _, name in sorted(usable, key=lambda pn: (-pn[0], pn[1]))]
+    by_priority = [name for _, name in sorted(usable, key=lambda pn: (-pn[0], pn[1]))]
+    candidates = [name for name in by_priority if _KERNELS[name].priority >= 0]
+    named_only = [name for name in by_priority if _KERNELS[name].priority < 0]
+    ranked = rank_by_speed(
+        candidates, dev.type, torch.get_default_dtype() if dtype is None else dtype
+    )
+    return ranked + named_only
 
 
-def _pick_kernel(kernel: str | None, device: torch.device) -> AttentionKernel:
+def _pick_kernel(kernel: str | None, device: torch.device, dtype: torch.dtype) -> AttentionKernel:
     if kernel is None:
-        best = [n for n in available_kernels(device) if _KERNELS[n].priority >= 0]
+        best = [n for n in available_kernels(device, dtype) if _KERNELS[n].priority >= 0]
         if not best:  # pragma: no cover - "reference" is registered below
             raise RuntimeError(f"no attention kernel is available on {device}")
         return _KERNELS[best[0]].fn
@@ -254,7 +279,7 @@ def _validate(
     scores_shape = (*batch, L, S)
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if isinstance(attn_mask, CausalBias):
+    if is_causal_bias(attn_mask):
         # A CausalBias is a Tensor subclass whose data is meaningless (uninitialised
         # storage); only its variant and sizes count, so no tensor check applies to it.
         _check_causal_bias(attn_mask, is_causal, L, S)
@@ -340,7 +365,7 @@ def attention_weights(
     (or all zeros where no key is allowed).
     """
     L, S = query.size(-2), key.size(-2)
-    if isinstance(attn_mask, CausalBias):
+    if is_causal_bias(attn_mask):
         attn_mask = causal_bias_mask(attn_mask, device=query.device)  # (L, S)
     # 1/sqrt(d_k): "to counteract" the dot products growing large (section 3.2.1).
     # With d_k = 0 every score is an empty sum (0) and any scale gives torch's uniform
@@ -406,7 +431,7 @@ def torch_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> Tensor:
-    """torch's own SDPA, for comparison, wrapped to honour this package's guarantees.
+    """torch's own SDPA, wrapped to honour this package's guarantees.
 
     The wrapper (a) applies ``is_causal`` together with ``attn_mask``, which older torch
     rejects, (b) repeats GQA heads itself, since ``enable_gqa`` only exists in torch >= 2.5,
@@ -420,19 +445,20 @@ def torch_attention(
     Shapes: query ``(..., L, E)``, key ``(..., S, E)``, value ``(..., S, Ev)``; returns
     ``(..., L, Ev)``.
     """
-    if isinstance(attn_mask, CausalBias):
+    if is_causal_bias(attn_mask):
         if causal_offset(attn_mask) == 0:
             attn_mask, is_causal = None, True
         else:
             attn_mask = causal_bias_mask(attn_mask, device=query.device)  # (L, S)
     if enable_gqa:
         key, value = repeat_kv_heads(query, key), repeat_kv_heads(query, value)
-    # torch's SDPA sizes its output from the query's batch dims and fails when key or
-    # value carry more; expanding all three to the broadcast batch (views) fixes that.
-    batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
-    query = query.expand(*batch, *query.shape[-2:])  # (..., L, E)
-    key = key.expand(*batch, *key.shape[-2:])  # (..., S, E)
-    value = value.expand(*batch, *value.shape[-2:])  # (..., S, Ev)
+    if not (query.shape[:-2] == key.shape[:-2] == value.shape[:-2]):
+        # torch's SDPA sizes its output from the query's batch dims and fails when key or
+        # value carry more; expanding all three to the broadcast batch (views) fixes that.
+        batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        query = query.expand(*batch, *query.shape[-2:])  # (..., L, E)
+        key = key.expand(*batch, *key.shape[-2:])  # (..., S, E)
+        value = value.expand(*batch, *value.shape[-2:])  # (..., S, Ev)
     L, S = query.size(-2), key.size(-2)
     if isinstance(attn_mask, Tensor) and attn_mask.dim() < 2:
         # torch's SDPA rejects masks of fewer than two dims although they broadcast.
@@ -452,6 +478,9 @@ def torch_attention(
     if S == 0 or L == 0:
         return reference_attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
     rows = _allowed_rows(attn_mask, L, S)  # is_causal is folded into attn_mask above
+    if rows is not None and query.device.type == "cpu" and bool(rows.all()):
+        # No key-less row: nothing to patch (on the CPU this check costs no sync).
+        rows = None
     if rows is not None and attn_mask is not None:
         attn_mask = attn_mask.masked_fill(~rows, True if attn_mask.dtype == torch.bool else 0.0)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
@@ -465,16 +494,23 @@ def torch_attention(
         is_causal=is_causal,
         scale=scale,
     )
-    # torch's CPU flash kernel returns zeros for a row whose scores are all NaN (a NaN
-    # in the query), hiding the NaN; the math path and every other kernel show it.
-    out = out.masked_fill(torch.isnan(query).any(dim=-1, keepdim=True), float("nan"))
+    if query.device.type != "cpu" or not math.isfinite(query.detach().sum().item()):
+        # torch's CPU flash kernel returns zeros for a row whose scores are all NaN (a
+        # NaN in the query) for some sizes, hiding the NaN; the math path and every
+        # other kernel show it, so such rows are set to NaN. On the CPU one sum (NaN
+        # wherever any element is) first rules that out for an all-finite query, so the
+        # row-wise pass runs only when it can matter; elsewhere .item() would
+        # synchronise the device, so the row-wise pass always runs there.
+        out = out.masked_fill(torch.isnan(query).any(dim=-1, keepdim=True), float("nan"))
     if rows is not None:
         out = out.masked_fill(~rows, 0.0)
     return out
 
 
+# Both are candidates for kernel=None; "torch" is correct for every call (it keeps every
+# guarantee above), so where the measurements show it fastest it is the default.
 register_kernel("reference", reference_attention, priority=0)
-register_kernel("torch", torch_attention, priority=-1)
+register_kernel("torch", torch_attention, priority=5)
 
 
 def scaled_dot_product_attention(
@@ -505,8 +541,10 @@ def scaled_dot_product_attention(
         is_causal: apply the top-left aligned causal mask (query ``i`` sees keys ``<= i``).
         scale: multiplies ``QK^T``; defaults to ``1/sqrt(E)``.
         enable_gqa: repeat key/value heads (dim ``-3``) to the query's head count.
-        kernel: implementation name (see :func:`available_kernels`); ``None`` = best for
-            the device.
+        kernel: implementation name (see :func:`available_kernels`); ``None`` runs the
+            fastest kernel available on the query's device by the project's committed
+            measurements for that device type and the query's dtype (see
+            :func:`register_kernel`; priority decides where nothing is measured).
 
     Returns:
         ``(..., L, Ev)``. Rows with no key to attend to are zeros (and get zero gradient).
@@ -518,7 +556,7 @@ def scaled_dot_product_attention(
             ``is_causal=True``, or the kernel name is unknown or unavailable on the device.
     """
     _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    fn = _pick_kernel(kernel, query.device)
+    fn = _pick_kernel(kernel, query.device, query.dtype)
     return fn(
         query,
         key,

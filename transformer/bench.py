@@ -1,4 +1,4 @@
-"""``transformer bench attention``: the attention kernels timed side by side (SPEC §7).
+"""``transformer bench attention``: the attention kernels timed side by side.
 
 Every registered kernel (through :func:`transformer.scaled_dot_product_attention`),
 torch's own ``F.scaled_dot_product_attention`` ("torch-sdpa", torch's own choice of
@@ -16,9 +16,24 @@ FLOPs follow FlashAttention-2's count: forward ``4 * B * H * L * S * E`` (the tw
 matmuls ``QK^T`` and ``PV``), halved under ``is_causal``; backward 2.5x forward (five
 matmuls), so forward + backward is 3.5x.
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` beyond the inputs; on CPU the
-peak of the bytes held by the CPU allocator during one run, recorded with
-``torch.profiler`` (``profile_memory=True``: every allocation and free, in order).
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` beyond the inputs. On the CPU
+the peak, during one run, of the bytes held by torch's CPU allocator beyond what it held
+before: c10's own process-wide counter (``FLAGS_caffe2_report_cpu_memory_usage``), which
+every allocation and free updates under one lock on whichever thread it happens, worker
+threads of a kernel included, and logs with the running total; the log goes to a
+temporary file, never the terminal, and its totals give the peak (see
+:func:`cpu_peak_bytes`). ``torch.profiler`` is not used for this: its memory events come
+only from the thread that started it, so a kernel's worker threads were invisible, and
+its per-op attribution cancels a buffer allocated and freed inside one op. Not seen:
+memory a C++ library takes outside torch's allocator (BLAS or oneDNN workspaces,
+``std::vector`` scratch). torch's own fused CPU kernels (``torch-sdpa``, ``torch``,
+``torch-mha``) take their scratch from torch's allocator today, which the figure counts,
+but they are marked (``*`` in the table, ``memory_note`` in the JSON) because nothing here
+can prove a fused op took nothing else.
+
+``transformer bench torch-wrapper`` (:func:`run_wrapper_bench`) compares the ``"torch"``
+kernel with the raw ``F.scaled_dot_product_attention`` it wraps, with
+``torch.utils.benchmark``, side by side in one process.
 
 Notation: B batch, H heads, L = S sequence length, E head dim.
 """
@@ -26,10 +41,15 @@ Notation: B batch, H heads, L = S sequence length, E head dim.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import math
+import os
 import platform
+import re
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,9 +64,11 @@ __all__ = [
     "PEAK_BF16_TFLOPS",
     "BenchConfig",
     "add_bench_parser",
+    "cpu_peak_bytes",
     "make_attention_call",
     "peak_tflops",
     "run_attention_bench",
+    "run_wrapper_bench",
 ]
 
 TORCH_SDPA = "torch-sdpa"
@@ -135,6 +157,8 @@ class Row:
     percent_of_peak: float | None = None
     ratio_to_torch_sdpa: float | None = None
     peak_memory_mib: float | None = None
+    # What the peak may miss (CPU, torch's fused kernels), or why there is none.
+    memory_note: str | None = None
     skipped: str | None = None
 
 
@@ -304,25 +328,97 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _cpu_peak_bytes(call: Callable[[], None]) -> int:
-    """Peak bytes held by torch's CPU allocator during ``call``, from torch.profiler.
+# c10's DefaultCPUAllocator, with FLAGS_caffe2_report_cpu_memory_usage set, logs every
+# allocation and free with the counter's value right after it (updated under a lock).
+_ALLOCATOR_LINE = re.compile(rb"C10 (alloc|deleted) (\d+) bytes, total alloc (\d+) bytes")
+# Frees of blocks allocated before the flag was set, which the counter cannot subtract.
+_UNKNOWN_BLOCK = b"Memory block of unknown size"
+_C10_LIBRARIES = ("libc10.so", "libc10.dylib", "c10.dll")
+CPU_MEMORY_METHOD = (
+    "peak of torch's CPU allocator bytes during one run beyond those held before, every "
+    "thread (c10's process-wide counter, FLAGS_caffe2_report_cpu_memory_usage); memory "
+    "taken outside torch's allocator (BLAS/oneDNN workspaces, std::vector) is not seen"
+)
+CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated beyond inputs"
+# Candidates that run torch's fused C++ attention: their figure is marked in the table.
+FUSED_NOTE = "fused C++ op: scratch taken outside torch's allocator would not be seen"
+NO_COUNTER_NOTE = "n/a: c10's allocator counter not found in this torch build"
 
-    Each op's own net allocation (``self_cpu_memory_usage``, children excluded) and
-    each free outside an op (a ``[memory]`` event) is added in start-time order; a
-    temporary allocated and freed inside one op is not seen, so this is a lower bound.
+
+def _c10_flags() -> tuple[Any, Any] | None:
+    """c10's ``FLAGS_caffe2_report_cpu_memory_usage`` (bool) and log level (int), or None."""
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for name in _C10_LIBRARIES:
+        try:
+            lib = ctypes.CDLL(str(lib_dir / name))
+            report = ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage")
+            return report, ctypes.c_int.in_dll(lib, "FLAGS_caffe2_log_level")
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _peak_from_log(log: bytes) -> tuple[int, list[bytes]]:
+    """Peak bytes above the first logged total (the 1-byte marker) and the other lines.
+
+    Lines are written after the lock is released, so threads may log out of order; each
+    total is still the counter's true value at some instant, so their maximum is the peak.
     """
-    from torch.profiler import ProfilerActivity, profile
+    peak = 0
+    base: int | None = None
+    others: list[bytes] = []
+    for line in log.splitlines():
+        match = _ALLOCATOR_LINE.search(line)
+        if match is None:
+            if line.strip() and _UNKNOWN_BLOCK not in line and not line.startswith(b"[I"):
+                others.append(line)
+            continue
+        total = int(match.group(3))
+        if base is None:  # the marker: an allocation of 1 byte made before the call
+            base = total - int(match.group(2))
+        peak = max(peak, total - base)
+    return peak, others
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        call()
-    held = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        held += event.self_cpu_memory_usage
-        peak = max(peak, held)
+
+def cpu_peak_bytes(call: Callable[[], None]) -> int | None:
+    """Peak bytes torch's CPU allocator held during ``call`` beyond those held before.
+
+    Counts every allocation on every thread of the process (a kernel's worker threads
+    included; anything else running in the process at the time too), temporaries freed
+    inside one op included. c10 logs each allocation with its running total while
+    ``FLAGS_caffe2_report_cpu_memory_usage`` is set; stderr (fd 2) is redirected to a
+    temporary file meanwhile, so none of it reaches the terminal, and lines that are not
+    the allocator's are written back to stderr afterwards. ``None`` where the flag
+    cannot be found in torch's c10 library.
+    """
+    flags = _c10_flags()
+    if flags is None:  # pragma: no cover - every torch build we test exports the flags
+        return None
+    report, level = flags
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        saved_level = level.value
+        try:
+            level.value = 0  # the allocator's lines are INFO; the default shows WARNING up
+            report.value = True
+            marker = torch.empty(1, dtype=torch.uint8)  # its logged total gives the base
+            del marker
+            call()
+        finally:
+            report.value = False
+            level.value = saved_level
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+        log.seek(0)
+        peak, others = _peak_from_log(log.read())
+    for line in others:
+        print(line.decode(errors="replace"), file=sys.stderr)
     return peak
 
 
-def _peak_memory(cfg: BenchConfig, call: Callable[[], None]) -> int:
+def _peak_memory(cfg: BenchConfig, call: Callable[[], None]) -> int | None:
     if cfg.device == "cuda":  # pragma: no cover  (CUDA only, see _free_memory)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -330,7 +426,16 @@ def _peak_memory(cfg: BenchConfig, call: Callable[[], None]) -> int:
         call()
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated() - before)
-    return _cpu_peak_bytes(call)
+    return cpu_peak_bytes(call)
+
+
+def _memory_note(cfg: BenchConfig, name: str, peak: int | None) -> str | None:
+    """What a row's peak may not include (CPU only: CUDA's allocator sees everything)."""
+    if cfg.device == "cuda":  # pragma: no cover  (CUDA only, see _free_memory)
+        return None
+    if peak is None:  # pragma: no cover - see cpu_peak_bytes
+        return NO_COUNTER_NOTE
+    return FUSED_NOTE if name.startswith("torch") else None
 
 
 def _hardware(device: str) -> str:
@@ -382,11 +487,7 @@ def run_attention_bench(
         "config": asdict(cfg),
         "flops_model": "fwd 4*B*H*L*S*E (halved if causal); bwd 2.5x fwd; fwd+bwd 3.5x fwd",
         "peak_tflops": _peak_for(cfg, "bf16"),
-        "memory_method": (
-            "torch.cuda.max_memory_allocated beyond inputs"
-            if cfg.device == "cuda"
-            else "peak of torch CPU allocator bytes during one run (torch.profiler, lower bound)"
-        ),
+        "memory_method": CUDA_MEMORY_METHOD if cfg.device == "cuda" else CPU_MEMORY_METHOD,
         "rows": [asdict(r) for r in rows],
     }
     if cfg.out is not None:
@@ -442,7 +543,9 @@ def _measure_group(
         row.gflops = flops / (row.median_ms * 1e-3) / 1e9
         if peak is not None:
             row.percent_of_peak = 100.0 * row.gflops / (peak * 1e3)
-        row.peak_memory_mib = _peak_memory(cfg, calls[name]) / 2**20
+        peak_bytes = _peak_memory(cfg, calls[name])
+        row.peak_memory_mib = None if peak_bytes is None else peak_bytes / 2**20
+        row.memory_note = _memory_note(cfg, name, peak_bytes)
     base = rows[TORCH_SDPA].median_ms if TORCH_SDPA in rows else None
     for row in rows.values():
         if base and row.median_ms is not None:
@@ -466,6 +569,7 @@ def format_table(report: dict[str, Any]) -> str:
     head = f"{'kernel':<20} {'dtype':<5} {'L':>6} {'causal':<6} {'mode':<8} "
     head += f"{'median ms':>10} {'GFLOP/s':>8} {'% peak':>7} {'x sdpa':>7} {'peak MiB':>9}"
     lines = [f"{report['device']} | {report['hardware']} | torch {report['torch']}", head]
+    notes: dict[str, str] = {}
     for r in report["rows"]:
         key = f"{r['kernel']:<20} {r['dtype']:<5} {r['seq_len']:>6} "
         key += f"{r['causal']!s:<6} {r['mode']:<8} "
@@ -477,9 +581,24 @@ def format_table(report: dict[str, Any]) -> str:
             key
             + f"{r['median_ms']:>10.2f} {r['gflops']:>8.1f} "
             + f"{(f'{share:.1f}' if share is not None else '-'):>7} "
-            + f"{(f'{ratio:.2f}' if ratio is not None else '-'):>7} {r['peak_memory_mib']:>9.1f}"
+            + f"{(f'{ratio:.2f}' if ratio is not None else '-'):>7} "
+            + _memory_cell(r, notes)
         )
+    lines += [f"{mark} {note}" for note, mark in notes.items()]
+    if report.get("memory_method"):
+        lines.append(f"peak MiB: {report['memory_method']}")
     return "\n".join(lines)
+
+
+def _memory_cell(row: dict[str, Any], notes: dict[str, str]) -> str:
+    """The peak column: the figure, with a footnote mark when something may be unseen."""
+    mib, note = row["peak_memory_mib"], row.get("memory_note")
+    if mib is None:
+        return f"{'n/a':>9}" + (
+            "" if note is None else f" {notes.setdefault(note, '*' * (len(notes) + 1))}"
+        )
+    cell = f"{mib:>9.1f}"
+    return cell if note is None else f"{cell}{notes.setdefault(note, '*' * (len(notes) + 1))}"
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -509,7 +628,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
                 continue
             xs = [r["seq_len"] for r in sel]
             axes[0][col].plot(xs, [r["median_ms"] for r in sel], marker="o", label=kernel)
-            mem = [max(r["peak_memory_mib"], 1e-3) for r in sel]
+            mem = [max(r["peak_memory_mib"] or 0.0, 1e-3) for r in sel]
             axes[1][col].plot(xs, mem, marker="o", label=kernel)
         axes[0][col].set_title(f"{dtype} {'causal' if causal else 'full'} {mode}", fontsize=9)
         for row, label in ((0, "median time (ms)"), (1, "peak memory (MiB)")):
@@ -524,6 +643,115 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+# The "torch" kernel against the raw torch SDPA it wraps.
+# --------------------------------------------------------------------------------------
+
+#: What ``run_wrapper_bench`` times, by the names its report uses.
+WRAPPER_CANDIDATES = {
+    "sdpa": "F.scaled_dot_product_attention(q, k, v, is_causal=causal)",
+    "torch_attention": "torch_attention(q, k, v, is_causal=causal)",
+    "front_door": "scaled_dot_product_attention(q, k, v, is_causal=causal, kernel='torch')",
+}
+
+
+def run_wrapper_bench(
+    *,
+    seq_lens: Sequence[int] = (256, 2048),
+    causal: Sequence[bool] = (False, True),
+    batch: int = 4,
+    heads: int = 8,
+    head_dim: int = 64,
+    dtype: str = "fp32",
+    rounds: int = 7,
+    min_run_time: float = 0.5,
+    out: str | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Time the ``"torch"`` kernel against raw ``F.scaled_dot_product_attention`` (forward).
+
+    Inputs are ``(B, H, L, E)`` with ``S = L``, no mask, so torch's SDPA handles the
+    case itself and the wrapper's cost is all overhead. For each length and causal flag
+    the three statements of :data:`WRAPPER_CANDIDATES` (raw SDPA; the kernel function
+    :func:`transformer.attention.torch_attention`; the front door with
+    ``kernel="torch"``, which adds argument validation) are timed with
+    ``torch.utils.benchmark.Timer.blocked_autorange`` under ``no_grad``, interleaved
+    ``rounds`` times in one process so machine noise hits them alike. Reported per
+    case: each candidate's median over rounds (ms) and the median over rounds of its
+    per-round ratio to raw SDPA. Writes ``DIR/torch-wrapper-cpu.json`` with ``out``.
+    """
+    from torch.utils import benchmark
+
+    from transformer.attention import scaled_dot_product_attention, torch_attention
+
+    if rounds < 1 or min(seq_lens, default=1) < 1:
+        raise BenchError(f"rounds and seq_lens must be >= 1, got {rounds} and {seq_lens}")
+    rows: list[dict[str, Any]] = []
+    for L in seq_lens:
+        gen = torch.Generator().manual_seed(0)
+        shape = (batch, heads, L, head_dim)
+        q, k, v = (torch.randn(shape, generator=gen, dtype=_DTYPES[dtype]) for _ in range(3))
+        for is_causal in causal:
+            scope = {"F": F, "q": q, "k": k, "v": v, "causal": is_causal,
+                     "torch_attention": torch_attention,
+                     "scaled_dot_product_attention": scaled_dot_product_attention}  # fmt: skip
+            timers = {
+                name: benchmark.Timer(stmt, globals=scope, num_threads=torch.get_num_threads())
+                for name, stmt in WRAPPER_CANDIDATES.items()
+            }
+            times: dict[str, list[float]] = {name: [] for name in timers}
+            best = dict.fromkeys(timers, math.inf)
+            with torch.no_grad():
+                for _ in range(rounds):
+                    for name, timer in timers.items():
+                        measured = timer.blocked_autorange(min_run_time=min_run_time)
+                        times[name].append(measured.median)
+                        best[name] = min(best[name], *measured.times)
+            row: dict[str, Any] = {"seq_len": L, "causal": is_causal}
+            for name in timers:
+                ratios = [t / base for t, base in zip(times[name], times["sdpa"], strict=True)]
+                row[f"{name}_ms"] = statistics.median(times[name]) * 1e3
+                row[f"{name}_ratio"] = statistics.median(ratios)
+                # The fastest block: the cost with the least interference from other
+                # processes (on a shared machine a preempted worker thread adds whole
+                # scheduler slices to the median).
+                row[f"{name}_best_ms"] = best[name] * 1e3
+                row[f"{name}_best_ratio"] = best[name] / best["sdpa"]
+            rows.append(row)
+            if log is not None:
+                log(
+                    f"L=S={L} causal={is_causal}: sdpa {row['sdpa_ms']:.3f} ms; median "
+                    f"ratio torch_attention x{row['torch_attention_ratio']:.3f}, front door "
+                    f"x{row['front_door_ratio']:.3f}; best-block ratio torch_attention "
+                    f"x{row['torch_attention_best_ratio']:.3f}, front door "
+                    f"x{row['front_door_best_ratio']:.3f}"
+                )
+    report = {
+        "what": "the 'torch' kernel vs raw F.scaled_dot_product_attention, forward, no mask",
+        "hardware": _hardware("cpu"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "config": {
+            "batch": batch,
+            "heads": heads,
+            "head_dim": head_dim,
+            "dtype": dtype,
+            "rounds": rounds,
+            "min_run_time": min_run_time,
+        },
+        "statements": WRAPPER_CANDIDATES,
+        "method": "torch.utils.benchmark blocked_autorange, interleaved rounds; *_ratio = "
+        "median over rounds of (candidate median / sdpa median) in the same round; "
+        "*_best_ratio = fastest block of the candidate / fastest block of sdpa",
+        "rows": rows,
+    }
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "torch-wrapper-cpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 # --------------------------------------------------------------------------------------
@@ -579,6 +807,23 @@ def add_bench_parser(subparsers: Any) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="write JSON and PNG here")
     p.set_defaults(func=_cmd_bench_attention)
 
+    w = sub.add_parser(
+        "torch-wrapper",
+        help="time the 'torch' kernel against the raw torch SDPA it wraps (CPU, forward)",
+        description="torch.utils.benchmark, side by side in one process: raw "
+        "F.scaled_dot_product_attention, transformer.attention.torch_attention and the "
+        "front door with kernel='torch', forward, no mask, causal and not; prints and "
+        "writes the ratios to raw SDPA.",
+    )
+    w.add_argument("--seq-lens", type=_csv(int), nargs="+", help="L = S (default 256 2048)")
+    w.add_argument("--batch", type=int, default=4, help="B (default 4)")
+    w.add_argument("--heads", type=int, default=8, help="H (default 8)")
+    w.add_argument("--head-dim", type=int, default=64, help="E (default 64)")
+    w.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    w.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing")
+    w.add_argument("--out", default=None, metavar="DIR", help="write JSON here")
+    w.set_defaults(func=_cmd_bench_wrapper)
+
     c = sub.add_parser(
         "compile",
         help="compile the triton kernel for a GPU (none needed) and report its costs",
@@ -619,6 +864,23 @@ def _cmd_bench_attention(args: argparse.Namespace) -> int:
         )
     except BenchError as err:
         print(f"transformer bench attention: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_bench_wrapper(args: argparse.Namespace) -> int:
+    try:
+        run_wrapper_bench(
+            seq_lens=_flatten(args.seq_lens) or (256, 2048),
+            batch=args.batch,
+            heads=args.heads,
+            head_dim=args.head_dim,
+            rounds=args.rounds,
+            min_run_time=args.min_run_time,
+            out=args.out,
+        )
+    except BenchError as err:
+        print(f"transformer bench torch-wrapper: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -381,13 +381,40 @@ def _n_params(model: Any) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from transformer.training import translate
-
+    """Greedy or beam search (``translate``), or sampling when a sampling flag is given."""
+    sampling = (args.temperature, args.top_k, args.top_p) != (None, None, None)
+    if sampling and args.beam_size > 1:
+        # Checked before the checkpoint is read: beam search does not sample.
+        raise CLIError("--beam-size cannot be combined with --temperature, --top-k or --top-p")
     model, tokenizer, meta = _load(args.checkpoint)
-    ids = translate(
-        model, tokenizer, args.text, max_len=_max_len(args, meta), beam_size=args.beam_size
+    max_len = _max_len(args, meta)
+    if not sampling:
+        from transformer.training import translate
+
+        rows = translate(model, tokenizer, args.text, max_len=max_len, beam_size=args.beam_size)
+        for row in rows:
+            print(tokenizer.decode(row))
+        return 0
+    import torch
+
+    from transformer.data import pad_sequences
+    from transformer.generate import sample_decode
+
+    src = pad_sequences(
+        [tokenizer.encode(text) or [tokenizer.unk_id] for text in args.text], tokenizer.pad_id
     )
-    for row in ids:
+    out = sample_decode(
+        model,
+        src,
+        max_len,
+        tokenizer.bos_id,
+        tokenizer.eos_id,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    for row in out:
         print(tokenizer.decode(row))
     return 0
 
@@ -654,12 +681,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate",
         help="decode texts token by token with a trained checkpoint",
-        description="Print one output line per input text.",
+        description="Print one output line per input text: greedy decoding by default, beam "
+        "search with --beam-size, or sampling with --temperature/--top-k/--top-p (reproducible "
+        "with --seed).",
     )
     p.add_argument("--checkpoint", required=True, metavar="DIR")
     p.add_argument("text", nargs="+", help="source texts")
     p.add_argument("--beam-size", type=_positive_int, default=1, help="1 = greedy (default)")
     p.add_argument("--max-len", type=_positive_int, default=None)
+    p.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=None,
+        help="sample with this temperature (1 = the model's distribution, 0 = greedy)",
+    )
+    p.add_argument(
+        "--top-k", type=_positive_int, default=None, help="sample from the K most probable tokens"
+    )
+    p.add_argument(
+        "--top-p",
+        type=_checked_number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
+        default=None,
+        help="sample from the smallest set of tokens whose probability reaches P (nucleus)",
+    )
+    p.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="seed of the sampler's generator (default %(default)s): same seed, same output",
+    )
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser(

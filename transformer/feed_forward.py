@@ -19,6 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer._checks import (
+    check_device,
+    check_dropout,
+    check_dtype,
+    check_int,
+    check_not_nested,
+)
+
 __all__ = ["Activation", "FeedForward", "get_activation", "position_wise"]
 
 Activation = Callable[[Tensor], Tensor]
@@ -45,12 +53,6 @@ def get_activation(activation: str | Activation) -> Activation:
     return activation
 
 
-def check_dropout(dropout: float) -> None:
-    """Raise ``ValueError`` unless ``0 <= dropout <= 1`` (torch's ``nn.Dropout`` bound)."""
-    if not 0.0 <= dropout <= 1.0:
-        raise ValueError(f"dropout must be in [0, 1], got {dropout}")
-
-
 def position_wise(
     x: Tensor, linear1: nn.Module, activation: Activation, dropout: nn.Module, linear2: nn.Module
 ) -> Tensor:
@@ -75,6 +77,11 @@ class FeedForward(nn.Module):
         dim_feedforward: inner size F (``d_ff = 2048`` in the base model).
         dropout: dropout on the inner activations, in ``[0, 1]``.
         activation: ``"relu"`` (the paper), ``"gelu"`` or a callable.
+        device, dtype: factory keywords of the two linear maps, as in torch's modules.
+
+    A size that is not an int, or a dropout that is not a number, raises ``TypeError``; a
+    size below 1 or a dropout outside ``[0, 1]`` raises ``ValueError``; both name the
+    argument and the value.
 
     Shape:
         - input ``(..., E)``; output ``(..., E)``.
@@ -86,23 +93,27 @@ class FeedForward(nn.Module):
         dim_feedforward: int,
         dropout: float = 0.1,
         activation: str | Activation = "relu",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("dim_feedforward", dim_feedforward)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        check_dropout(dropout)
+        d_model = check_int("d_model", d_model)
+        dim_feedforward = check_int("dim_feedforward", dim_feedforward)
+        dropout = check_dropout(dropout)
+        check_device("device", device)
+        check_dtype("dtype", dtype)
         self.activation = get_activation(activation)
         # W_1, b_1: (F, E), (F,).
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear1 = nn.Linear(d_model, dim_feedforward, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout)
         # W_2, b_2: (E, F), (E,).
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the network to every position independently: ``(..., E) -> (..., E)``."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+        check_not_nested("x", x)
         if x.dim() == 0 or x.size(-1) != self.linear1.in_features:
             raise ValueError(
                 f"x must be (..., d_model) with d_model={self.linear1.in_features}, "

@@ -9,21 +9,30 @@ a departure from the paper that trains more stably in deep stacks.
 
 Constructor arguments, defaults, forward signatures, attribute names and ``state_dict``
 keys are those of ``torch.nn.TransformerEncoderLayer``, ``TransformerDecoderLayer``,
-``TransformerEncoder``, ``TransformerDecoder`` and ``Transformer``, minus the fast-path
-switches ``enable_nested_tensor`` and ``mask_check``: weights load in both directions with
+``TransformerEncoder``, ``TransformerDecoder`` and ``Transformer`` (a test compares the
+signatures with :func:`inspect.signature`): weights load in both directions with
 ``load_state_dict(strict=True)`` and outputs then match. Code that walks ``layers`` and
 reads ``self_attn`` / ``multihead_attn`` / ``linear1`` / ``norm1`` ... works on both.
 
-Departures from torch, each deliberate:
+Divergences from torch.nn
+-------------------------
 
-* no fast path: torch's encoder, in eval mode with gradients off and a
-  ``src_key_padding_mask``, may pack the batch into a nested tensor and writes ``0`` at
-  padded positions of the output; we always compute every position, so outputs at
-  padded positions differ there (real positions agree);
-* a query with no key left to attend to gives zeros (torch gives NaN), inherited from
-  :class:`~transformer.MultiheadAttention`;
-* bad constructor arguments raise ``ValueError`` naming the argument (torch asserts or
-  raises ``RuntimeError``).
+The complete list, for this module and :class:`~transformer.MultiheadAttention`; each
+is deliberate, and code written for torch.nn runs unchanged unless it relies on one:
+
+* **No fast path.** ``TransformerEncoder(enable_nested_tensor=..., mask_check=...)`` are
+  accepted and stored, and change nothing. Torch's encoder, in eval mode with gradients
+  off and a ``src_key_padding_mask``, may pack the batch into a nested tensor and writes
+  ``0`` at padded positions of the output; we always compute every position, so outputs
+  differ at padded positions only (real positions agree).
+* **No NestedTensor inputs.** A nested ``src``/``tgt``/``memory``/``query`` raises
+  ``TypeError``: pass a padded tensor with a key padding mask.
+* **Empty rows give zeros.** A query with no key left to attend to (every key masked)
+  gives zeros and zero gradients; torch gives NaN.
+* **Errors instead of asserts.** Bad arguments raise ``TypeError`` (wrong type: a str
+  dropout, a float head count, a non-bool flag) or ``ValueError`` (out of range, shapes
+  that do not fit, ``is_causal=True`` without a mask) naming the argument and the value
+  seen, before any work; torch asserts, raises ``RuntimeError``, fails later or accepts.
 
 Notation: B batch, S source length, T (or L) target length, E ``d_model``, H ``nhead``.
 """
@@ -37,7 +46,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transformer.feed_forward import Activation, check_dropout, get_activation, position_wise
+from transformer._checks import (
+    check_bool,
+    check_device,
+    check_dropout,
+    check_dtype,
+    check_int,
+    check_module,
+    check_not_nested,
+    check_real,
+)
+from transformer.feed_forward import Activation, get_activation, position_wise
 from transformer.masks import square_subsequent_mask
 from transformer.multi_head_attention import MultiheadAttention
 
@@ -50,25 +69,46 @@ __all__ = [
 ]
 
 
-def _check_layer_args(d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
-    """Validate the arguments every layer shares; ``ValueError`` names the culprit."""
-    for name, value in (
-        ("d_model", d_model),
-        ("nhead", nhead),
-        ("dim_feedforward", dim_feedforward),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+def _check_layer_args(
+    d_model: object,
+    nhead: object,
+    dim_feedforward: object,
+    dropout: object,
+    layer_norm_eps: object,
+    flags: dict[str, object],
+    device: object,
+    dtype: object,
+) -> None:
+    """Validate the arguments every layer shares; the error names the culprit and its value."""
+    d_model = check_int("d_model", d_model)
+    nhead = check_int("nhead", nhead)
+    check_int("dim_feedforward", dim_feedforward)
     if d_model % nhead != 0:
         raise ValueError(
             f"d_model must be divisible by nhead, got d_model={d_model}, nhead={nhead}"
         )
     check_dropout(dropout)
+    if check_real("layer_norm_eps", layer_norm_eps) < 0.0:
+        raise ValueError(f"layer_norm_eps must be >= 0, got {layer_norm_eps}")
+    for name, flag in flags.items():
+        check_bool(name, flag)
+    check_device("device", device)
+    check_dtype("dtype", dtype)
 
 
-def _check_num_layers(num_layers: int) -> None:
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
-        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+def _check_tensors(**tensors: object) -> None:
+    """Each input is a dense ``Tensor``; a mask or hint may also be ``None`` (checked by MHA)."""
+    for name, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        check_not_nested(name, value)
+
+
+def _check_hints(**hints: object) -> None:
+    """``is_causal``-style hints are bools, or ``None`` where torch detects them."""
+    for name, value in hints.items():
+        if value is not None:
+            check_bool(name, value)
 
 
 def _clones(layer: nn.Module, n: int) -> nn.ModuleList:
@@ -145,7 +185,16 @@ class TransformerEncoderLayer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_layer_args(d_model, nhead, dim_feedforward, dropout)
+        _check_layer_args(
+            d_model,
+            nhead,
+            dim_feedforward,
+            dropout,
+            layer_norm_eps,
+            {"batch_first": batch_first, "norm_first": norm_first, "bias": bias},
+            device,
+            dtype,
+        )
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.self_attn = MultiheadAttention(
             d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **factory
@@ -170,6 +219,8 @@ class TransformerEncoderLayer(nn.Module):
         is_causal: bool = False,
     ) -> Tensor:
         """Self-attention then FFN over ``src``; ``is_causal`` hints that ``src_mask`` is causal."""
+        _check_tensors(src=src)
+        _check_hints(is_causal=is_causal)
         x = src
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
@@ -238,7 +289,16 @@ class TransformerDecoderLayer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_layer_args(d_model, nhead, dim_feedforward, dropout)
+        _check_layer_args(
+            d_model,
+            nhead,
+            dim_feedforward,
+            dropout,
+            layer_norm_eps,
+            {"batch_first": batch_first, "norm_first": norm_first, "bias": bias},
+            device,
+            dtype,
+        )
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.self_attn = MultiheadAttention(
             d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **factory
@@ -271,6 +331,8 @@ class TransformerDecoderLayer(nn.Module):
         memory_is_causal: bool = False,
     ) -> Tensor:
         """Pass ``tgt`` through the three sub-layers, attending to ``memory`` in the second."""
+        _check_tensors(tgt=tgt, memory=memory)
+        _check_hints(tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
         x = tgt
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
@@ -337,6 +399,15 @@ class TransformerEncoder(nn.Module):
     in torch), held in the ``nn.ModuleList`` ``layers``. ``norm`` is the final layer norm
     that pre-norm stacks need (``Transformer`` always passes one, like torch).
 
+    Args:
+        encoder_layer: the layer to copy ``num_layers`` times.
+        num_layers: stack depth N, at least 1.
+        norm: final normalisation, or ``None``.
+        enable_nested_tensor, mask_check: torch's fast-path switches, accepted (bools) and
+            stored as attributes so that code written for torch runs unchanged; they change
+            nothing, as there is no fast path (see "Divergences from torch.nn" above).
+            ``use_nested_tensor`` is always ``False``.
+
     Shape: see :class:`TransformerEncoderLayer`.
     """
 
@@ -347,9 +418,17 @@ class TransformerEncoder(nn.Module):
         encoder_layer: nn.Module,
         num_layers: int,
         norm: nn.Module | None = None,
+        enable_nested_tensor: bool = True,
+        mask_check: bool = True,
     ) -> None:
         super().__init__()
-        _check_num_layers(num_layers)
+        check_module("encoder_layer", encoder_layer)
+        num_layers = check_int("num_layers", num_layers)
+        check_module("norm", norm, optional=True)
+        self.enable_nested_tensor = check_bool("enable_nested_tensor", enable_nested_tensor)
+        self.mask_check = check_bool("mask_check", mask_check)
+        # torch's switch that its fast path reads; ours never packs a batch.
+        self.use_nested_tensor = False
         self.layers = _clones(encoder_layer, num_layers)
         self.num_layers = num_layers
         self.norm = norm
@@ -362,6 +441,8 @@ class TransformerEncoder(nn.Module):
         is_causal: bool | None = None,
     ) -> Tensor:
         """Run the layers in turn; ``is_causal=None`` detects a causal ``mask`` like torch."""
+        _check_tensors(src=src)
+        _check_hints(is_causal=is_causal)
         batch_first = _stack_batch_first(self.layers)
         is_causal = _detect_is_causal(mask, is_causal, _seq_len(src, batch_first))
         output = src
@@ -395,7 +476,9 @@ class TransformerDecoder(nn.Module):
         norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        _check_num_layers(num_layers)
+        check_module("decoder_layer", decoder_layer)
+        num_layers = check_int("num_layers", num_layers)
+        check_module("norm", norm, optional=True)
         self.layers = _clones(decoder_layer, num_layers)
         self.num_layers = num_layers
         self.norm = norm
@@ -412,6 +495,8 @@ class TransformerDecoder(nn.Module):
         memory_is_causal: bool = False,
     ) -> Tensor:
         """Run the layers in turn; ``tgt_is_causal=None`` detects a causal ``tgt_mask``."""
+        _check_tensors(tgt=tgt, memory=memory)
+        _check_hints(tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
         batch_first = _stack_batch_first(self.layers)
         tgt_is_causal = _detect_is_causal(tgt_mask, tgt_is_causal, _seq_len(tgt, batch_first))
         output = tgt
@@ -470,6 +555,21 @@ class Transformer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_module("custom_encoder", custom_encoder, optional=True)
+        check_module("custom_decoder", custom_decoder, optional=True)
+        # Layers check the rest; with both stacks custom no layer is built, so check here.
+        num_encoder_layers = check_int("num_encoder_layers", num_encoder_layers)
+        num_decoder_layers = check_int("num_decoder_layers", num_decoder_layers)
+        _check_layer_args(
+            d_model,
+            nhead,
+            dim_feedforward,
+            dropout,
+            layer_norm_eps,
+            {"batch_first": batch_first, "norm_first": norm_first, "bias": bias},
+            device,
+            dtype,
+        )
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         layer_args = (
             d_model,
@@ -526,9 +626,12 @@ class Transformer(nn.Module):
         memory_is_causal: bool = False,
     ) -> Tensor:
         """Encode ``src`` into memory, then decode ``tgt`` against it (Figure 1)."""
-        for name, value in (("src", src), ("tgt", tgt)):
-            if not isinstance(value, Tensor):
-                raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
+        _check_tensors(src=src, tgt=tgt)
+        _check_hints(
+            src_is_causal=src_is_causal,
+            tgt_is_causal=tgt_is_causal,
+            memory_is_causal=memory_is_causal,
+        )
         if src.dim() != tgt.dim():
             raise ValueError(
                 f"src and tgt must both be batched (3-D) or unbatched (2-D), got src "
@@ -570,5 +673,13 @@ class Transformer(nn.Module):
         """The ``(sz, sz)`` float causal mask of torch: ``-inf`` above the diagonal, else ``0``.
 
         Section 3.2.3: position ``i`` of the decoder may attend to positions ``<= i`` only.
+        ``sz`` must be an int >= 0 and ``dtype`` (default: torch's default) floating point.
         """
+        sz = check_int("sz", sz, low=0)
+        check_device("device", device)
+        check_dtype("dtype", dtype)
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(
+                f"dtype must be a floating point dtype (the mask holds -inf), got {dtype}"
+            )
         return square_subsequent_mask(sz, device=device, dtype=dtype)

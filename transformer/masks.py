@@ -20,14 +20,20 @@ Notation: B batch, H heads, L target (query) length, S source (key) length.
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING, TypeGuard
+
 import torch
 from torch import Tensor
-from torch.nn.attention.bias import CausalBias, CausalVariant
+
+if TYPE_CHECKING:
+    from torch.nn.attention.bias import CausalBias
 
 __all__ = [
     "causal_bias_mask",
     "causal_mask",
     "causal_offset",
+    "is_causal_bias",
     "merge_module_masks",
     "module_mask_to_sdpa",
     "square_subsequent_mask",
@@ -51,6 +57,16 @@ def causal_mask(
     return torch.ones(L, S, dtype=torch.bool, device=device).tril(diagonal)
 
 
+def is_causal_bias(obj: object) -> TypeGuard[CausalBias]:
+    """Is ``obj`` a torch ``CausalBias``? Answered without importing ``torch.nn.attention.bias``.
+
+    That module imports triton where triton is installed (a second or more at start-up),
+    and an object cannot be a ``CausalBias`` unless the caller has imported it already.
+    """
+    module = sys.modules.get("torch.nn.attention.bias")
+    return module is not None and isinstance(obj, module.CausalBias)
+
+
 def causal_offset(bias: CausalBias) -> int:
     """The diagonal of a torch ``CausalBias``: query ``i`` may attend keys ``j <= i + offset``.
 
@@ -61,6 +77,8 @@ def causal_offset(bias: CausalBias) -> int:
     Raises:
         ValueError: the bias has a variant this package does not know.
     """
+    from torch.nn.attention.bias import CausalVariant  # imported by whoever made the bias
+
     if bias.variant == CausalVariant.UPPER_LEFT:
         return 0
     if bias.variant == CausalVariant.LOWER_RIGHT:

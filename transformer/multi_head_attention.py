@@ -11,7 +11,8 @@ Constructor, forward signature, defaults, return values and ``state_dict`` keys 
 torch's, so ``load_state_dict`` works in both directions. Masks follow torch's module
 convention (bool ``True`` = masked out; float added). Departures from torch, each a
 guarantee of this package: rows with no key left to attend to give zeros (torch gives
-NaN), and bad input raises ``ValueError``/``TypeError`` where torch asserts.
+NaN), and bad input raises ``ValueError``/``TypeError`` where torch asserts (the full
+list: "Divergences from torch.nn" in :mod:`transformer.layers`).
 
 Notation: B batch, L target length, S source length, E embed_dim (``d_model``),
 H num_heads (``h``), D head_dim (``d_k = d_v = E / H``).
@@ -25,6 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer._checks import (
+    check_bool,
+    check_device,
+    check_dropout,
+    check_dtype,
+    check_int,
+    check_not_nested,
+)
 from transformer.attention import attention_weights, scaled_dot_product_attention
 from transformer.masks import merge_module_masks
 
@@ -67,6 +76,10 @@ class MultiheadAttention(nn.Module):
         kdim, vdim: feature sizes of key and value (default ``embed_dim``); when either
             differs, separate ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` are used.
         batch_first: inputs are ``(B, L, E)`` instead of ``(L, B, E)``.
+        device, dtype: factory keywords of the parameters.
+
+    An argument of the wrong type raises ``TypeError`` (torch fails later, or not at all:
+    ``dropout="x"``), a value out of range ``ValueError``; both name it and the value.
 
     Shape:
         - query ``(L, B, E)`` (``(B, L, E)`` if batch_first) or unbatched ``(L, E)``;
@@ -92,16 +105,25 @@ class MultiheadAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        embed_dim = check_int("embed_dim", embed_dim)
+        num_heads = check_int("num_heads", num_heads)
         if embed_dim % num_heads != 0:
             raise ValueError(
                 f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, "
                 f"num_heads={num_heads}"
             )
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        dropout = check_dropout(dropout)
+        for name, flag in (
+            ("bias", bias),
+            ("add_bias_kv", add_bias_kv),
+            ("add_zero_attn", add_zero_attn),
+            ("batch_first", batch_first),
+        ):
+            check_bool(name, flag)
+        kdim = None if kdim is None else check_int("kdim", kdim)
+        vdim = None if vdim is None else check_int("vdim", vdim)
+        check_device("device", device)
+        check_dtype("dtype", dtype)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
@@ -200,6 +222,7 @@ class MultiheadAttention(nn.Module):
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            check_not_nested(name, t)
             if not t.is_floating_point():
                 raise TypeError(f"{name} must be a floating point tensor, got dtype {t.dtype}")
         # Under autocast the projections cast their inputs themselves, so mixed dtypes are
@@ -275,6 +298,12 @@ class MultiheadAttention(nn.Module):
             weights ``(B, L, S)`` (or ``(B, H, L, S)``), ``None`` if not ``need_weights``.
         """
         is_batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
+        for name, flag in (
+            ("need_weights", need_weights),
+            ("average_attn_weights", average_attn_weights),
+            ("is_causal", is_causal),
+        ):
+            check_bool(name, flag)
         if is_causal and attn_mask is None:
             raise ValueError(
                 "is_causal=True is a hint that attn_mask is causal and needs attn_mask; "

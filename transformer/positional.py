@@ -18,16 +18,19 @@ import math
 import torch
 from torch import Tensor, nn
 
+from transformer._checks import (
+    check_bool,
+    check_device,
+    check_dropout,
+    check_dtype,
+    check_int,
+    check_not_nested,
+)
+
 __all__ = ["SinusoidalPositionalEncoding", "sinusoidal_table"]
 
 # The wavelengths form a geometric progression from 2*pi to 10000 * 2*pi (section 3.5).
 _BASE = 10000.0
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def sinusoidal_table(
@@ -44,13 +47,19 @@ def sinusoidal_table(
     hence a sin column without a cos partner.
 
     Computed in float64, then cast to ``dtype`` (default: torch's default dtype), so
-    large positions keep their accuracy whatever the output dtype.
+    large positions keep their accuracy whatever the output dtype. A size that is not an
+    int or a ``dtype`` that is not floating point raises ``TypeError``; a size below 1
+    raises ``ValueError``.
 
     Shape: ``(max_len, d_model)``.
     """
-    _check_positive_int("max_len", max_len)
-    _check_positive_int("d_model", d_model)
+    max_len = check_int("max_len", max_len)
+    d_model = check_int("d_model", d_model)
+    check_dtype("dtype", dtype)
+    check_device("device", device)
     dtype = torch.get_default_dtype() if dtype is None else dtype
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
     pos = torch.arange(max_len, dtype=torch.float64, device=device).unsqueeze(1)  # (T, 1)
     two_i = torch.arange(0, d_model, 2, dtype=torch.float64, device=device)  # (ceil(E/2),)
     # 1 / 10000^(2i/d_model), written as an exponential for accuracy.
@@ -78,6 +87,9 @@ class SinusoidalPositionalEncoding(nn.Module):
         dropout: dropout applied to the sum (section 5.4), in ``[0, 1]``.
         batch_first: inputs are ``(B, T, E)``; otherwise ``(T, B, E)``.
 
+    Arguments of the wrong type raise ``TypeError`` and values out of range ``ValueError``,
+    naming the argument and the value.
+
     Shape:
         - input ``(B, T, E)`` if ``batch_first`` else ``(T, B, E)``, or unbatched ``(T, E)``;
         - output: same as the input.
@@ -93,10 +105,10 @@ class SinusoidalPositionalEncoding(nn.Module):
         batch_first: bool = True,
     ) -> None:
         super().__init__()
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("max_len", max_len)
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        d_model = check_int("d_model", d_model)
+        max_len = check_int("max_len", max_len)
+        dropout = check_dropout(dropout)
+        batch_first = check_bool("batch_first", batch_first)
         self.d_model = d_model
         self.max_len = max_len
         self.batch_first = batch_first
@@ -109,10 +121,10 @@ class SinusoidalPositionalEncoding(nn.Module):
         ``offset`` is the position of ``x``'s first step: a decoder that feeds one new
         position at a time (a KV cache) passes the number of positions before it.
         """
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"offset must be an int >= 0, got {offset!r}")
+        offset = check_int("offset", offset, low=0)
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+        check_not_nested("x", x)
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating point tensor of embeddings, got {x.dtype}")
         if x.dim() not in (2, 3):

@@ -131,6 +131,7 @@ COMPONENTS: tuple[Component, ...] = (
             "property_tests/test_hostile_inputs.py",
             "spec_tests/test_attention.py",
             "spec_tests/test_attention_bias.py",
+            "spec_tests/test_attention_selection.py",
             "spec_tests/test_compile.py",
             "spec_tests/test_numerical_robustness.py",
         ),

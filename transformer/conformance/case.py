@@ -66,11 +66,17 @@ class BackwardUnsupported(Unsupported):
 
 @dataclass(frozen=True)
 class Settings:
-    """What a run covers: ``tier`` (quick, full, thorough), the dtypes and the device."""
+    """What a run covers: ``tier`` (quick, full, thorough), the dtypes and the device.
+
+    ``memory_length`` is L = S of the memory cases: longer than any fixed tile budget of
+    the kernel (the chunked kernel's 2^20-score tile is a quarter of 2048 x 2048), and
+    shorter for kernels that are slow to run (the Triton kernel under its interpreter).
+    """
 
     tier: str = "full"
     dtypes: tuple[torch.dtype, ...] = (torch.float32,)
     device: str = "cpu"
+    memory_length: int = 2048
 
     @property
     def big(self) -> bool:

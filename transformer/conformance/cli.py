@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     unknown = [n for n in names if n not in DTYPES]
     if unknown:
         raise ConformUsageError(f"--dtypes: unknown {unknown}; choose from {list(DTYPES)}")
-    return Settings(args.tier, tuple(DTYPES[n] for n in names), args.device)
+    if args.memory_length < 1:
+        raise ConformUsageError(
+            f"--memory-length must be a positive length, got {args.memory_length}"
+        )
+    return Settings(args.tier, tuple(DTYPES[n] for n in names), args.device, args.memory_length)
 
 
 def _check_report_dir(report: str | None, force: bool) -> Path | None:
@@ -90,6 +95,9 @@ def cmd_conform(args: argparse.Namespace) -> int:
     if args.kernel is not None:
         kernel, target = _registered(args.kernel), f"transformer (kernel={args.kernel!r})"
     else:
+        # As `python -m` and pytest do: a module in the current folder is importable.
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
             kernel, target = load_kernel(args.target), args.target
         except ValueError as err:
@@ -152,6 +160,13 @@ def add_conform_parser(subparsers: Any) -> None:
         help="sizes: quick (small, "
         "about a minute), full (adds lengths past 2 x 512), thorough (longer still); "
         "default %(default)s",
+    )
+    p.add_argument(
+        "--memory-length",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="L = S of the memory cases: above your kernel's largest fixed tile (default %(default)s)",
     )
     p.add_argument("--report", metavar="DIR", help="write DIR/conformance.md and .json")
     p.add_argument("--force", action="store_true", help="replace a report already in DIR")

@@ -43,6 +43,7 @@ class Mismatch:
     error: float
     bound: float
     reference_error: float
+    allowance: str = "one rounding"
 
     def describe(self) -> str:
         """One line: worst element, both values, error against bound."""
@@ -51,7 +52,7 @@ class Mismatch:
             f"{self.tensor}{where} = {self.actual:.6g}, expected {self.expected:.6g}: "
             f"error {self.error:.3g} > bound {self.bound:.3g} "
             f"(= {FACTOR:g} x the reference's own error {self.reference_error:.3g} in this "
-            "dtype + one rounding)"
+            f"dtype + {self.allowance})"
         )
 
 
@@ -83,9 +84,11 @@ def judge(name: str, actual: Tensor, exact: Tensor, reference_low: Tensor) -> Mi
     ref_err = (reference_low.detach().to("cpu", torch.float64) - exact).abs().max().item()
     magnitude = exact.abs().max().item()
     bound = FACTOR * ref_err + _ulp(magnitude, actual.dtype)
+    allowance = "one rounding"
     if actual.dtype in (torch.float32, torch.float64):
         tol = tolerances(actual.dtype)
         bound += tol["atol"] + tol["rtol"] * magnitude
+        allowance = "one rounding + torch.testing's tolerance"
     diff = (got - exact).abs()
     # A NaN (or an inf where the truth is finite) is the worst possible element.
     diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
@@ -102,4 +105,5 @@ def judge(name: str, actual: Tensor, exact: Tensor, reference_low: Tensor) -> Mi
         error,
         bound,
         ref_err,
+        allowance,
     )

@@ -149,8 +149,7 @@ def batch_broadcast(kernel: Kernel, case: Case, device: str) -> str | None:
 
 
 def _memory_cases(settings: Settings) -> list[Case]:
-    # Longer than any fixed tile budget: a 2^20-score tile (4 MiB in fp32) is a quarter of L*S.
-    n = 2048
+    n = settings.memory_length
     dtype = settings.dtypes[0]
     cases = [
         bhle(1, 2, n, n, 16),

@@ -15,6 +15,7 @@ errors section is informational) and a failure where the suite says ``strict_err
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class KernelUnderTest:
 
     ``not_promised`` maps a property the kernel does not claim to the reason; its items
     are strict xfails, so they fail the run the day the kernel starts to pass them.
+    ``memory_length`` overrides L = S of the memory cases (see ``Settings``).
     """
 
     name: str
@@ -52,6 +54,7 @@ class KernelUnderTest:
     device: str = "cpu"
     marks: tuple[Any, ...] = ()
     not_promised: tuple[tuple[str, str], ...] = ()
+    memory_length: int | None = None
 
 
 class ConformanceSuite:
@@ -135,6 +138,8 @@ class ConformanceCollector(pytest.Collector):
         dtypes = tuple(DTYPES[n] for n in names)
         for target in self.suite.kernels_for(config):
             settings = Settings(tier, dtypes, target.device)
+            if target.memory_length is not None:
+                settings = dataclasses.replace(settings, memory_length=target.memory_length)
             for prop in selected():
                 for case in prop.cases(settings):
                     item = ConformanceItem.from_parent(

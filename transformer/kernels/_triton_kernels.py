@@ -12,12 +12,15 @@ Algorithm: FlashAttention-2 (Dao, 2023), i.e. equation 1 of "Attention Is All Yo
 * forward: one program per (query block, batch*head). It streams key/value blocks
   through an *online softmax* (running row max ``m`` and row sum ``l``, rescaling the
   accumulator when the max grows) and stores ``O`` and the per-row log-sum-exp ``LSE``.
-* backward: ``P`` is *recomputed* blockwise from ``Q``, ``K`` and ``LSE``
-  (``P = exp(S - LSE)``), never stored. With ``D = rowsum(dO * O)``,
-  ``dV = P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - D)``, ``dQ = scale * dS K`` and
-  ``dK = scale * dS^T Q``. One kernel owns a key block and loops over query blocks
-  (``dK``, ``dV``); another owns a query block and loops over key blocks (``dQ``), so no
-  atomics are needed and the result is deterministic.
+* backward (FlashAttention-2, algorithm 2): ``P`` is *recomputed* blockwise from
+  ``Q``, ``K`` and ``LSE`` (``P = exp(S - LSE)``), never stored. With
+  ``D = rowsum(dO * O)`` (a pre-pass), ``dV = P^T dO``, ``dP = dO V^T``,
+  ``dS = P * (dP - D)``, ``dQ = scale * dS K`` and ``dK = scale * dS^T Q``. One kernel
+  owns a key block and loops over query blocks (``dK``, ``dV``); another owns a query
+  block and loops over key blocks (``dQ``); each keeps its accumulators on chip, so no
+  atomics are needed, the result is deterministic and no ``(L, S)`` buffer exists.
+  Only a float mask that requires grad adds a pass: it owns tiles of the mask's
+  gradient ``dS`` (summed over the mask's broadcast dims), recomputing ``dS`` for them.
 
 Conventions shared by every kernel:
 
@@ -30,8 +33,12 @@ Conventions shared by every kernel:
   zero gradients instead of NaN);
 * ``MASK_KIND``: 0 no mask, 1 bool mask (loaded as uint8, nonzero = may attend),
   2 float mask (added to the scores);
+* ``IS_CAUSAL`` with the runtime ``causal_offset``: query ``i`` may attend key ``j``
+  iff ``j <= i + causal_offset`` (0: ``is_causal``'s top-left mask; ``S - L``: torch's
+  ``causal_lower_right``); key blocks no row of a query block may see are skipped, and
+  a row that sees no key gets ``l = 0``;
 * dropout keeps an element when ``rand(seed, offset) >= p`` with the Philox counter
-  ``offset = (bh * L + row) * S + col`` (int64); forward and both backward kernels
+  ``offset = (bh * L + row) * S + col`` (int64); the forward and every backward kernel
   evaluate the very same expression, so they agree on every kept element.
 """
 
@@ -138,6 +145,7 @@ def _fwd_inner(
     bh,
     L,
     S,
+    causal_offset,
     qk_scale,
     log2e,
     seed,
@@ -190,7 +198,7 @@ def _fwd_inner(
         if CHECK_BOUNDS:
             allowed = kv_ok[None, :]
             if IS_CAUSAL:
-                allowed = allowed & (cols[None, :] <= offs_m[:, None])
+                allowed = allowed & (cols[None, :] <= offs_m[:, None] + causal_offset)
             s = tl.where(allowed, s, float("-inf"))
         if MASK_KIND != 0:
             mask_tile = tl.load(
@@ -219,7 +227,7 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "causal_offset"])
 def _attn_fwd(
     Q,
     K,
@@ -250,6 +258,7 @@ def _attn_fwd(
     H,
     L,
     S,
+    causal_offset,
     Consts,
     seed,
     dropout_p,
@@ -298,23 +307,24 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=ACC_DTYPE)
 
     if IS_CAUSAL:
-        # Top-left aligned: row i sees keys 0..i. Blocks right of the last row's
-        # diagonal are skipped; blocks left of the first row's diagonal need no mask.
-        hi = tl.minimum(S, start_m + BLOCK_M)
-        full_end = (tl.minimum(S, start_m + 1) // BLOCK_N) * BLOCK_N
+        # Row i sees keys 0 .. i + causal_offset. Blocks right of the last row's diagonal
+        # are skipped (all of them for rows that see no key: the row gets l = 0);
+        # blocks left of the first row's diagonal need no mask.
+        hi = tl.maximum(tl.minimum(S, start_m + BLOCK_M + causal_offset), 0)
+        full_end = (tl.maximum(tl.minimum(S, start_m + 1 + causal_offset), 0) // BLOCK_N) * BLOCK_N
     else:
         hi = S
         full_end = (S // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, offs_e, offs_ev,
-        0, full_end, bh, L, S, qk_scale, log2e, seed, dropout_p,
+        0, full_end, bh, L, S, causal_offset, qk_scale, log2e, seed, dropout_p,
         stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
         E, EV, BLOCK_E, BLOCK_EV, BLOCK_N, False, IS_CAUSAL, MASK_KIND, HAS_DROPOUT,
         ACC_DTYPE, PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, offs_e, offs_ev,
-        full_end, hi, bh, L, S, qk_scale, log2e, seed, dropout_p,
+        full_end, hi, bh, L, S, causal_offset, qk_scale, log2e, seed, dropout_p,
         stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
         E, EV, BLOCK_E, BLOCK_EV, BLOCK_N, True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT,
         ACC_DTYPE, PRECISION,
@@ -380,7 +390,7 @@ def _bwd_preprocess(
     tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "causal_offset"])
 def _attn_bwd_dkdv(
     Q,
     K,
@@ -422,6 +432,7 @@ def _attn_bwd_dkdv(
     H,
     L,
     S,
+    causal_offset,
     Consts,
     seed,
     dropout_p,
@@ -471,8 +482,8 @@ def _attn_bwd_dkdv(
     )
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=ACC_DTYPE)
-    # Query rows above this block's first key never see it under the causal mask.
-    lo = (start_n // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
+    # Query rows i < start_n - causal_offset never see this block under the causal mask.
+    lo = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
     offs_mb = tl.arange(0, BLOCK_M)
     for g in range(GROUP):
         h = kv_h * GROUP + g
@@ -492,7 +503,7 @@ def _attn_bwd_dkdv(
             s_t = _mm(k, tl.trans(q), None, PRECISION, ACC_DTYPE)
             s_t = s_t * qk_scale  # (N, M)
             if IS_CAUSAL:
-                s_t = tl.where(offs_n[:, None] <= rows[None, :], s_t, float("-inf"))
+                s_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_offset, s_t, float("-inf"))
             if MASK_KIND != 0:
                 mask_t = tl.load(
                     mask_base + rows[None, :] * stride_ml + offs_n[:, None] * stride_ms,
@@ -529,7 +540,7 @@ def _attn_bwd_dkdv(
     tl.store(dv_ptrs, _to(dv, DV.dtype.element_ty), mask=v_ok)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "causal_offset"])
 def _attn_bwd_dq(
     Q,
     K,
@@ -539,7 +550,6 @@ def _attn_bwd_dq(
     Lse,
     Delta,
     DQ,
-    DS,
     stride_qb,
     stride_qh,
     stride_ql,
@@ -567,6 +577,7 @@ def _attn_bwd_dq(
     H,
     L,
     S,
+    causal_offset,
     Consts,
     seed,
     dropout_p,
@@ -581,15 +592,14 @@ def _attn_bwd_dq(
     HAS_DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
-    STORE_DS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """One query block of one (batch, head): ``dQ = scale * sum_j dS_j K_j``.
 
-    With ``STORE_DS`` it also writes ``dS`` (the gradient of the natural-domain scores,
-    which is the gradient of an additive float mask) to the contiguous ``(Bo*H, L, S)``
-    buffer ``DS``; blocks skipped under the causal mask are left as they are (zeros).
+    FlashAttention-2's dQ pass: the program owns its ``dQ`` tile in registers, loops
+    over the key blocks its rows may see, recomputes ``P`` and ``dS`` for each tile and
+    accumulates ``dS K`` on chip; nothing of size ``(L, S)`` is written.
     """
     qk_scale, sm_scale, inv_keep, log2e = _load_consts(Consts)
     pid = tl.program_id(0)
@@ -605,67 +615,272 @@ def _attn_bwd_dq(
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
-    offs_ev = tl.arange(0, BLOCK_EV)
-    offs_nb = tl.arange(0, BLOCK_N)
     row_ok = offs_m < L
     q_ok = row_ok[:, None] & (offs_e[None, :] < E)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DOut + b * stride_db + h * stride_dh
     q = tl.load(
-        q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe, mask=q_ok, other=0.0
-    )
-    do = tl.load(
-        do_base + offs_m[:, None] * stride_dl + offs_ev[None, :] * stride_de,
-        mask=row_ok[:, None] & (offs_ev[None, :] < EV),
+        Q + b * stride_qb + h * stride_qh
+        + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
+        mask=q_ok,
         other=0.0,
-    )
-    lse = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    )  # fmt: skip
+    do, lse, delta = _load_row_block(
+        DOut + b * stride_db + h * stride_dh, Lse, Delta, bh.to(tl.int64), offs_m, L,
+        stride_dl, stride_de, EV, BLOCK_EV,
+    )  # fmt: skip
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC_DTYPE)
-    hi = tl.minimum(S, start_m + BLOCK_M) if IS_CAUSAL else S
+    # Keys right of the last row's diagonal are never seen: their blocks are skipped.
+    hi = tl.maximum(tl.minimum(S, start_m + BLOCK_M + causal_offset), 0) if IS_CAUSAL else S
     for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_nb
-        col_ok = cols < S
-        k_t = tl.load(
-            k_base + cols[None, :] * stride_ks + offs_e[:, None] * stride_ke,
-            mask=col_ok[None, :] & (offs_e[:, None] < E),
-            other=0.0,
-        )
-        v_t = tl.load(
-            v_base + cols[None, :] * stride_vs + offs_ev[:, None] * stride_ve,
-            mask=col_ok[None, :] & (offs_ev[:, None] < EV),
-            other=0.0,
-        )
-        s = _mm(q, k_t, None, PRECISION, ACC_DTYPE) * qk_scale
-        # Keys past S must be masked here: exp2(0 - LSE) overflows for very negative LSE.
-        allowed = col_ok[None, :]
-        if IS_CAUSAL:
-            allowed = allowed & (cols[None, :] <= offs_m[:, None])
-        s = tl.where(allowed, s, float("-inf"))
-        if MASK_KIND != 0:
-            mask_tile = tl.load(
-                mask_base + offs_m[:, None] * stride_ml + cols[None, :] * stride_ms,
-                mask=row_ok[:, None] & col_ok[None, :],
-                other=0,
-            )
-            if MASK_KIND == 1:
-                s = tl.where(mask_tile != 0, s, float("-inf"))
-            else:
-                s = s + mask_tile.to(ACC_DTYPE) * log2e
-        p = tl.exp2(s - lse[:, None])
-        dp = _mm(do, v_t, None, PRECISION, ACC_DTYPE)
-        if HAS_DROPOUT:
-            keep = _keep(seed, bh, offs_m[:, None], cols[None, :], L, S, dropout_p)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
-        ds = p * (dp - delta[:, None])
-        if STORE_DS:
-            ds_offs = (bh.to(tl.int64) * L + offs_m[:, None]) * S + cols[None, :]
-            tl.store(DS + ds_offs, ds, mask=row_ok[:, None] & col_ok[None, :])
+        ds, k_t = _ds_tile(
+            q, do, lse, delta, k_base, v_base, mask_base, offs_m, start_n, bh, L, S,
+            causal_offset, qk_scale, inv_keep, log2e, seed, dropout_p,
+            stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+            E, EV, BLOCK_E, BLOCK_EV, BLOCK_N, IS_CAUSAL, MASK_KIND, HAS_DROPOUT,
+            ACC_DTYPE, PRECISION,
+        )  # fmt: skip
         dq = _mm(_to(ds, k_t.dtype), tl.trans(k_t), dq, PRECISION, ACC_DTYPE)
     dq = dq * sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh
     dq_ptrs += offs_m[:, None] * stride_dql + offs_e[None, :] * stride_dqe
     tl.store(dq_ptrs, _to(dq, DQ.dtype.element_ty), mask=q_ok)
+
+
+@triton.jit
+def _load_row_block(
+    do_base, Lse, Delta, bh, rows, L, stride_dl, stride_de, EV: tl.constexpr, BLOCK_EV: tl.constexpr
+):
+    """``dO (M, EV)``, ``LSE (M,)``, ``D (M,)`` of a query block; rows past ``L`` get ``+inf``."""
+    offs_ev = tl.arange(0, BLOCK_EV)
+    row_ok = rows < L
+    do = tl.load(
+        do_base + rows[:, None] * stride_dl + offs_ev[None, :] * stride_de,
+        mask=row_ok[:, None] & (offs_ev[None, :] < EV),
+        other=0.0,
+    )
+    lse = tl.load(Lse + bh * L + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + bh * L + rows, mask=row_ok, other=0.0)
+    return do, lse, delta
+
+
+@triton.jit
+def _ds_tile(
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    mask_base,
+    offs_m,
+    start_n,
+    bh,
+    L,
+    S,
+    causal_offset,
+    qk_scale,
+    inv_keep,
+    log2e,
+    seed,
+    dropout_p,
+    stride_ks,
+    stride_ke,
+    stride_vs,
+    stride_ve,
+    stride_ml,
+    stride_ms,
+    E: tl.constexpr,
+    EV: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The score gradient ``dS = P * (dP - D)`` of one (query block, key block) tile, and ``K^T``.
+
+    ``P = exp2(S - LSE)`` is recomputed from the scores (FlashAttention-2, algorithm 2)
+    and ``dP = dO V^T`` (dropout-masked and rescaled like ``P`` was); ``dS`` is the
+    gradient of the natural-domain scores, hence also of an additive float mask.
+    Returns ``dS (M, N)`` in ``ACC_DTYPE`` and the ``K^T (E, N)`` tile it loaded.
+    """
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < S
+    k_t = tl.load(
+        k_base + cols[None, :] * stride_ks + offs_e[:, None] * stride_ke,
+        mask=col_ok[None, :] & (offs_e[:, None] < E),
+        other=0.0,
+    )
+    v_t = tl.load(
+        v_base + cols[None, :] * stride_vs + offs_ev[:, None] * stride_ve,
+        mask=col_ok[None, :] & (offs_ev[:, None] < EV),
+        other=0.0,
+    )
+    s = _mm(q, k_t, None, PRECISION, ACC_DTYPE) * qk_scale
+    # Keys past S must be masked here: exp2(0 - LSE) overflows for very negative LSE.
+    allowed = col_ok[None, :]
+    if IS_CAUSAL:
+        allowed = allowed & (cols[None, :] <= offs_m[:, None] + causal_offset)
+    s = tl.where(allowed, s, float("-inf"))
+    if MASK_KIND != 0:
+        mask_tile = tl.load(
+            mask_base + offs_m[:, None] * stride_ml + cols[None, :] * stride_ms,
+            mask=(offs_m[:, None] < L) & col_ok[None, :],
+            other=0,
+        )
+        if MASK_KIND == 1:
+            s = tl.where(mask_tile != 0, s, float("-inf"))
+        else:
+            s = s + mask_tile.to(ACC_DTYPE) * log2e
+    p = tl.exp2(s - lse[:, None])
+    dp = _mm(do, v_t, None, PRECISION, ACC_DTYPE)
+    if HAS_DROPOUT:
+        keep = _keep(seed, bh, offs_m[:, None], cols[None, :], L, S, dropout_p)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    return p * (dp - delta[:, None]), k_t
+
+
+@triton.jit(do_not_specialize=["seed", "causal_offset"])
+def _attn_bwd_dmask(
+    Q,
+    K,
+    V,
+    Mask,
+    DOut,
+    Lse,
+    Delta,
+    DMask,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_qe,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_ke,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ve,
+    stride_mb,
+    stride_mh,
+    stride_ml,
+    stride_ms,
+    stride_db,
+    stride_dh,
+    stride_dl,
+    stride_de,
+    H,
+    L,
+    S,
+    causal_offset,
+    Consts,
+    seed,
+    dropout_p,
+    seq_bucket,
+    BO,
+    GB,
+    GH,
+    GROUP: tl.constexpr,
+    E: tl.constexpr,
+    EV: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SUM_L: tl.constexpr,
+    SUM_S: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One tile of the float mask's gradient, ``dMask = dS`` summed over the mask's broadcast dims.
+
+    ``DMask`` is contiguous ``(GB, GH, GL, GS)``: the mask's own shape, folded like the
+    scores ``(BO, H, L, S)``, where ``GB`` is ``1`` or ``BO``, ``GH`` is ``1`` or ``H``,
+    ``GL`` is ``1`` (``SUM_L``) or ``L`` and ``GS`` is ``1`` (``SUM_S``) or ``S``. The
+    program owns one ``(BLOCK_M, BLOCK_N)`` tile of it (a whole dim where that dim is
+    summed) and loops over every (batch, head, query block, key block) that maps onto the
+    tile, recomputing ``dS`` there (:func:`_ds_tile`) and adding it up on chip: no
+    atomics, a fixed summation order (deterministic), and no buffer larger than the mask.
+    """
+    qk_scale, _, inv_keep, log2e = _load_consts(Consts)
+    GL = 1 if SUM_L else L
+    GS = 1 if SUM_S else S
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(GS, BLOCK_N)
+    num_m = tl.cdiv(GL, BLOCK_M)
+    start_n0 = (pid % num_n) * BLOCK_N
+    start_m0 = ((pid // num_n) % num_m) * BLOCK_M
+    gbh = pid // (num_n * num_m)
+    gb = gbh // GH
+    gh = gbh % GH
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_mb = tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+    # A summed dim runs over all its blocks; a kept one over this program's block only.
+    m_hi = L if SUM_L else start_m0 + 1
+    n_end = S if SUM_S else start_n0 + 1
+    m_lo = start_m0
+    if IS_CAUSAL:
+        # Query rows i < start_n0 - causal_offset see no key of this program's columns.
+        m_lo = tl.maximum(m_lo, (tl.maximum(start_n0 - causal_offset, 0) // BLOCK_M) * BLOCK_M)
+    # Loop counters are plain ints under the interpreter: offsets are built on int64 bases.
+    gb = gb.to(tl.int64)
+    gh = gh.to(tl.int64)
+    for db in range(0, BO // GB):
+        b = gb + db
+        for dh in range(0, H // GH):
+            h = gh + dh
+            bh = b * H + h
+            kv_h = h // GROUP
+            k_base = K + b * stride_kb + kv_h * stride_kh
+            v_base = V + b * stride_vb + kv_h * stride_vh
+            mask_base = Mask + b * stride_mb + h * stride_mh
+            for start_m in range(m_lo, m_hi, BLOCK_M):
+                rows = start_m + offs_mb
+                q = tl.load(
+                    Q + b * stride_qb + h * stride_qh
+                    + rows[:, None] * stride_ql + offs_e[None, :] * stride_qe,
+                    mask=(rows[:, None] < L) & (offs_e[None, :] < E),
+                    other=0.0,
+                )  # fmt: skip
+                do, lse, delta = _load_row_block(
+                    DOut + b * stride_db + h * stride_dh, Lse, Delta, bh, rows, L,
+                    stride_dl, stride_de, EV, BLOCK_EV,
+                )  # fmt: skip
+                hi = n_end
+                if IS_CAUSAL:
+                    hi = tl.minimum(hi, tl.maximum(start_m + BLOCK_M + causal_offset, 0))
+                for start_n in range(start_n0, hi, BLOCK_N):
+                    ds = _ds_tile(
+                        q, do, lse, delta, k_base, v_base, mask_base, rows, start_n, bh, L, S,
+                        causal_offset, qk_scale, inv_keep, log2e, seed, dropout_p,
+                        stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+                        E, EV, BLOCK_E, BLOCK_EV, BLOCK_N, IS_CAUSAL, MASK_KIND,
+                        HAS_DROPOUT, ACC_DTYPE, PRECISION,
+                    )[0]  # fmt: skip
+                    # Rows past L and keys past S hold dS = 0 (P = 0 there), so whole
+                    # tiles may be added: a summed dim then folds its blocks onto one.
+                    acc += ds
+    base = DMask + gbh.to(tl.int64) * GL * GS
+    rows = start_m0 + offs_mb
+    cols = start_n0 + tl.arange(0, BLOCK_N)
+    if SUM_L and SUM_S:
+        tl.store(base, tl.sum(tl.sum(acc, 1), 0))
+    elif SUM_L:
+        tl.store(base + cols, tl.sum(acc, 0), mask=cols < S)
+    elif SUM_S:
+        tl.store(base + rows, tl.sum(acc, 1), mask=rows < L)
+    else:
+        offs = rows[:, None].to(tl.int64) * S + cols[None, :]
+        tl.store(base + offs, acc, mask=(rows[:, None] < L) & (cols[None, :] < S))
 
 
 # --------------------------------------------------------------------------------------
@@ -718,6 +933,16 @@ BWD_DQ_CONFIGS = _configs(
         (32, 32, 4, 2),
     ]
 )
+# The mask gradient holds a (BLOCK_M, BLOCK_N) accumulator besides the dQ pass's tiles;
+# it runs only for a float mask that requires grad.
+BWD_DMASK_CONFIGS = _configs(
+    [
+        (64, 64, 4, 3),
+        (128, 64, 8, 3),
+        (64, 32, 4, 3),
+        (32, 32, 4, 2),
+    ]
+)
 # fp32 (IEEE products) and fp64 dots have no fast tensor-core path (fp32 runs on FMA
 # units, fp64 on fp64 MMA): the tiles above gain nothing there, spill up to tens of KB
 # of registers, take minutes to compile and, in fp64 at head dim 256, fit no GPU's
@@ -729,10 +954,11 @@ TENSOR_CORE_CONFIGS = {
     "attn_fwd": FWD_CONFIGS,
     "attn_bwd_dkdv": BWD_DKDV_CONFIGS,
     "attn_bwd_dq": BWD_DQ_CONFIGS,
+    "attn_bwd_dmask": BWD_DMASK_CONFIGS,
 }
 
 
-def _tuned(kernel: str, fn):
+def _tuned(kernel: str, fn, extra_key: tuple[str, ...] = ()):
     # One autotuner holds both lists (its cache key includes the dtypes); triton's
     # early_config_prune hook, handed the configs in the order given, keeps the
     # tensor-core head or the full-precision tail for each call's dot precision.
@@ -742,17 +968,19 @@ def _tuned(kernel: str, fn):
         return configs[len(head) :] if meta["PRECISION"] == "ieee" else configs[: len(head)]
 
     configs = head + FULL_PRECISION_CONFIGS
-    return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(
-        fn
-    )
+    return triton.autotune(
+        configs, key=[*_TUNE_KEY, *extra_key], prune_configs_by={"early_config_prune": prune}
+    )(fn)
 
 
 attn_fwd_tuned = _tuned("attn_fwd", _attn_fwd)
 attn_bwd_dkdv_tuned = _tuned("attn_bwd_dkdv", _attn_bwd_dkdv)
 attn_bwd_dq_tuned = _tuned("attn_bwd_dq", _attn_bwd_dq)
+attn_bwd_dmask_tuned = _tuned("attn_bwd_dmask", _attn_bwd_dmask, ("SUM_L", "SUM_S"))
 
 attn_fwd = _attn_fwd
 attn_bwd_dkdv = _attn_bwd_dkdv
 attn_bwd_dq = _attn_bwd_dq
+attn_bwd_dmask = _attn_bwd_dmask
 bwd_preprocess = _bwd_preprocess
 dropout_keep_mask_kernel = _dropout_keep_mask_kernel

@@ -48,14 +48,16 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
-from torch.nn.attention.bias import CausalBias
 
 from transformer.attention import reference_attention, register_kernel
-from transformer.masks import causal_offset
+from transformer.masks import causal_offset, is_causal_bias
+
+if TYPE_CHECKING:
+    from torch.nn.attention.bias import CausalBias
 
 __all__ = [
     "BLOCK_L",
@@ -769,7 +771,7 @@ def chunked_attention(
     """
     given_mask = attn_mask
     causal: int | None = 0 if is_causal else None
-    if isinstance(attn_mask, CausalBias):
+    if is_causal_bias(attn_mask):
         # Both apply when a caller passes both (the front door refuses the pair).
         offset = causal_offset(attn_mask)
         causal = offset if causal is None else min(causal, offset)

@@ -19,9 +19,24 @@ are skipped); grouped-query attention (query head ``h`` reads key/value head
 ``h // (Hq // Hk)``, nothing repeated); bool and float masks broadcasting to
 ``(..., L, S)`` (broadcast dims read through stride 0, nothing materialised); dropout
 with an in-kernel Philox generator seeded from torch's default generator, the same
-random bits regenerated in the backward pass; the gradient of a float ``attn_mask`` that
-requires grad (the score gradient ``dS``, written by the ``dQ`` kernel into an
-``(..., L, S)`` buffer only in that case, then summed over broadcast dims by autograd).
+random bits regenerated in the backward pass; torch's attention-bias objects
+``causal_upper_left(L, S)`` (the ``is_causal`` path) and ``causal_lower_right(L, S)``
+(causal with diagonal offset ``S - L``, fully masked key blocks skipped); the gradient of
+a float ``attn_mask`` that requires grad (the score gradient ``dS``, summed over the
+mask's broadcast dims by a pass of its own, see below).
+
+Memory: O(L + S) per (batch, head) in the forward and the backward pass alike. Besides
+the inputs' and outputs' sizes, the only tensors created are the per-row statistics
+``LSE`` and ``D = rowsum(dO * O)`` (``L`` per head); the backward pass recomputes ``P``
+tile by tile, as FlashAttention-2 does (algorithm 2): one kernel owns a key block and
+accumulates ``dK``, ``dV`` over query blocks, another owns a query block and accumulates
+``dQ`` over key blocks, both on chip, so no ``(L, S)`` buffer exists. The one
+exception is asked for by the caller: a float mask that requires grad gets its
+gradient, which a separate kernel fills tile by tile, summing ``dS`` over the dims the
+mask broadcasts along; it has the mask's own shape (``L x S`` only when the mask itself
+is ``(..., L, S)``), or all the outer batch dims where the mask varies along some of
+them and broadcasts along others (summed there by torch). An fp64 call with a bool
+mask also converts that mask to an additive one of the same shape (see :func:`_folded`).
 
 Where it hands over to :func:`transformer.attention.reference_attention` instead:
 empty problems (``L``, ``S``, ``E``, ``Ev`` or the batch is 0), where there is no tile
@@ -40,13 +55,18 @@ import contextlib
 import importlib.util
 import math
 import os
+import sys
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from transformer.attention import reference_attention, register_kernel
+
+if TYPE_CHECKING:
+    from torch.nn.attention.bias import CausalBias
 
 __all__ = ["MAX_HEAD_DIM", "dropout_keep_mask", "triton_attention", "triton_available"]
 
@@ -106,10 +126,11 @@ def _strides4(t: Tensor | None) -> tuple[int, int, int, int]:
 
 
 class _Problem:
-    """Sizes, compile-time switches and launch helpers shared by the three passes.
+    """Sizes, compile-time switches and launch helpers shared by the passes.
 
     Tensors are 4-D: query ``(Bo, Hq, L, E)``, key ``(Bo, Hk, S, E)``, value
-    ``(Bo, Hk, S, Ev)``, mask ``(Bo, Hq, L, S)`` (any strides, 0 included).
+    ``(Bo, Hk, S, Ev)``, mask ``(Bo, Hq, L, S)`` (any strides, 0 included). With
+    ``is_causal``, query ``i`` may attend key ``j`` iff ``j <= i + causal_offset``.
     """
 
     def __init__(
@@ -122,11 +143,13 @@ class _Problem:
         is_causal: bool,
         scale: float,
         seed: int,
+        causal_offset: int = 0,
     ) -> None:
         self.Bo, self.H, self.L, self.E = q.shape
         self.S, self.Ev = k.size(2), v.size(3)
         self.group = self.H // k.size(1)
         self.dropout_p, self.seed = dropout_p, seed
+        self.causal_offset = causal_offset if is_causal else 0
         self.acc = _acc_dtype(q.dtype)
         self.consts = _consts(scale, dropout_p, self.acc, q.device)
         tl = _kernels().tl
@@ -152,8 +175,10 @@ class _Problem:
         # how transformer.kernels.triton_offline compiles exactly what a launch would.
         self.recorded: list[tuple[str, tuple[Any, ...], dict[str, Any]]] | None = None
 
-    def launch(self, name: str, rows: int, *args: Any, **extra: Any) -> None:
-        """Run kernel ``name`` over ``ceil(rows / BLOCK) * heads`` programs.
+    def launch(
+        self, name: str, programs: Callable[[int, int], int], *args: Any, **extra: Any
+    ) -> None:
+        """Run kernel ``name`` on a 1-D grid of ``programs(BLOCK_M, BLOCK_N)`` programs.
 
         Under the interpreter: the plain kernel with one small fixed tile. On a GPU: the
         autotuned kernel, the grid computed from whichever tile it picks. ``extra`` adds
@@ -164,30 +189,36 @@ class _Problem:
             self.recorded.append((name, args, meta))
             return
         k = _kernels()
-        heads = self.Bo * (self.H // self.group if name == "attn_bwd_dkdv" else self.H)
-        tile = "BLOCK_N" if name == "attn_bwd_dkdv" else "BLOCK_M"
         if _interpreting():
             fn = getattr(k, name)
-            grid = (math.ceil(rows / _INTERPRET_BLOCK) * heads,)
+            grid = (programs(_INTERPRET_BLOCK, _INTERPRET_BLOCK),)
             fn[grid](*args, **meta, BLOCK_M=_INTERPRET_BLOCK, BLOCK_N=_INTERPRET_BLOCK)
         else:
             tuned = getattr(k, name + "_tuned")
 
             def tuned_grid(meta: dict[str, Any]) -> tuple[int]:
-                return (math.ceil(rows / meta[tile]) * heads,)
+                return (programs(meta["BLOCK_M"], meta["BLOCK_N"]),)
 
             tuned[tuned_grid](*args, **meta)
+
+    def _tail(self) -> tuple[Any, ...]:
+        """The scalar arguments every attention kernel ends with."""
+        return (
+            self.H, self.L, self.S, self.causal_offset,
+            self.consts, self.seed, self.dropout_p, self.seq_bucket,
+        )  # fmt: skip
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """``O (Bo, Hq, L, Ev)`` and the log2-domain ``LSE (Bo*Hq, L)``."""
         out = torch.empty(self.Bo, self.H, self.L, self.Ev, dtype=q.dtype, device=q.device)
         lse = torch.empty(self.Bo * self.H, self.L, dtype=self.acc, device=q.device)
         mask = q if self.mask is None else self.mask  # any pointer; never read without a mask
+        heads = self.Bo * self.H
         self.launch(
-            "attn_fwd", self.L,
+            "attn_fwd", lambda m, n: math.ceil(self.L / m) * heads,
             q, k, v, mask, out, lse,
             *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(self.mask), *_strides4(out),
-            self.H, self.L, self.S, self.consts, self.seed, self.dropout_p, self.seq_bucket,
+            *self._tail(),
         )  # fmt: skip
         return out, lse
 
@@ -199,12 +230,16 @@ class _Problem:
         out: Tensor,
         lse: Tensor,
         dout: Tensor,
-        needs: tuple[bool, bool, bool, bool],
+        needs: tuple[bool, bool, bool],
+        dmask_shape: tuple[int, int, int, int] | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """``dQ``, ``dK``, ``dV``, ``dMask`` (``None`` where not needed) from ``O`` and ``LSE``.
 
-        ``needs`` says which of query, key, value and mask want a gradient; ``dMask`` is
-        ``(Bo, Hq, L, S)`` in the accumulator dtype.
+        ``needs`` says which of query, key and value want a gradient. ``dmask_shape``
+        ``(GB, GH, GL, GS)``, given when the float mask wants one, is the mask's shape
+        folded like the scores: each entry is ``1`` (summed over) or the full size of
+        ``(Bo, Hq, L, S)``. ``dMask`` has that shape, in the accumulator dtype, and is the
+        only tensor here that can be ``L x S`` (when the mask itself is).
         """
         delta = torch.empty_like(lse)
         pre_block = _INTERPRET_BLOCK if _interpreting() else PREPROCESS_BLOCK
@@ -222,35 +257,41 @@ class _Problem:
         common = (
             *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(self.mask), *_strides4(dout),
         )  # fmt: skip
-        tail = (self.H, self.L, self.S, self.consts, self.seed, self.dropout_p, self.seq_bucket)
+        saved = (q, k, v, mask, dout, lse, delta)
         dq = dk = dv = dmask = None
         if needs[1] or needs[2]:
             dk = torch.empty_like(k, memory_format=torch.contiguous_format)
             dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+            kv_heads = self.Bo * (self.H // self.group)
             self.launch(
-                "attn_bwd_dkdv", self.S,
-                q, k, v, mask, dout, lse, delta, dk, dv,
-                *common, *_strides4(dk), *_strides4(dv), *tail,
+                "attn_bwd_dkdv", lambda m, n: math.ceil(self.S / n) * kv_heads,
+                *saved, dk, dv, *common, *_strides4(dk), *_strides4(dv), *self._tail(),
             )  # fmt: skip
-        if needs[0] or needs[3]:
+        if needs[0]:
             dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-            # Zeros: causal blocks the kernel skips are never written.
-            ds = torch.zeros(self.Bo, self.H, self.L, self.S, dtype=self.acc, device=q.device)
+            heads = self.Bo * self.H
             self.launch(
-                "attn_bwd_dq", self.L,
-                q, k, v, mask, dout, lse, delta, dq, ds,
-                *common, *_strides4(dq), *tail,
-                STORE_DS=needs[3],
+                "attn_bwd_dq", lambda m, n: math.ceil(self.L / m) * heads,
+                *saved, dq, *common, *_strides4(dq), *self._tail(),
             )  # fmt: skip
-            dmask = ds if needs[3] else None
+        if dmask_shape is not None:
+            gb, gh, gl, gs = dmask_shape
+            dmask = torch.empty(dmask_shape, dtype=self.acc, device=q.device)
+            self.launch(
+                "attn_bwd_dmask", lambda m, n: gb * gh * math.ceil(gl / m) * math.ceil(gs / n),
+                *saved, dmask, *common, *self._tail(), self.Bo, gb, gh,
+                SUM_L=gl == 1, SUM_S=gs == 1,
+            )  # fmt: skip
         return dq, dk, dv, dmask
 
 
 class _FlashAttention(torch.autograd.Function):
     """Autograd wrapper: saves ``Q, K, V, O, LSE`` (and the mask), recomputes ``P`` backward.
 
-    All tensors 4-D: q ``(Bo, Hq, L, E)``, k ``(Bo, Hk, S, E)``, v ``(Bo, Hk, S, Ev)``,
-    mask ``(Bo, Hq, L, S)`` or ``None``; returns ``(Bo, Hq, L, Ev)``.
+    q ``(Bo, Hq, L, E)``, k ``(Bo, Hk, S, E)``, v ``(Bo, Hk, S, Ev)``; the mask comes
+    unfolded, broadcastable to ``(*batch, L, S)`` (``batch`` folds to ``(Bo, Hq)``), so
+    that its gradient is summed over its broadcast dims in the kernel, never expanded
+    to ``(Bo, Hq, L, S)`` first. Returns ``(Bo, Hq, L, Ev)``.
     """
 
     @staticmethod
@@ -260,30 +301,80 @@ class _FlashAttention(torch.autograd.Function):
         k: Tensor,
         v: Tensor,
         mask: Tensor | None,
+        batch: tuple[int, ...],
         dropout_p: float,
         is_causal: bool,
+        causal_offset: int,
         scale: float,
         seed: int,
     ) -> Tensor:
-        problem = _Problem(q, k, v, mask, dropout_p, is_causal, scale, seed)
+        mask4 = _fold_mask(mask, batch, q.size(2), k.size(2))
+        problem = _Problem(q, k, v, mask4, dropout_p, is_causal, scale, seed, causal_offset)
         with _on_device(q):
             out, lse = problem.forward(q, k, v)
         ctx.save_for_backward(q, k, v, mask, out, lse)
-        ctx.settings = (dropout_p, is_causal, scale, seed)
+        ctx.settings = (dropout_p, is_causal, scale, seed, causal_offset)
+        ctx.batch = batch
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, mask, out, lse = ctx.saved_tensors
-        problem = _Problem(q, k, v, mask, *ctx.settings)
+        L, S = q.size(2), k.size(2)
+        problem = _Problem(q, k, v, _fold_mask(mask, ctx.batch, L, S), *ctx.settings)
         wants = ctx.needs_input_grad
-        needs = (bool(wants[0]), bool(wants[1]), bool(wants[2]), bool(wants[3]))
+        needs = (bool(wants[0]), bool(wants[1]), bool(wants[2]))
+        dmask_shape = None
+        if wants[3] and mask is not None:
+            dmask_shape = _mask_grad_shape(mask.shape, ctx.batch)
         with _on_device(q):
-            dq, dk, dv, dmask = problem.backward(q, k, v, out, lse, dout, needs)
+            dq, dk, dv, dmask = problem.backward(q, k, v, out, lse, dout, needs, dmask_shape)
         if dmask is not None and mask is not None:
-            dmask = dmask.to(mask.dtype)
-        return dq, dk, dv, dmask, None, None, None, None
+            dmask = _unfold_mask_grad(dmask, mask.shape, ctx.batch).to(mask.dtype)
+        return dq, dk, dv, dmask, None, None, None, None, None, None
+
+
+def _fold_mask(mask: Tensor | None, batch: tuple[int, ...], L: int, S: int) -> Tensor | None:
+    """A mask broadcastable to ``(*batch, L, S)`` as the kernels' ``(Bo, Hq, L, S)``.
+
+    A view through stride-0 dims wherever the strides allow it (always for a mask
+    broadcast over every dim left of the heads dim).
+    """
+    if mask is None:
+        return None
+    h_q = batch[-1] if batch else 1
+    return mask.expand(*batch, L, S).reshape(-1, h_q, L, S)  # (Bo, Hq, L, S)
+
+
+def _mask_grad_shape(
+    mask_shape: tuple[int, ...] | torch.Size, batch: tuple[int, ...]
+) -> tuple[int, int, int, int]:
+    """``(GB, GH, GL, GS)``: the shape the kernel writes a mask's gradient in.
+
+    The mask's own sizes for heads, rows and columns (``1`` where it broadcasts, so the
+    kernel sums ``dS`` there); ``1`` for the folded outer batch when the mask broadcasts
+    over all of it, else ``Bo`` (the leftover sum runs in :func:`_unfold_mask_grad`).
+    """
+    full = (1,) * (len(batch) + 2 - len(mask_shape)) + tuple(mask_shape)
+    outer, heads = full[: max(len(batch) - 1, 0)], full[-3] if batch else 1
+    bo = math.prod(batch[:-1]) if batch else 1
+    return (1 if math.prod(outer) == 1 else bo), heads, full[-2], full[-1]
+
+
+def _unfold_mask_grad(
+    dmask: Tensor, mask_shape: tuple[int, ...] | torch.Size, batch: tuple[int, ...]
+) -> Tensor:
+    """The kernel's ``(GB, GH, GL, GS)`` gradient as the gradient of the mask itself.
+
+    Outer batch dims the mask broadcasts over but the kernel kept (``GB = Bo``: the mask
+    varies along some other outer dim) are summed here; otherwise this is a view.
+    """
+    gb, gh, gl, gs = dmask.shape
+    outer = batch[:-1] if gb > 1 else (1,) * max(len(batch) - 1, 0)
+    full = (1,) * (len(batch) + 2 - len(mask_shape)) + tuple(mask_shape)
+    grad = dmask.reshape(*outer, *((gh,) if batch else ()), gl, gs)  # (*outer, GH, GL, GS)
+    return grad.sum_to_size(full).reshape(mask_shape)
 
 
 def _consts(scale: float, dropout_p: float, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -336,11 +427,13 @@ def _check_supported(query: Tensor, key: Tensor, value: Tensor) -> None:
 def _folded(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, enable_gqa: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, tuple[int, ...]] | None:
-    """The kernels' 4-D operands ``(q4, k4, v4, mask4, batch)``, or ``None`` if empty.
+    """The kernels' 4-D operands ``(q4, k4, v4, mask, batch)``, or ``None`` if empty.
 
-    Shapes: ``q4 (Bo, Hq, L, E)``, ``k4 (Bo, Hk, S, E)``, ``v4 (Bo, Hk, S, Ev)``,
-    ``mask4 (Bo, Hq, L, S)`` or ``None``; ``batch`` is the broadcast batch shape of the
-    output ``(..., L, Ev)``. ``None`` when there is nothing to tile (a zero size).
+    Shapes: ``q4 (Bo, Hq, L, E)``, ``k4 (Bo, Hk, S, E)``, ``v4 (Bo, Hk, S, Ev)``;
+    ``batch`` is the broadcast batch shape of the output ``(..., L, Ev)``; ``mask`` is
+    ``attn_mask`` as the kernels read it (an fp64 call's bool mask made additive), still
+    unfolded: broadcastable to ``(*batch, L, S)`` (:func:`_fold_mask` folds it).
+    ``None`` when there is nothing to tile (a zero size).
 
     Raises:
         ValueError: an unsupported dtype, or a head dim above :data:`MAX_HEAD_DIM`.
@@ -368,18 +461,14 @@ def _folded(
         # mask as 0 / -inf added to the scores compiles with every supported version.
         additive = torch.zeros(attn_mask.shape, dtype=torch.float64, device=attn_mask.device)
         attn_mask = additive.masked_fill_(~attn_mask, float("-inf"))
-    mask4 = None
-    if attn_mask is not None:
-        # Not detached: a float mask that requires grad gets dS, summed back by autograd.
-        mask4 = attn_mask.expand(*batch, L, S).reshape(-1, h_q, L, S)  # (Bo, Hq, L, S)
-    return q4, k4, v4, mask4, tuple(batch)
+    return q4, k4, v4, attn_mask, tuple(batch)
 
 
 def triton_attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attn_mask: Tensor | None = None,
+    attn_mask: Tensor | CausalBias | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
@@ -395,20 +484,71 @@ def triton_attention(
     (bool ``True`` = may attend, float added); returns ``(..., L, Ev)``. Rows with no
     allowed key give zeros and zero gradients.
 
+    ``attn_mask`` may also be a torch ``CausalBias`` for ``(L, S)``, applied natively as
+    torch defines it: ``causal_upper_left`` is ``is_causal=True``; ``causal_lower_right``
+    lets query ``i`` attend key ``j`` iff ``j <= i + S - L`` (the first ``L - S`` rows
+    of a problem with ``L > S`` see no key: zeros, zero gradients).
+
     Raises:
-        ValueError: an unsupported dtype, or a head dim above :data:`MAX_HEAD_DIM`.
+        ValueError: an unsupported dtype, a head dim above :data:`MAX_HEAD_DIM`, a
+            ``CausalBias`` together with ``is_causal=True`` (torch refuses it too) or one
+            made for other lengths than ``(L, S)``.
     """
-    folded = _folded(query, key, value, attn_mask, enable_gqa)
+    L, S = query.size(-2), key.size(-2)
+    bias = _causal_bias(attn_mask)
+    tensor_mask = None if bias is not None else attn_mask  # (a CausalBias is a Tensor subclass)
+    offset = 0 if bias is None else _bias_offset(bias, L, S, is_causal)
+    folded = _folded(query, key, value, tensor_mask, enable_gqa)
     if folded is None:
+        # Nothing to tile: the reference gives the zeros; a bias goes as its plain mask.
+        if bias is not None:
+            from transformer.masks import causal_bias_mask
+
+            tensor_mask = causal_bias_mask(bias, query.device)
         return reference_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+            query, key, value, tensor_mask, dropout_p, is_causal, scale, enable_gqa
         )
-    q4, k4, v4, mask4, batch = folded
-    L, E, Ev = query.size(-2), query.size(-1), value.size(-1)
+    is_causal = is_causal or bias is not None
+    q4, k4, v4, mask, batch = folded
+    E, Ev = query.size(-1), value.size(-1)
     sm_scale = 1.0 / math.sqrt(E) if scale is None else scale
     seed = _new_seed() if dropout_p > 0.0 else 0
-    out = _FlashAttention.apply(q4, k4, v4, mask4, dropout_p, is_causal, sm_scale, seed)
+    out = _FlashAttention.apply(
+        q4, k4, v4, mask, batch, dropout_p, is_causal, offset, sm_scale, seed
+    )
     return out.reshape(*batch, L, Ev)  # (..., L, Ev)
+
+
+def _causal_bias(mask: object) -> CausalBias | None:
+    """``mask`` if it is a torch ``CausalBias``, else ``None``.
+
+    Looked up in ``sys.modules`` rather than imported: a bias object exists only once its
+    module is loaded, and importing ``torch.nn.attention.bias`` here would import triton
+    with it (torch pulls triton in there), which this module must not do at import.
+    """
+    module = sys.modules.get("torch.nn.attention.bias")
+    return mask if module is not None and isinstance(mask, module.CausalBias) else None
+
+
+def _bias_offset(bias: CausalBias, L: int, S: int, is_causal: bool) -> int:
+    """The causal diagonal offset a torch ``CausalBias`` stands for.
+
+    See :func:`transformer.masks.causal_offset`: ``0`` for upper-left, ``S - L`` for
+    lower-right.
+
+    Raises:
+        ValueError: ``is_causal`` is also set, or the bias was made for other lengths.
+    """
+    from transformer.masks import causal_offset  # see _causal_bias: masks reads the bias
+
+    if is_causal:
+        raise ValueError("triton kernel: attn_mask is a CausalBias; is_causal must be False")
+    if (bias.seq_len_q, bias.seq_len_kv) != (L, S):
+        raise ValueError(
+            f"triton kernel: attn_mask is a CausalBias for (L, S) = "
+            f"({bias.seq_len_q}, {bias.seq_len_kv}) but the query and key give ({L}, {S})"
+        )
+    return causal_offset(bias)
 
 
 def dropout_keep_mask(

@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias  # imports triton too: needed here anyway
 
 from transformer.kernels import triton_flash
 
@@ -74,8 +75,9 @@ SHARED_MEMORY_PER_BLOCK: dict[int, int] = {
 REGISTERS_PER_BLOCK = 64 * 1024
 _REGISTER_UNIT = 256
 
-#: The kernels of one forward and backward pass, in launch order.
-KERNELS = ("attn_fwd", "bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq")
+#: The kernels of one forward and backward pass, in launch order. The last one, the
+#: float mask's gradient, runs only for a float ``attn_mask`` that requires grad.
+KERNELS = ("attn_fwd", "bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_dmask")
 
 
 class OfflineCompileError(RuntimeError):
@@ -208,31 +210,38 @@ def _record_launches(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attn_mask: Tensor | None,
+    attn_mask: Tensor | CausalBias | None,
     dropout_p: float,
     is_causal: bool,
     scale: float | None,
     enable_gqa: bool,
 ) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
     """The (kernel, args, meta) of every launch of one forward and, if wanted, backward."""
+    offset = 0
+    bias = triton_flash._causal_bias(attn_mask)
+    if bias is not None:
+        offset = triton_flash._bias_offset(bias, query.size(-2), key.size(-2), is_causal)
+        attn_mask, is_causal = None, True
     folded = triton_flash._folded(query, key, value, attn_mask, enable_gqa)
     if folded is None:
         raise ValueError("compile_offline: the problem is empty (a size is 0); nothing to tile")
-    q4, k4, v4, mask4, _ = folded
+    q4, k4, v4, mask, batch = folded
+    L, S = q4.size(2), k4.size(2)
     sm_scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
     seed = 2**32 if dropout_p > 0.0 else 0  # an int64 seed, as triton_flash._new_seed draws
-    problem = triton_flash._Problem(q4, k4, v4, mask4, dropout_p, is_causal, sm_scale, seed)
+    mask4 = triton_flash._fold_mask(mask, batch, L, S)
+    problem = triton_flash._Problem(
+        q4, k4, v4, mask4, dropout_p, is_causal, sm_scale, seed, causal_offset=offset
+    )
     problem.recorded = []
     with torch.no_grad():
         out, lse = problem.forward(q4, k4, v4)
-        needs = (
-            query.requires_grad,
-            key.requires_grad,
-            value.requires_grad,
-            attn_mask is not None and attn_mask.requires_grad,
-        )
-        if any(needs):
-            problem.backward(q4, k4, v4, out, lse, torch.empty_like(out), needs)
+        needs = (query.requires_grad, key.requires_grad, value.requires_grad)
+        dmask_shape = None
+        if mask is not None and mask.requires_grad:
+            dmask_shape = triton_flash._mask_grad_shape(mask.shape, batch)
+        if any(needs) or dmask_shape is not None:
+            problem.backward(q4, k4, v4, out, lse, torch.empty_like(out), needs, dmask_shape)
     return problem.recorded
 
 
@@ -240,7 +249,7 @@ def compile_offline(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attn_mask: Tensor | None = None,
+    attn_mask: Tensor | CausalBias | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
@@ -254,8 +263,9 @@ def compile_offline(
 
     Arguments are those of :func:`transformer.scaled_dot_product_attention` (shapes:
     query ``(..., L, E)``, key ``(..., S, E)``, value ``(..., S, Ev)``, mask
-    broadcastable to ``(..., L, S)``); the backward kernels are compiled when an input
-    ``requires_grad``, as autograd would run them. ``configs="all"`` compiles each
+    broadcastable to ``(..., L, S)`` or a torch ``CausalBias``); the backward kernels
+    are compiled when an input ``requires_grad``, as autograd would run them (the mask
+    gradient pass when a float mask does). ``configs="all"`` compiles each
     config the autotuner would time for this call (its list after its pruning by dot
     precision), ``"smallest"`` only the last, smallest one, the fallback that must fit.
     ``kernels`` filters by name (:data:`KERNELS`).
