@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of the Triton kernel (ISSUE 7) as one script, for a CUDA machine that
+# The GPU check of the Triton kernel as one script, for a CUDA machine that
 # has torch and triton installed but maybe no network (so nothing is installed here):
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]     # default OUT_DIR: benchmarks/results

@@ -421,7 +421,7 @@ def test_causal_output_at_row_i_ignores_keys_after_i(
 def test_rows_with_no_allowed_key_are_exactly_zero_with_zero_gradient(
     kernel: str, p: Problem, data: st.DataObject
 ) -> None:
-    """A query row whose mask allows no key gives an exactly zero output row, an exactly zero query gradient, and no NaN anywhere (SPEC §1, our guarantee where plain softmax gives NaN)."""
+    """A query row whose mask allows no key gives an exactly zero output row, an exactly zero query gradient, and no NaN anywhere (our guarantee where plain softmax gives NaN)."""
     p = sized_for(kernel, p)
     assert p.attn_mask is not None
     # Make sure at least one row is empty: blank out one query row of the mask.

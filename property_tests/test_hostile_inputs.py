@@ -1,11 +1,11 @@
-"""Hostile inputs: every public entry point answers correctly or refuses clearly (ISSUE 8).
+"""Hostile inputs: every public entry point answers correctly or refuses clearly.
 
 The law each test states for one public function: hypothesis builds a *valid* call, then
 damages one argument in one way (a wrong rank or shape, an integer/bool/complex or
 mismatched float dtype, something that is not a tensor, an empty or zero-length tensor,
 a mask of the wrong dtype or shape, an out-of-range or negative token id, an
 out-of-range scalar). Whether the damaged call is still valid is decided here,
-independently of the package (``torch.broadcast_shapes`` and the SPEC's shape rules), and:
+independently of the package (``torch.broadcast_shapes`` and the documented shape rules), and:
 
 * a call that is still valid (a zero-length sequence, an empty batch, a mask that
   broadcasts, ``-1e9`` in a float mask) returns a result of the documented shape,

@@ -1,4 +1,4 @@
-"""Spec of checkpoints: ``save_checkpoint`` / ``load_checkpoint`` (our guarantee, SPEC section 6).
+"""Spec of checkpoints: ``save_checkpoint`` / ``load_checkpoint`` (our guarantee).
 
 A checkpoint is a directory of safetensors and JSON files with a manifest of sha256
 hashes. The suite pins: a round trip reproduces the model's outputs, its tied and

@@ -8,7 +8,7 @@ biases cannot hide a bug) give the same outputs, attention weights and gradients
 inputs and of every parameter, over torch's option grid and mask conventions (bool
 ``True`` = masked out; float added).
 
-Where the package departs from torch on purpose (SPEC section 2), the tests pin the
+Where the package departs from torch on purpose, the tests pin the
 departure: a query row with no key left gives zeros (torch gives NaN), and bad input
 raises ``ValueError``/``TypeError`` where torch asserts.
 

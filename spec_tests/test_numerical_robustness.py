@@ -1,4 +1,4 @@
-"""Numerical robustness: large logits, long sequences, extreme masks, low precision (ISSUE 8).
+"""Numerical robustness: large logits, long sequences, extreme masks, low precision.
 
 Equation 1 (section 3.2.1) is a softmax, which is where fp16/bf16 and large scores
 bite: ``exp`` overflows, a fully masked row divides 0 by 0, and a ``-1e9`` mask added to
@@ -142,7 +142,7 @@ def test_long_key_sequence_matches_float64_reference(kernel: str, dtype: torch.d
 def test_fully_masked_rows_are_zero_with_zero_gradient_in_every_dtype(
     kernel: str, dtype: torch.dtype
 ) -> None:
-    """Rows with no key to attend to (all-False bool mask, all -inf float mask, causal with L > S) give zeros and zero gradients in fp32, fp16 and bf16 (SPEC §1, never NaN)."""
+    """Rows with no key to attend to (all-False bool mask, all -inf float mask, causal with L > S) give zeros and zero gradients in fp32, fp16 and bf16 (never NaN)."""
     L, S = 6, 4
     q, k, v = (randn(2, 3, n, 8, seed=i, dtype=dtype) for i, n in enumerate((L, S, S)))
     allowed = randn(L, S, seed=7) > 0
@@ -193,7 +193,7 @@ def test_very_negative_finite_mask_acts_like_minus_inf_without_nan(
     rows = torch.arange(L) != 3
     with_bool = sdpa(kernel, q, k, v, attn_mask=allowed)
     assert_close(out[:, :, rows].detach(), with_bool[:, :, rows], msg=f"{kernel} {dtype} {fill}")
-    # The masked row: -1e9 is -inf in fp16 (a zero row, by SPEC); otherwise the
+    # The masked row: -1e9 is -inf in fp16 (a zero row, by the package's rule); otherwise the
     # constant shift cancels in the softmax and the row averages the values.
     row = out[:, :, 3].detach().double()
     if math.isinf(additive[3, 0].item()):

@@ -1,7 +1,7 @@
 """Attention Is All You Need, from scratch in PyTorch, interchangeable with ``torch.nn``.
 
-The public API is listed in ``__all__``; ``SPEC.md`` (shared with the team) and the spec
-suites in ``spec_tests/`` state the contract each name honours. Heavier components
+The public API is listed in ``__all__``; the spec suites in ``spec_tests/`` state the
+contract each name honours. Heavier components
 (layers, model, generation, checkpoints) are imported on first use, so ``import
 transformer`` stays cheap for users who only want the attention kernels.
 """
@@ -32,6 +32,7 @@ _LAZY = {
     "CheckpointError": "transformer.checkpoint",
     "greedy_decode": "transformer.generate",
     "beam_search": "transformer.generate",
+    "sample_decode": "transformer.generate",
 }
 
 __all__ = [

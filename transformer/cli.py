@@ -1,4 +1,4 @@
-"""The ``transformer`` command: train, generate, evaluate, bench, demo (SPEC §7).
+"""The ``transformer`` command: train, generate, evaluate, bench, demo.
 
 Every subcommand is a thin layer over the library (:mod:`transformer.data`,
 :mod:`transformer.tokenizer`, :mod:`transformer.training`); nothing below this module
@@ -191,12 +191,19 @@ def _max_len(args: argparse.Namespace, meta: dict[str, Any]) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from transformer.data import make_task, read_tsv, split_heldout
+    from transformer.distributed import init_distributed
     from transformer.tokenizer import Tokenizer
     from transformer.training import TrainConfig, build_model, train
 
     out = Path(args.out)
     saved: dict[str, Any] | None = None
-    if args.resume:
+    # torchrun --max-restarts starts every worker again after one fails: with the same
+    # command line, but TORCHELASTIC_RESTART_COUNT > 0, so it goes on from the checkpoint.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = args.resume or (
+        restarted and any((out / name).is_dir() for name in ("checkpoint", "checkpoint.old"))
+    )
+    if resume:
         model, tokenizer, meta = _load(str(out / "checkpoint"))
         _check_same_architecture(model.config, args)
         data = meta["data"]
@@ -246,7 +253,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         max_seconds=args.max_seconds,
     )
     device = _device(args.device)
-    rank, world_size = _init_distributed(device)
+    rank, world_size = init_distributed(device)
     lead = rank == 0
     if lead:
         print(
@@ -262,7 +269,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             split.train,
             out,
             train_config,
-            resume=args.resume,
+            resume=resume,
             progress=not args.no_progress,
             meta={"data": data},
         )
@@ -288,25 +295,6 @@ def _device(name: str) -> Any:
     if name == "cuda" and "LOCAL_RANK" in os.environ:  # pragma: no cover
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
-
-
-def _init_distributed(device: Any) -> tuple[int, int]:
-    """Join the process group torchrun describes in the environment; ``(rank, world size)``.
-
-    Gloo on CPU, NCCL on CUDA. Without torchrun (no WORLD_SIZE, or 1) this is a no-op.
-    """
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        # NCCL, one process per GPU: needs torchrun on a machine with several GPUs,
-        # which no suite here has (the gloo path is tested in-process).
-        if device.type == "cuda":  # pragma: no cover
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 def model_config(vocab_size: int, **overrides: Any) -> Any:
@@ -617,7 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_args(p, required=False)
     p.add_argument("--out", required=True, metavar="DIR", help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in DIR/checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in DIR/checkpoint (implied when torchrun restarts a worker)",
+    )
     # Unset run settings take the checkpoint's values on --resume, the defaults otherwise.
     p.add_argument("--steps", type=_positive_int, help=_default("steps", "total steps"))
     p.add_argument("--batch-size", type=_positive_int, help=_default("batch_size", "pairs"))
@@ -638,7 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--autocast",
         choices=["bf16", "fp16"],
-        help="mixed precision under torch.autocast (bf16 works on CPU too)",
+        help="mixed precision under torch.autocast (bf16 without a gradient scaler; fp16 "
+        "with torch.amp.GradScaler, skipped steps logged); both work on CPU too",
     )
     p.add_argument(
         "--device",

@@ -70,7 +70,9 @@ def summary(report: Report) -> str:
         verdict = f"{core_fail} core and {mem_fail} memory properties FAIL"
     else:
         passing = sum(p.status == "PASS" for p in core)
-        verdict = f"no core or memory property fails ({passing} of {len(core)} core pass)"
+        forward = sum(p.status == FORWARD_ONLY for p in core)
+        extra = f", {forward} forward only" if forward else ""
+        verdict = f"no core or memory property fails ({passing} of {len(core)} core pass{extra})"
     ext = report.in_section("extensions")
     ext_text = ", ".join(
         f"{sum(p.status == s for p in ext)} {s}" for s in ("PASS", FAIL, UNSUPPORTED)
@@ -201,6 +203,7 @@ _MARK = {
     "PASS": "PASS",
     FAIL: "**FAIL**",
     UNSUPPORTED: "unsupported",
+    FORWARD_ONLY: "fwd only",
     SILENT: "silent",
     "NOT RUN": "-",
 }

@@ -1,0 +1,489 @@
+"""The training loop and its resume: ``TrainConfig``, ``train``, the state a checkpoint carries.
+
+``train`` is seeded and deterministic on CPU, and its checkpoint carries everything the
+run's future depends on (weights, Adam moments, schedule step, the fp16 gradient
+scaler, every RNG state of every rank, the position in the data stream and the open
+metrics window), so ``resume=True`` continues a stopped run with the very losses the
+uninterrupted run would have logged.
+
+Imports the recipe (:mod:`transformer.recipe`), mixed precision
+(:mod:`transformer.precision`), data parallelism (:mod:`transformer.distributed`), the
+run's files (:mod:`transformer.run_files`) and checkpoints; nothing of the CLI.
+
+Notation: B batch, S source length, T target length, V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from transformer.checkpoint import load_checkpoint, save_checkpoint
+from transformer.data import Batch, BucketBatcher, Pair
+from transformer.distributed import (
+    any_rank,
+    barrier,
+    gather_objects,
+    shard_batch,
+    sum_over_ranks,
+    world,
+    wrap_data_parallel,
+)
+from transformer.model import ModelConfig, Seq2SeqTransformer
+from transformer.precision import AUTOCAST_DTYPES, autocast, make_grad_scaler, optimizer_step
+from transformer.recipe import make_optimizer, make_scheduler, sequence_loss
+from transformer.run_files import (
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    PLOT_FILE,
+    plot_metrics,
+    read_metrics,
+    read_metrics_until_torn,
+    write_atomically,
+)
+from transformer.tokenizer import Tokenizer
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "restore_rng_state",
+    "rng_state",
+    "train",
+]
+
+# Fields that shape the trajectory of a run: a resumed run must use the same values.
+_TRAJECTORY_FIELDS = (
+    "batch_size",
+    "warmup",
+    "lr_scale",
+    "label_smoothing",
+    "clip_norm",
+    "seed",
+    "autocast",
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (§5.3, §5.4); the model's shape lives in ``ModelConfig``."""
+
+    #: Total training steps (batches) of the run (a resumed run continues up to this step).
+    steps: int = 2000
+    #: Sentence pairs per batch (the paper batches ~25k tokens; we count sentences).
+    batch_size: int = 64
+    #: ``warmup_steps`` of the §5.3 schedule (the paper: 4000).
+    warmup: int = 400
+    #: Factor on the §5.3 learning rate (1.0 is the paper's formula).
+    lr_scale: float = 1.0
+    #: eps_ls of §5.4 (0.1 in the paper); 0 trains on plain cross-entropy.
+    label_smoothing: float = 0.1
+    #: Clip the global gradient norm to this value; ``None`` does not clip (the paper).
+    clip_norm: float | None = 1.0
+    #: Seeds the dropout RNG and the data order (the caller seeds the initial weights).
+    seed: int = 0
+    #: Write one line to metrics.jsonl every this many steps.
+    log_every: int = 10
+    #: Save DIR/checkpoint every this many steps (and always at the end).
+    checkpoint_every: int = 500
+    #: Stop early after this many seconds of this call (the run stays resumable).
+    max_seconds: float | None = None
+    #: Mixed precision: run forward and loss under ``torch.autocast`` with this dtype
+    #: ("bf16", also on CPU; or "fp16", with a ``GradScaler``); ``None`` trains in float32.
+    autocast: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "warmup", "log_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lr_scale, int | float) and self.lr_scale > 0):
+            raise ValueError(f"TrainConfig.lr_scale must be positive, got {self.lr_scale!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(
+                f"TrainConfig.label_smoothing must be in [0, 1), got {self.label_smoothing!r}"
+            )
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(
+                f"TrainConfig.clip_norm must be positive or None, got {self.clip_norm!r}"
+            )
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(
+                f"TrainConfig.autocast must be one of {sorted(AUTOCAST_DTYPES)} or None, "
+                f"got {self.autocast!r}"
+            )
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(
+                f"TrainConfig.max_seconds must be positive or None, got {self.max_seconds!r}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a call to :func:`train` did."""
+
+    #: Training steps done in total (counting those before a resume).
+    step: int
+    #: Mean training loss of the last logged window.
+    final_loss: float
+    #: Every metrics record of the run, earlier ones included after a resume.
+    history: list[dict[str, Any]]
+    #: Wall time of the whole run in seconds (summed over resumes).
+    elapsed: float
+    #: The run directory.
+    out_dir: Path
+
+
+# --------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state training may draw from, as JSON-serialisable lists.
+
+    torch's CPU generator, Python's ``random``, NumPy's global generator and, once this
+    process has initialised CUDA, every CUDA device's generator
+    (``torch.cuda.get_rng_state_all``); :func:`restore_rng_state` puts them back.
+    """
+    version, internal, gauss = random.getstate()
+    # The legacy global generator is the one third-party code draws from.
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
+    state: dict[str, Any] = {
+        "torch": torch.random.get_rng_state().tolist(),
+        "python": [version, list(internal), gauss],
+        "numpy": [name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # pragma: no cover
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set the generators :func:`rng_state` captured (those it holds) back to those states."""
+    torch.random.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        keys_array = np.array(keys, dtype=np.uint32)  # (624,) MT19937 words
+        np.random.set_state((name, keys_array, pos, has_gauss, cached))  # noqa: NPY002
+    if "cuda" in state and torch.cuda.is_available():  # pragma: no cover
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+    """A resumed run must keep every setting that changes its trajectory."""
+    ours = dataclasses.asdict(config)
+    changed = [
+        f"{k}: {saved.get(k)!r} -> {ours[k]!r}"
+        for k in _TRAJECTORY_FIELDS
+        if saved.get(k) != ours[k]
+    ]
+    if changed:
+        raise ValueError(
+            "cannot resume: the checkpoint was trained with other settings ("
+            + "; ".join(changed)
+            + ")"
+        )
+
+
+def _new_window() -> dict[str, Any]:
+    """The running sums of one metrics record: losses, steps, skipped steps, tokens."""
+    return {"loss": 0.0, "nll": 0.0, "steps": 0, "skipped": 0, "tokens": 0}
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def _forward_backward(
+    net: nn.Module,
+    batch: Batch,
+    shard: Batch | None,
+    *,
+    config: TrainConfig,
+    pad_id: int,
+    device: torch.device,
+    scaler: torch.amp.GradScaler,
+) -> Tensor:
+    """Forward and backward of this rank's share of ``batch``; its losses, (2,) float64.
+
+    One process divides by its own token count (torch's mean, bit-stable); with several,
+    each divides its summed loss by the global count, so the ranks' losses add up to
+    the batch mean, and backpropagates ``world_size`` times that, since DDP averages
+    the ranks' gradients. A rank that a small last batch leaves no row still runs
+    rank 0's rows with weight 0: DDP's all-reduce needs every rank's backward.
+    """
+    world_size = world()[1]
+    part = shard if shard is not None else shard_batch(batch, 0, world_size, pad_id=pad_id)
+    assert part is not None  # rank 0 always has a row
+    src, tgt_in, tgt_out = part.src.to(device), part.tgt_in.to(device), part.tgt_out.to(device)
+    divisor = batch.n_tokens if world_size > 1 else None
+    with autocast(device, config.autocast):
+        logits = net(src, tgt_in)  # (B', T', V)
+        loss = sequence_loss(
+            logits,
+            tgt_out,
+            pad_id=pad_id,
+            label_smoothing=config.label_smoothing,
+            num_tokens=divisor,
+        )
+    weight = float(world_size) if shard is not None else 0.0
+    scaler.scale(loss if weight == 1.0 else loss * weight).backward()
+    with torch.no_grad():
+        nll = sequence_loss(logits.detach().float(), tgt_out, pad_id=pad_id, num_tokens=divisor)
+    losses = torch.stack([loss.detach().float(), nll]).double()  # (2,)
+    return losses if shard is not None else torch.zeros_like(losses)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    model: Seq2SeqTransformer,
+    tokenizer: Tokenizer,
+    examples: Sequence[Pair],
+    out_dir: str | os.PathLike[str],
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``examples`` with the paper's recipe, writing the run to ``out_dir``.
+
+    Writes ``out_dir/metrics.jsonl`` (one JSON object per logged step: ``step``,
+    ``loss`` (mean label-smoothed loss since the last record), ``nll`` (the same
+    without smoothing), ``lr``, ``skipped_steps`` (steps since the last record whose
+    update the fp16 gradient scaler skipped for an inf/NaN gradient; always 0 without
+    fp16), ``tokens_per_s``, ``elapsed``), ``out_dir/loss.png`` and
+    ``out_dir/checkpoint/`` every ``checkpoint_every`` steps and at the end; ``meta``
+    is stored in the checkpoint beside the tokenizer and the training state. A skipped
+    step consumes its batch but not a step of the §5.3 schedule.
+
+    With ``resume=True`` the model, optimizer, schedule, gradient scaler, RNG states and
+    data position are restored from ``out_dir/checkpoint`` and the run goes on to
+    ``config.steps``; on CPU the losses then equal those of a run that was never
+    interrupted.
+
+    Data parallel: inside an initialised ``torch.distributed`` group (``torchrun``) the
+    model runs under ``DistributedDataParallel``; every process draws the same global
+    batch and keeps its share (:func:`~transformer.distributed.shard_batch`), so a step
+    equals the one-process step on the whole batch up to float rounding; only rank 0
+    logs, plots and saves (with every rank's RNG state).
+    """
+    rank, world_size = world()
+    lead = rank == 0
+    out = Path(out_dir)
+    ckpt_dir = out / CHECKPOINT_DIR
+    metrics_path = out / METRICS_FILE
+    model_config: ModelConfig = model.config
+    pad_id = model_config.pad_id
+    device = next(model.parameters()).device
+    if pad_id != tokenizer.pad_id:
+        raise ValueError(f"model pad_id {pad_id} differs from the tokenizer's {tokenizer.pad_id}")
+    encoded = [(tokenizer.encode(s), tokenizer.encode(t)) for s, t in examples]
+    if not encoded:
+        raise ValueError("train: got no training examples")
+    batcher = BucketBatcher(
+        encoded,
+        config.batch_size,
+        pad_id=pad_id,
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        seed=config.seed,
+    )
+    optimizer = make_optimizer(model)
+    scheduler = make_scheduler(optimizer, model_config.d_model, config.warmup, config.lr_scale)
+    scaler = make_grad_scaler(device, config.autocast)
+    params = [p for p in model.parameters() if p.requires_grad]
+    run_meta = {
+        **(meta or {}),
+        "tokenizer": tokenizer.to_str(),
+        "max_target_len": max(len(t) for _, t in encoded),
+    }
+
+    # The running window of the current metrics record survives a resume, so records
+    # straddling the stop are the same as in an uninterrupted run.
+    window = _new_window()
+    step, elapsed_before = 0, 0.0
+    previous: list[dict[str, Any]] = []
+    if resume:
+        # A save killed between its two renames leaves the complete old one as .old.
+        if not ckpt_dir.exists() and not ckpt_dir.with_name(CHECKPOINT_DIR + ".old").exists():
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {ckpt_dir}")
+        _, saved = load_checkpoint(ckpt_dir, model, optimizer, scheduler)
+        state = saved.get("training")
+        if not isinstance(state, dict):
+            raise ValueError(f"cannot resume: {ckpt_dir} holds no training state")
+        _check_resumable(state["config"], config)
+        rng_states = state["rng"]
+        if len(rng_states) != world_size:
+            raise ValueError(
+                f"cannot resume: the checkpoint was written by {len(rng_states)} process(es), "
+                f"this run has {world_size}"
+            )
+        step, elapsed_before = int(state["step"]), float(state["elapsed"])
+        window = {**_new_window(), **state["window"]}
+        batcher.load_state_dict(state["loader"])
+        if state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
+        restore_rng_state(rng_states[rank])
+        # Drop records written after the checkpoint and an off-grid record of the stop,
+        # which a run going on past it would not have; a run with no step left to take
+        # ends there, so it keeps that final record as an uninterrupted run would.
+        finished = step >= config.steps
+        previous = [
+            r
+            for r in read_metrics_until_torn(metrics_path)
+            if r["step"] <= step and (r["step"] % config.log_every == 0 or finished)
+        ]
+        if lead:
+            out.mkdir(parents=True, exist_ok=True)
+            write_atomically(metrics_path, "".join(_json_line(r) for r in previous))
+    else:
+        # Each rank its own dropout stream; rank 0's is the one-process run's.
+        torch.manual_seed(config.seed + rank)
+        random.seed(config.seed + rank)
+        np.random.seed(config.seed + rank)  # noqa: NPY002
+        if lead:
+            out.mkdir(parents=True, exist_ok=True)
+            write_atomically(metrics_path, "")
+    # DDP broadcasts rank 0's weights: every rank starts from the same model.
+    net = wrap_data_parallel(model, device)
+    barrier(device)
+
+    def checkpoint() -> None:
+        rng_states = gather_objects(rng_state())
+        if lead:
+            training_state = {
+                "step": step,
+                "elapsed": elapsed_before + (time.perf_counter() - start),
+                "config": dataclasses.asdict(config),
+                "rng": rng_states,
+                "loader": batcher.state_dict(),
+                "window": window,
+                "grad_scaler": scaler.state_dict(),
+            }
+            save_checkpoint(
+                ckpt_dir, model, optimizer, scheduler, training=training_state, **run_meta
+            )
+        barrier(device)
+
+    def flush(lr: float) -> dict[str, Any]:
+        """Append the record of the current window to metrics.jsonl and the progress bar."""
+        now = time.perf_counter()
+        record = {
+            "step": step,
+            "loss": window["loss"] / window["steps"],
+            "nll": window["nll"] / window["steps"],
+            "lr": lr,
+            "skipped_steps": window["skipped"],
+            "tokens_per_s": window["tokens"] / max(now - window_start, 1e-9),
+            "elapsed": elapsed_before + (now - start),
+        }
+        if lead:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(_json_line(record))
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+            )
+        return record
+
+    last_loss = previous[-1]["loss"] if previous else math.nan
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    model.train()
+    start = time.perf_counter()
+    window_start = start
+    bar = _progress_bar(config.steps, step, enabled=progress and lead)
+    try:
+        while step < config.steps:
+            batch = next(batcher)
+            shard = shard_batch(batch, rank, world_size, pad_id=pad_id) if world_size > 1 else batch
+            optimizer.zero_grad(set_to_none=True)
+            losses = _forward_backward(
+                net, batch, shard, config=config, pad_id=pad_id, device=device, scaler=scaler
+            )
+            losses = sum_over_ranks(losses).cpu()
+            if not torch.isfinite(losses).all():
+                raise FloatingPointError(
+                    f"train: the loss is {losses[0].item()} at step {step + 1}; lower "
+                    "--lr-scale or enable --clip-norm"
+                )
+            lr = optimizer.param_groups[0]["lr"]
+            if optimizer_step(optimizer, scaler, params, config.clip_norm):
+                scheduler.step()
+            else:
+                window["skipped"] += 1
+            step += 1
+            window["loss"] += losses[0].item()
+            window["nll"] += losses[1].item()
+            window["steps"] += 1
+            window["tokens"] += batch.n_tokens
+
+            timed_out = any_rank(
+                config.max_seconds is not None
+                and time.perf_counter() - start >= config.max_seconds,
+                device,
+            )
+            last = step == config.steps or timed_out
+            bar.update(1)
+            if step % config.log_every == 0:
+                last_loss = flush(lr)["loss"]
+                window = _new_window()
+                window_start = time.perf_counter()
+            if step % config.checkpoint_every == 0 or last:
+                # Saved before an off-grid flush: the window is what an uninterrupted run holds.
+                checkpoint()
+                if last and window["steps"]:
+                    last_loss = flush(lr)["loss"]
+                if lead:
+                    plot_metrics(read_metrics(metrics_path), out / PLOT_FILE)
+            if timed_out:
+                break
+        if lead and not (out / PLOT_FILE).exists() and previous:
+            # A resume of a finished run trains nothing: still leave the plot behind.
+            plot_metrics(previous, out / PLOT_FILE)
+    finally:
+        bar.close()
+        torch.use_deterministic_algorithms(deterministic_before)
+    barrier(device)
+    history = read_metrics(metrics_path)
+    return TrainResult(
+        step=step,
+        final_loss=float(last_loss),
+        history=history,
+        elapsed=elapsed_before + (time.perf_counter() - start),
+        out_dir=out,
+    )
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    """One metrics.jsonl line."""
+    return json.dumps(record) + "\n"
+
+
+def _progress_bar(total: int, initial: int, *, enabled: bool) -> Any:
+    """A tqdm bar on stderr (steps, loss, lr, tokens/s), or a silent stand-in."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        desc="train",
+    )
