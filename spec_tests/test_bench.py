@@ -521,3 +521,63 @@ def test_torch_wrapper_bench_reports_ratios_to_raw_sdpa_and_writes_json(tmp_path
         for name in bench.WRAPPER_CANDIDATES:
             assert row[f"{name}_ms"] > 0 and row[f"{name}_ratio"] > 0, row
     assert main(["bench", "torch-wrapper", "--rounds", "0"]) == 2
+
+
+def _synthetic_report(dtypes: tuple[str, ...], kernels: tuple[str, ...]) -> dict[str, object]:
+    """A report with every kernel x dtype x causal x mode x length row measured (no timing)."""
+    rows = [
+        {
+            "kernel": kernel,
+            "dtype": dtype,
+            "causal": causal,
+            "mode": mode,
+            "seq_len": seq_len,
+            "median_ms": seq_len * (k + 1) / 100,
+            "peak_memory_mib": 1.0,
+            "skipped": None,
+        }
+        for k, kernel in enumerate(kernels)
+        for dtype in dtypes
+        for causal in (False, True)
+        for mode in ("fwd+bwd", "bwd", "fwd")  # not the figure's order, on purpose
+        for seq_len in (128, 256, 512)
+    ]
+    return {"rows": rows, "hardware": "test", "torch": "0"}
+
+
+@spec(kind="shape")
+def test_bench_figure_is_a_grid_of_modes_by_dtype_and_causal() -> None:
+    """The figure has a row per mode (forward, backward, forward+backward, in that order) and a column per dtype x causal, with one shared legend outside the axes and a marker per kernel."""
+    kernels = ("chunked", "reference", "torch-mha", "torch-sdpa", "flash")
+    fig = bench.attention_figure(_synthetic_report(("fp16", "bf16"), kernels))
+    axes = fig.axes
+    assert len(axes) == 3 * 4
+    grid = axes[0].get_subplotspec().get_gridspec()
+    assert (grid.nrows, grid.ncols) == (3, 4)
+    assert [axes[4 * i].get_ylabel().split("\n")[0] for i in range(3)] == [
+        "forward",
+        "backward",
+        "forward+backward",
+    ]
+    assert [ax.get_title() for ax in axes[:4]] == [
+        "fp16, full",
+        "fp16, causal",
+        "bf16, full",
+        "bf16, causal",
+    ]
+    assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in axes)
+    assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == sorted(kernels)
+    markers = {line.get_label(): line.get_marker() for line in axes[0].get_lines()}
+    assert len(set(markers.values())) == len(kernels)
+
+
+@spec(kind="shape")
+def test_bench_png_fits_a_laptop_screen(tmp_path: Path) -> None:
+    """The bench PNG of three dtypes x causal x three modes is at most 1600 x 1000 pixels."""
+    from PIL import Image
+
+    png = tmp_path / "attention.png"
+    bench._plot(_synthetic_report(("fp16", "bf16", "fp32"), ("chunked", "reference")), png)
+    with Image.open(png) as image:
+        width, height = image.size
+    assert width <= 1600 and height <= 1000, (width, height)

@@ -7,6 +7,7 @@ sees: the exit status and a stderr without a traceback.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import hashlib
@@ -14,6 +15,7 @@ import json
 import os
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -108,10 +110,36 @@ def test_evaluate_reports_trained_and_untrained_baseline(
     assert main(["evaluate", "--checkpoint", str(trained_run)]) == 0
     out = capsys.readouterr().out
     assert "5 held-out examples (task 'copy', seed 0)" in out
-    rows = {line.split()[0]: line.split()[-2:] for line in out.splitlines()[2:]}
+    rows = {line.split()[0]: line.split()[-2:] for line in out.splitlines()[2:4]}
     assert set(rows) == {"trained", "untrained"}
     for exact, bleu in rows.values():
         assert 0.0 <= float(exact) <= 1.0 and 0.0 <= float(bleu) <= 100.0
+
+
+@spec(kind="shape")
+def test_evaluate_reports_exact_match_by_input_length(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evaluate` prints exact match per input length beside BLEU: one line per length of the held-out sources, their counts adding up to the examples scored."""
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(trained_run)]) == 0
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines() if line.strip().startswith("length")]
+    counts = {int(parts[1].rstrip(":")): int(parts[2]) for parts in lines}
+    assert sum(counts.values()) == 5
+    assert all("untrained" in " ".join(parts) for parts in lines)
+
+
+@spec(kind="error")
+@pytest.mark.parametrize(("text", "words"), [("", "is empty"), ("\u2603\u2603", "unknown")])
+def test_generate_warns_on_input_the_tokenizer_cannot_read(
+    trained_run: Path, capsys: pytest.CaptureFixture[str], text: str, words: str
+) -> None:
+    """`generate` still answers an empty input or one of characters never seen in training, and says so on stderr."""
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(trained_run), text]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and words in err
 
 
 @spec(kind="equivalence")
@@ -449,7 +477,7 @@ def test_evaluate_on_a_file_or_another_task_prints_the_library_scores_of_the_fir
     tokenizer = Tokenizer.from_str(meta["tokenizer"])
     trained = evaluate(model, tokenizer, pairs[:2], max_len=9)
     untrained = evaluate(build_model(model.config, 0), tokenizer, pairs[:2], max_len=9)
-    for line, scores in zip(lines[2:], (trained, untrained), strict=True):
+    for line, scores in zip(lines[2:4], (trained, untrained), strict=True):
         assert line.split()[-2:] == [f"{scores.exact_match:.3f}", f"{scores.bleu:.2f}"]
 
     assert main([*argv, "--task", "reverse", "--seed", "1"]) == 0
@@ -704,3 +732,198 @@ def test_generate_help_documents_every_sampling_flag(capsys: pytest.CaptureFixtu
         ("--seed", "same seed, same output"),
     ):
         assert flag in text and words in text, flag
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+@spec(kind="error")
+def test_resume_to_a_step_the_checkpoint_already_reached_is_refused(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--resume --steps K` with K at or below the checkpoint's step exits 1 naming --steps and that step; beyond it, resume says where it starts."""
+    run = tmp_path / "run"
+    _copy_tree(trained_run, run)
+    for steps in ("12", "5"):
+        assert main(["train", "--resume", "--out", str(run), "--steps", steps]) == 1
+        line = _one_line_error(capsys)
+        assert f"--steps {steps}" in line and "checkpoint's step 12" in line
+    assert main(["train", "--resume", "--out", str(run), "--steps", "13", "--no-progress"]) == 0
+    assert "resuming from step 12 of 13" in capsys.readouterr().err
+
+
+@spec(kind="error")
+@pytest.mark.parametrize("held", ["checkpoint", "metrics.jsonl"])
+def test_new_run_into_a_directory_holding_a_run_is_refused_unless_forced(
+    trained_run: Path, tmp_path: Path, held: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train --out DIR` where DIR holds a run's checkpoint or metrics exits 1 naming --resume and --force; `--force` replaces that run."""
+    run = tmp_path / "run"
+    _copy_tree(trained_run, run)
+    for name in {"checkpoint", "metrics.jsonl"} - {held}:
+        target = run / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    argv = ["train", *TINY_RUN, "--steps", "3", "--log-every", "1", "--out", str(run)]
+    assert main(argv) == 1
+    line = _one_line_error(capsys)
+    assert "--resume" in line and "--force" in line
+    assert main([*argv, "--force"]) == 0
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+    _, meta = load_checkpoint(run / "checkpoint")
+    assert meta["training"]["step"] == 3
+
+
+@spec(kind="error")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", *TINY_RUN, "--out"],
+        ["demo", "--out"],
+        ["bench", "attention", "--seq-lens", "16", "--out"],
+        ["bench", "torch-wrapper", "--seq-lens", "16", "--out"],
+    ],
+    ids=["train", "demo", "bench-attention", "bench-torch-wrapper"],
+)
+def test_output_directory_that_is_a_file_is_refused_before_any_work(
+    argv: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--out FILE` (a file where the command writes a directory) is one error line naming --out, before any training or timing starts."""
+    import transformer.bench as bench
+    import transformer.training as training
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work started before the --out check")
+
+    for module, name in [(training, "train"), (bench, "run_attention_bench")]:
+        monkeypatch.setattr(module, name, no_work)
+    monkeypatch.setattr(bench, "run_wrapper_bench", no_work)
+    target = tmp_path / "a-file"
+    target.write_text("in the way", encoding="utf-8")
+    assert main([*argv, str(target)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert f"--out {target}: a file is in the way" in err and len(err.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- threads
+
+
+@spec(kind="shape")
+def test_threads_flag_sets_torch_threads_before_the_command_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`transformer --threads N COMMAND` calls torch.set_num_threads(N) before the command runs."""
+    seen: list[int] = []
+
+    def command(args: object) -> int:
+        seen.append(torch.get_num_threads())
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_generate", command)
+    assert main(["--threads", "3", "generate", "--checkpoint", "run", "text"]) == 0
+    assert seen == [3]
+
+
+@spec(kind="shape")
+def test_default_threads_follow_omp_num_threads_else_one_on_two_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without --threads: $OMP_NUM_THREADS when set, else 1 on at most 2 cores, else torch's own default (None)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert cli.default_threads() == 5
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert cli.default_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert cli.default_threads() is None
+
+
+# --------------------------------------------------------------------------- help
+
+
+def _actions(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, argparse.Action]]:
+    """Every (command path, action) of ``parser`` and its subcommands, help actions left out."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _actions(child, f"{path} {name}")
+        elif not isinstance(action, argparse._HelpAction):
+            yield path, action
+
+
+@spec(kind="shape")
+def test_every_flag_of_every_command_has_help() -> None:
+    """Each argument of each (sub)command, -h aside, carries a help text."""
+    missing = [
+        f"{path} {'/'.join(a.option_strings) or a.dest}"
+        for path, a in _actions(build_parser(), "transformer")
+        if not a.help
+    ]
+    assert missing == []
+
+
+@spec(kind="shape")
+def test_top_level_help_names_every_command_and_train_help_lists_the_tasks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`transformer --help` names every command; `train --help` lists each built-in task with its description."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    for command in ("train", "generate", "evaluate", "bench", "spec", "conform", "demo"):
+        assert re.search(rf"\b{command}\b", top.split("positional arguments")[0]), command
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for task in TASKS.values():
+        assert f"{task.name} {' '.join(task.description.split())}" in text
+
+
+@spec(kind="shape")
+def test_version_prints_the_installed_distribution_version(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`transformer --version` prints 'transformer <version of transformer-spec>' and exits 0."""
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"transformer {version('transformer-spec')}"
+
+
+@spec(kind="error")
+def test_bare_command_prints_the_command_list_and_exits_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A bare `transformer` prints the help with every command and exits 2 with one error line."""
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "generate" in err and "conform" in err
+    assert err.strip().splitlines()[-1].startswith("transformer: error: a command is required")
+
+
+@spec(kind="error")
+def test_heads_that_do_not_divide_d_model_are_named_as_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--heads 3` with the default d_model 64 exits 1 saying '--heads 3 does not divide --d-model 64', before any work."""
+    assert main(["train", "--task", "copy", "--heads", "3", "--out", str(tmp_path / "r")]) == 1
+    assert "--heads 3 does not divide --d-model 64" in _one_line_error(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+@spec(kind="error")
+def test_long_architecture_mismatch_is_summarised_with_a_count() -> None:
+    """An architecture-mismatch error with many differences shows the first three and how many there are."""
+    items = [f"missing layer{i}.weight" for i in range(10)]
+    err = ValueError(
+        "architecture mismatch: the weights in d do not fit (" + "; ".join(items) + ")"
+    )
+    text = cli._describe_error(err)
+    assert "layer2.weight" in text and "layer3.weight" not in text
+    assert "and 7 more, 10 in all" in text

@@ -7,6 +7,7 @@ code (say "fourty") cannot agree with it.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import functools
 import itertools
@@ -16,6 +17,8 @@ import pytest
 import torch
 
 from transformer.data import (
+    ALWAYS_TRAINED,
+    MIN_TRAIN_SHARE,
     TASKS,
     BucketBatcher,
     date_to_words,
@@ -24,9 +27,11 @@ from transformer.data import (
     number_to_words,
     pad_sequences,
     read_tsv,
+    source_length,
     split_heldout,
     task_names,
 )
+from transformer.evaluation import exact_match_by_length
 
 spec = functools.partial(pytest.mark.spec, component="data", section="extra")
 
@@ -161,16 +166,61 @@ def test_heldout_sources_never_occur_in_training(name: str) -> None:
     task = TASKS[name]
     assert (len(split.train), len(split.heldout)) == (task.n_train, task.n_heldout)
     train_sources = {s for s, _ in split.train}
-    assert len(train_sources) == len(split.train)
-    assert not train_sources & {s for s, _ in split.heldout}
+    heldout_sources = [s for s, _ in split.heldout]
+    assert len(set(heldout_sources)) == len(heldout_sources)
+    assert not train_sources & set(heldout_sources)
+
+
+@spec(kind="property")
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_input_length_is_in_training_and_every_large_one_is_held_out(name: str) -> None:
+    """At the default sizes each input length has at least its minimum share of the training examples (short ones repeated where they have fewer sources), every source of a short length is trained on, and each length with more than ALWAYS_TRAINED sources also occurs in the held-out set."""
+    task = TASKS[name]
+    split = make_task(name, seed=0)
+    train = collections.Counter(source_length(s) for s, _ in split.train)
+    distinct = collections.Counter(source_length(s) for s in {s for s, _ in split.train})
+    heldout = collections.Counter(source_length(s) for s, _ in split.heldout)
+    assert set(train) == set(task.lengths)
+    for length in task.lengths:
+        sources = task.count_of_length(length)
+        floor = MIN_TRAIN_SHARE * task.n_train / len(task.lengths)
+        assert train[length] >= int(floor), length
+        if sources > ALWAYS_TRAINED:
+            assert heldout[length] >= 1, length
+        else:
+            assert distinct[length] == sources and heldout[length] == 0, length
+
+
+@spec(kind="property")
+def test_numbers_training_set_holds_all_of_zero_to_ninety_nine() -> None:
+    """The default numbers split trains on every number of one or two digits, so "7" is never unseen."""
+    train = {int(s) for s, _ in make_task("numbers", seed=0).train}
+    assert set(range(100)) <= train
+
+
+@spec(kind="property")
+def test_heldout_prefix_mixes_input_lengths() -> None:
+    """The held-out pairs are shuffled across lengths: the first 100 numbers hold 3- and 4-digit ones."""
+    first = make_task("numbers", seed=0).heldout[:100]
+    assert {source_length(s) for s, _ in first} == {3, 4}
+
+
+@spec(kind="equivalence")
+@pytest.mark.parametrize(
+    ("source", "length"), [("7", 1), ("4213", 4), ("a b c", 3), ("2024-03-07", 10), ("x", 1)]
+)
+def test_source_length_counts_words_or_characters_of_one_word(source: str, length: int) -> None:
+    """source_length is the number of words of a multi-word source, else its characters."""
+    assert source_length(source) == length
 
 
 @spec(kind="equivalence")
 def test_numbers_task_pairs_digits_with_their_words() -> None:
-    """A numbers example is a decimal integer and its words; 10000 examples cover 0..9999."""
+    """A numbers example is a decimal integer of 0..9999 and its words, held-out numbers never trained on."""
     split = make_task("numbers", seed=5, n_train=9_990, n_heldout=10)
     pairs = split.train + split.heldout
-    assert sorted(int(s) for s, _ in pairs) == list(range(10_000))
+    assert {int(s) for s, _ in pairs} <= set(range(10_000))
+    assert {int(s) for s, _ in split.heldout}.isdisjoint(int(s) for s, _ in split.train)
     for source, target in pairs:
         assert source == str(int(source))
         assert _read_back(target) == int(source)
@@ -427,3 +477,28 @@ def test_batching_rejects_empty_input_and_sizes_below_one(build: object, match: 
     """Padding no sequences, a batcher without examples, a batch or pool size below 1 and a negative stream position raise ValueError saying which."""
     with pytest.raises(ValueError, match=match):
         build()  # type: ignore[operator]
+
+
+# --------------------------------------------------------------------------- scores by length
+
+
+@spec(kind="equivalence")
+def test_exact_match_by_length_scores_each_input_length_apart() -> None:
+    """exact_match_by_length gives, per input length and shortest first, the count and the fraction decoded exactly."""
+    sources = ["7", "42", "4213", "10", "999", "1000"]
+    references = ["seven", "forty two", "x", "ten", "nine hundred ninety nine", "one thousand"]
+    outputs = ["seven", "forty", "x", "ten", "nine hundred ninety nine", "one"]
+    scores = exact_match_by_length(sources, outputs, references)
+    assert [(s.length, s.n, s.exact_match) for s in scores] == [
+        (1, 1, 1.0),
+        (2, 2, 0.5),
+        (3, 1, 1.0),
+        (4, 2, 0.5),
+    ]
+
+
+@spec(kind="error")
+def test_exact_match_by_length_rejects_lists_of_unequal_length() -> None:
+    """Sources, outputs and references of different lengths raise ValueError naming the three counts."""
+    with pytest.raises(ValueError, match="got 2 sources, 1 outputs and 2 references"):
+        exact_match_by_length(["1", "2"], ["one"], ["one", "two"])

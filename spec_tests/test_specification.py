@@ -399,7 +399,7 @@ def test_markdown_states_each_property_with_its_location_and_result(tmp_path: Pa
     }
     for r in SYNTHETIC[:-1]:
         name = r.nodeid.split("::")[1]
-        link = f"[`{r.path}:{r.line}`](../{r.path}#L{r.line})"
+        link = f"[`{r.path}:{r.line}`](../{r.path})"  # no #L: a local file has no line anchors
         row = next(line for line in markdown.splitlines() if r.statement in line)
         assert link in row
         if name in expected_result:
@@ -442,7 +442,7 @@ def test_html_is_self_contained_and_states_what_the_markdown_states(tmp_path: Pa
     )
     for r in SYNTHETIC[:-1]:  # the last one's tag is invalid: listed by node id instead
         assert r.statement in markdown and r.statement in page
-        assert f'href="../{r.path}#L{r.line}"' in page
+        assert f'href="../{r.path}"' in page
     assert page.count('class="fail"') == markdown.count("**FAIL**") == 1
     assert page.count('class="missing"') == markdown.count("**MISSING**")
 
@@ -627,16 +627,18 @@ def test_run_spec_without_tests_or_without_pytest_renders_nothing_and_fails(
 
 
 @spec(kind="equivalence")
-def test_commit_is_the_short_head_hash_marked_when_tracked_files_changed(tmp_path: Path) -> None:
-    """The run's commit is git's short HEAD hash, with '(with uncommitted changes)' when a tracked file differs, and 'unknown (not a git checkout)' outside a repository."""
+def test_commit_is_head_now_marked_when_the_tree_differs_except_for_the_documents(
+    tmp_path: Path,
+) -> None:
+    """The run's commit is git's short HEAD hash at render time, with '(with uncommitted changes)' when a tracked or untracked file differs other than the documents being written, and 'unknown (not a git checkout)' outside a repository."""
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     plain = tmp_path / "plain"
     plain.mkdir()
-    assert sp._git_commit(plain) == "unknown (not a git checkout)"
+    assert sp.git_commit(plain) == "unknown (not a git checkout)"
 
     repo = tmp_path / "repo"
-    repo.mkdir()
+    (repo / "docs").mkdir(parents=True)
 
     def git(*args: str) -> str:
         identity = ["-c", "user.name=spec", "-c", "user.email=spec@example.invalid"]
@@ -645,16 +647,27 @@ def test_commit_is_the_short_head_hash_marked_when_tracked_files_changed(tmp_pat
         )
         return done.stdout.strip()
 
+    documents = [repo / "docs" / "specification.md", repo / "docs" / "specification.html"]
     git("init", "-q")
     (repo / "tracked.txt").write_text("one\n")
-    git("add", "tracked.txt")
+    documents[0].write_text("old\n")
+    git("add", "tracked.txt", "docs/specification.md")
     git("commit", "-q", "-m", "first")
-    head = git("rev-parse", "--short", "HEAD")
-    assert sp._git_commit(repo) == head
-    (repo / "untracked.txt").write_text("ignored\n")
-    assert sp._git_commit(repo) == head
+    first = git("rev-parse", "--short", "HEAD")
+    assert sp.git_commit(repo, documents) == first
+    documents[0].write_text("rendered again\n")
+    documents[1].write_text("new page\n")
+    assert sp.git_commit(repo, documents) == first
     (repo / "tracked.txt").write_text("two\n")
-    assert sp._git_commit(repo) == f"{head} (with uncommitted changes)"
+    git("commit", "-q", "-am", "second")
+    second = git("rev-parse", "--short", "HEAD")
+    assert second != first
+    assert sp.git_commit(repo, documents) == second
+    (repo / "test_new.py").write_text("untracked\n")
+    assert sp.git_commit(repo, documents) == f"{second} (with uncommitted changes)"
+    (repo / "test_new.py").unlink()
+    (repo / "tracked.txt").write_text("three\n")
+    assert sp.git_commit(repo, documents) == f"{second} (with uncommitted changes)"
 
 
 @spec(kind="error")
@@ -665,3 +678,19 @@ def test_a_module_no_component_declares_is_reported_under_its_component(tmp_path
     assert sp.undeclared_modules(tests) == {"feed_forward": ["test_stray.py"]}
     missing = sp.missing_modules(tests)
     assert "spec_tests/test_feed_forward.py" in missing["feed_forward"]
+
+
+@spec(kind="property")
+def test_contents_links_every_section_to_an_anchor_of_both_documents(tmp_path: Path) -> None:
+    """The document opens with a table of contents linking every heading after it; each link's anchor is an id in the HTML page and in the Markdown."""
+    blocks = sp.build_document(SYNTHETIC, INFO, tmp_path / "docs", tmp_path)
+    headings = [b for b in blocks if isinstance(b, sp.Heading)]
+    at = next(i for i, h in enumerate(headings) if h.anchor == "contents")
+    assert at == 1  # right after the title
+    page, markdown = sp.render_html(blocks), sp.render_markdown(blocks)
+    links = re.findall(r'href="#([^"]+)"', page)
+    assert links == [h.anchor for h in headings[at + 1 :]]
+    assert len(links) == len(set(links))
+    for anchor in links:
+        assert f'id="{anchor}"' in page
+        assert f'<a id="{anchor}"></a>' in markdown and f"](#{anchor})" in markdown

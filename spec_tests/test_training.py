@@ -938,3 +938,70 @@ def _last_logged_step(path: Path) -> int:
         return int(json.loads(lines[-1])["step"]) if lines else 0
     except (OSError, ValueError, KeyError):
         return 0
+
+
+@spec(section="extra", kind="equivalence")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_the_last_completed_step_and_resume_goes_on_from_it(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGINT or SIGTERM after the first logged step (long before the first scheduled checkpoint) saves that step's checkpoint and exits 128 + signal; --resume goes on from it to the uninterrupted losses."""
+    settings = ("--log-every", "1", "--checkpoint-every", "1000", "--warmup", "10")
+    run = tmp_path / "stopped"
+    process = _cli_train(run, *settings, "--steps", "1000")
+    deadline = time.monotonic() + 120
+    while _last_logged_step(run / "metrics.jsonl") < 1 and process.poll() is None:
+        assert time.monotonic() < deadline, "no step was logged"
+        time.sleep(0.01)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr
+    _, meta = load_checkpoint(run / "checkpoint")
+    stopped = meta["training"]["step"]
+    assert 1 <= stopped < 1000
+    assert f"interrupted by {signum.name} at step {stopped} of 1000" in stderr
+    assert "--resume" in stderr
+
+    total = stopped + 3
+    resumed = _cli_train(run, *settings, "--resume", "--steps", str(total))
+    _, stderr = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, stderr
+    assert f"resuming from step {stopped} of {total}" in stderr
+    _finish(_cli_train(tmp_path / "full", *settings, "--steps", str(total)))
+    assert _curve(read_metrics(run / "metrics.jsonl")) == _curve(
+        read_metrics(tmp_path / "full" / "metrics.jsonl")
+    )
+
+
+@spec(section="extra", kind="shape")
+def test_loss_plot_is_titled_with_the_task_and_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loss plot a run writes carries a title naming the task (from the run's data) and the run's directory."""
+    import transformer.train_loop as train_loop
+    from transformer.run_files import plot_title
+
+    seen: list[str | None] = []
+    real = train_loop.plot_metrics
+
+    def spy(records: object, path: Path, **kwargs: object) -> None:
+        seen.append(kwargs.get("task"))  # type: ignore[arg-type]
+        real(records, path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_loop, "plot_metrics", spy)
+    tokenizer, train_pairs, _ = _copy_data()
+    model = build_model(_tiny_config(tokenizer.vocab_size), 0)
+    config = TrainConfig(steps=2, batch_size=4, warmup=1, log_every=1, checkpoint_every=2)
+    train(
+        model,
+        tokenizer,
+        train_pairs,
+        tmp_path / "myrun",
+        config,
+        progress=False,
+        meta={"data": {"task": "copy"}},
+    )
+    assert seen and set(seen) == {"copy"}
+    assert (tmp_path / "myrun" / "loss.png").exists()
+    title = plot_title(tmp_path / "myrun" / "loss.png", task="copy")
+    assert "copy" in title and "myrun" in title

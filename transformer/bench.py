@@ -601,48 +601,80 @@ def _memory_cell(row: dict[str, Any], notes: dict[str, str]) -> str:
     return cell if note is None else f"{cell}{notes.setdefault(note, '*' * (len(notes) + 1))}"
 
 
-def _plot(report: dict[str, Any], path: Path) -> None:
-    """Time and peak memory against sequence length, log-log, one line per kernel."""
-    import matplotlib
+#: Row labels of the bench figure, in :data:`MODES` order.
+MODE_TITLES = {"fwd": "forward", "bwd": "backward", "fwd+bwd": "forward+backward"}
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+#: The bench figure is at most this wide (inches, at dpi 100: 1600 px), so it reads at 100%.
+_MAX_WIDTH_IN = 16.0
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def attention_figure(report: dict[str, Any]) -> Any:
+    """Median time against sequence length, log-log: a row per mode, a column per dtype x causal.
+
+    Rows are forward, backward, forward+backward (in that order, the modes present);
+    columns each dtype (in report order), full then causal. Every kernel keeps its colour
+    and marker in all panels, and one legend outside the axes names them. Returns a
+    ``matplotlib.figure.Figure`` (Agg, never pyplot's global state).
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     rows = [r for r in report["rows"] if not r["skipped"]]
-    groups = sorted({(r["dtype"], r["causal"], r["mode"]) for r in rows}, key=str)
-    fig, axes = plt.subplots(
-        2, max(1, len(groups)), figsize=(4 * max(1, len(groups)), 7), squeeze=False
-    )
-    for col, (dtype, causal, mode) in enumerate(groups):
-        for kernel in sorted({r["kernel"] for r in rows}):
-            sel = sorted(
-                (
-                    r
-                    for r in rows
-                    if (r["kernel"], r["dtype"], r["causal"], r["mode"])
-                    == (kernel, dtype, causal, mode)
-                ),
-                key=lambda r: r["seq_len"],
-            )
-            if not sel:
-                continue
-            xs = [r["seq_len"] for r in sel]
-            axes[0][col].plot(xs, [r["median_ms"] for r in sel], marker="o", label=kernel)
-            mem = [max(r["peak_memory_mib"] or 0.0, 1e-3) for r in sel]
-            axes[1][col].plot(xs, mem, marker="o", label=kernel)
-        axes[0][col].set_title(f"{dtype} {'causal' if causal else 'full'} {mode}", fontsize=9)
-        for row, label in ((0, "median time (ms)"), (1, "peak memory (MiB)")):
-            ax = axes[row][col]
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)] or list(MODES[:1])
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    columns = [
+        (d, c)
+        for d in dtypes
+        for c in (False, True)
+        if any((r["dtype"], r["causal"]) == (d, c) for r in rows)
+    ] or [("", False)]
+    kernels = sorted({r["kernel"] for r in rows})
+    width = min(_MAX_WIDTH_IN, 1.8 + 3.4 * len(columns))
+    fig = Figure(figsize=(width, 1.2 + 2.6 * len(modes)), dpi=100, layout="constrained")
+    axes = fig.subplots(len(modes), len(columns), squeeze=False, sharex=True)
+    palette = [f"C{i % 10}" for i in range(len(kernels))]
+    for i, mode in enumerate(modes):
+        for j, (dtype, causal) in enumerate(columns):
+            ax = axes[i][j]
+            for k, kernel in enumerate(kernels):
+                sel = sorted(
+                    (
+                        r
+                        for r in rows
+                        if (r["kernel"], r["dtype"], r["causal"], r["mode"])
+                        == (kernel, dtype, causal, mode)
+                    ),
+                    key=lambda r: r["seq_len"],
+                )
+                if sel:
+                    ax.plot(
+                        [r["seq_len"] for r in sel],
+                        [r["median_ms"] for r in sel],
+                        marker=_MARKERS[k % len(_MARKERS)],
+                        color=palette[k],
+                        label=kernel,
+                    )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xlabel("sequence length L = S")
-            ax.set_ylabel(label)
             ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"attention on {report['hardware']} (torch {report['torch']})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+            if i == 0:
+                ax.set_title(f"{dtype}, {'causal' if causal else 'full'}", fontsize=10)
+            if i == len(modes) - 1:
+                ax.set_xlabel("sequence length L = S")
+            if j == 0:
+                ax.set_ylabel(f"{MODE_TITLES[mode]}\nmedian time (ms)")
+    handles = [
+        Line2D([], [], marker=_MARKERS[k % len(_MARKERS)], color=palette[k], label=kernel)
+        for k, kernel in enumerate(kernels)
+    ]
+    fig.legend(handles=handles, loc="outside right upper", title="kernel")
+    fig.suptitle(f"attention on {report['hardware']} (torch {report['torch']})", fontsize=11)
+    return fig
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    """Write :func:`attention_figure` of ``report`` to a PNG at dpi 100."""
+    attention_figure(report).savefig(path, dpi=100)
 
 
 # --------------------------------------------------------------------------------------
@@ -796,7 +828,12 @@ def add_bench_parser(subparsers: Any) -> None:
     p.add_argument("--heads", type=int, default=8, help="H (default 8)")
     p.add_argument("--head-dim", type=int, default=64, help="E (default 64)")
     p.add_argument("--modes", type=_csv(str), nargs="+", help="fwd bwd fwd+bwd (default all)")
-    p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    p.add_argument(
+        "--causal",
+        choices=("both", "yes", "no"),
+        default="both",
+        help="time causal attention, full attention or both (default both)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed runs per kernel (median)")
     p.add_argument(
         "--peak-tflops",
@@ -836,16 +873,40 @@ def add_bench_parser(subparsers: Any) -> None:
     c.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90)")
     c.add_argument("--dtypes", type=_csv(str), nargs="+", help="fp16 bf16 fp32 fp64 (default bf16)")
     c.add_argument("--head-dims", type=_csv(int), nargs="+", help="E values (default 64 128)")
-    c.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    c.add_argument(
+        "--causal",
+        choices=("both", "yes", "no"),
+        default="both",
+        help="compile the causal variant, the full one or both (default both)",
+    )
     c.add_argument("--seq-len", type=int, default=4096, help="L = S (default 4096)")
     c.add_argument("--batch", type=int, default=4, help="B (default 4)")
     c.add_argument("--heads", type=int, default=8, help="H (default 8)")
-    c.add_argument("--configs", choices=("all", "smallest"), default="all")
+    c.add_argument(
+        "--configs",
+        choices=("all", "smallest"),
+        default="all",
+        help="every autotune config, or only the smallest tile (default all)",
+    )
     c.add_argument("--out", default=None, metavar="DIR", help="write JSON here")
     c.set_defaults(func=_cmd_bench_compile)
 
 
+def _out_in_the_way(args: argparse.Namespace, command: str) -> bool:
+    """True, after one error line, when --out names a file: checked before any work."""
+    if args.out is None or not Path(args.out).exists() or Path(args.out).is_dir():
+        return False
+    print(
+        f"transformer bench {command}: error: --out {args.out}: a file is in the way "
+        "(expected a directory)",
+        file=sys.stderr,
+    )
+    return True
+
+
 def _cmd_bench_attention(args: argparse.Namespace) -> int:
+    if _out_in_the_way(args, "attention"):
+        return 2
     causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     try:
         run_attention_bench(
@@ -869,6 +930,8 @@ def _cmd_bench_attention(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_wrapper(args: argparse.Namespace) -> int:
+    if _out_in_the_way(args, "torch-wrapper"):
+        return 2
     try:
         run_wrapper_bench(
             seq_lens=_flatten(args.seq_lens) or (256, 2048),
@@ -886,6 +949,8 @@ def _cmd_bench_wrapper(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_compile(args: argparse.Namespace) -> int:
+    if _out_in_the_way(args, "compile"):
+        return 2
     from transformer.kernels.triton_offline import OfflineCompileError, compile_report
 
     causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]

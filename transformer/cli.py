@@ -14,7 +14,10 @@ import dataclasses
 import importlib.util
 import math
 import os
+import shutil
+import signal
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,6 +58,8 @@ TINY_WARMUP = 20
 TINY_LR_SCALE = 0.5
 TINY_GOAL = 0.05
 HELDOUT_GOAL = 0.9
+# Hand-picked short inputs the demo decodes at the end: what a person types first.
+DEMO_SHORT_INPUTS = ("0", "7", "42")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -195,17 +200,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from transformer.tokenizer import Tokenizer
     from transformer.training import TrainConfig, build_model, train
 
-    out = Path(args.out)
+    out = _check_out_dir(args.out)
     saved: dict[str, Any] | None = None
+    done = 0
     # torchrun --max-restarts starts every worker again after one fails: with the same
     # command line, but TORCHELASTIC_RESTART_COUNT > 0, so it goes on from the checkpoint.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     resume = args.resume or (
         restarted and any((out / name).is_dir() for name in ("checkpoint", "checkpoint.old"))
     )
+    if not resume:
+        _check_heads_divide_d_model(args)
+        _check_fresh_run_dir(out, force=args.force, restarted=restarted)
     if resume:
         model, tokenizer, meta = _load(str(out / "checkpoint"))
         _check_same_architecture(model.config, args)
+        done = int(meta["training"]["step"])
+        if args.resume and args.steps is not None and args.steps <= done:
+            raise CLIError(
+                f"--steps {args.steps} is not beyond the checkpoint's step {done}: "
+                f"--resume trains on to --steps, so ask for more than {done}"
+            )
         data = meta["data"]
         asked = args.task or (args.data and os.path.abspath(args.data))
         if asked and asked not in (data.get("task"), data.get("tsv")):
@@ -255,6 +270,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     device = _device(args.device)
     rank, world_size = init_distributed(device)
     lead = rank == 0
+    if lead and resume:
+        print(f"resuming from step {done} of {train_config.steps}", file=sys.stderr)
     if lead:
         print(
             f"training on {len(split.train)} examples ({_describe(data)}), "
@@ -284,6 +301,56 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"wrote {out / 'checkpoint'}, {out / 'metrics.jsonl'}, {out / 'loss.png'}"
         )
     return 0
+
+
+# The files of a run directory, as ``train`` writes them.
+_RUN_FILES = ("checkpoint", "checkpoint.old", "metrics.jsonl", "loss.png")
+
+
+def _check_heads_divide_d_model(args: argparse.Namespace) -> None:
+    """Multi-head attention splits d_model into h heads (§3.2.2): --heads must divide it."""
+    d_model = args.d_model if args.d_model is not None else DEFAULT_MODEL["d_model"]
+    heads = args.heads if args.heads is not None else DEFAULT_MODEL["nhead"]
+    if d_model % heads:
+
+        def flag(name: str, value: int, given: int | None) -> str:
+            return f"{name} {value}" + (" (the default)" if given is None else "")
+
+        raise CLIError(
+            f"{flag('--heads', heads, args.heads)} does not divide "
+            f"{flag('--d-model', d_model, args.d_model)}: each head gets d_model / heads "
+            "dimensions"
+        )
+
+
+def _check_out_dir(path: str, flag: str = "--out") -> Path:
+    """``path`` as an output directory: refused up front if a file (not a directory) is there."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{flag} {path}: a file is in the way (expected a directory)")
+    return out
+
+
+def _check_fresh_run_dir(out: Path, *, force: bool, restarted: bool) -> None:
+    """A new run refuses a directory holding another run, unless ``--force`` replaces it.
+
+    A torchrun restart is exempt: the failed first attempt may have logged metrics
+    before its first checkpoint, and the restart starts that run again.
+    """
+    held = [name for name in _RUN_FILES if (out / name).exists()]
+    if not held or restarted:
+        return
+    if not force:
+        raise CLIError(
+            f"--out {out} already holds a run ({', '.join(held)}): continue it with "
+            "--resume or replace it with --force"
+        )
+    for name in held:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
 
 
 def _device(name: str) -> Any:
@@ -376,6 +443,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError("--beam-size cannot be combined with --temperature, --top-k or --top-p")
     model, tokenizer, meta = _load(args.checkpoint)
     max_len = _max_len(args, meta)
+    _warn_unknown_input(tokenizer, args.text)
     if not sampling:
         from transformer.training import translate
 
@@ -405,6 +473,34 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for row in out:
         print(tokenizer.decode(row))
     return 0
+
+
+def _warn_unknown_input(tokenizer: Any, texts: Sequence[str]) -> None:
+    """Say on stderr which inputs the model cannot read: empty, or holding unknown tokens."""
+    for text in texts:
+        ids = tokenizer.encode(text)
+        if not ids:
+            print(f"{PROG}: warning: input {text!r} is empty to the tokenizer", file=sys.stderr)
+        elif tokenizer.unk_id in ids:
+            unknown = sum(i == tokenizer.unk_id for i in ids)
+            print(
+                f"{PROG}: warning: input {text!r} has {unknown} of {len(ids)} tokens unknown "
+                "to the checkpoint's tokenizer (not seen in training); the output is a guess",
+                file=sys.stderr,
+            )
+
+
+def _print_by_length(trained: Any, untrained: Any, indent: str = "") -> None:
+    """Exact match per input length, trained next to untrained."""
+    base = {score.length: score for score in untrained.by_length}
+    print(f"{indent}exact match by input length:")
+    for score in trained.by_length:
+        other = base.get(score.length)
+        tail = f" (untrained {other.exact_match:.3f})" if other is not None else ""
+        print(
+            f"{indent}  length {score.length:>3}: {score.n:>5} examples, "
+            f"exact match {score.exact_match:.3f}{tail}"
+        )
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -443,6 +539,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{'model':<28}{'exact match':>12}{'BLEU':>8}")
     print(f"{f'trained (step {step})':<28}{trained.exact_match:>12.3f}{trained.bleu:>8.2f}")
     print(f"{'untrained baseline':<28}{untrained.exact_match:>12.3f}{untrained.bleu:>8.2f}")
+    # BLEU on one- and two-word answers says little; exact match by length says more.
+    _print_by_length(trained, untrained)
     return 0
 
 
@@ -455,7 +553,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from transformer.tokenizer import Tokenizer
     from transformer.training import TrainConfig, build_model, evaluate, train, translate
 
-    out = Path(args.out)
+    out = _check_out_dir(args.out)
     seed = args.seed
     task = TASKS[DEFAULT_TASK]
     split = make_task(task.name, seed=seed)
@@ -559,7 +657,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"      {'model':<22}{'exact match':>12}{'BLEU':>8}")
     print(f"      {'trained':<22}{trained.exact_match:>12.3f}{trained.bleu:>8.2f}")
     print(f"      {'untrained baseline':<22}{baseline.exact_match:>12.3f}{baseline.bleu:>8.2f}")
+    _print_by_length(trained, baseline, indent="      ")
     print(f"      ({time.perf_counter() - t0:.1f} s of decoding)")
+    # What people type first: short inputs, which are a small share of the data.
+    short = list(DEMO_SHORT_INPUTS)
+    short_out = translate(reloaded, reloaded_tokenizer, short, max_len=max_len)
+    print(
+        "      short inputs: "
+        + ", ".join(
+            f"{text} -> {reloaded_tokenizer.decode(ids)}"
+            for text, ids in zip(short, short_out, strict=True)
+        )
+    )
 
     goals = [
         (
@@ -588,20 +697,64 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+_CHECKPOINT_HELP = "run directory of 'transformer train', or its checkpoint/ directory"
+_MAX_LEN_HELP = "longest output in tokens (default: the longest training target + 8)"
+
+_COMMANDS = "train, generate, evaluate, bench, spec, conform, demo"
+
+
+def _tasks_table() -> str:
+    """One line per built-in task, for train's --help."""
+    from transformer.data import TASKS
+
+    width = max(len(name) for name in TASKS)
+    return "\n".join(f"  {name:<{width}}  {TASKS[name].description}" for name in sorted(TASKS))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformer-spec")
+    except PackageNotFoundError:  # pragma: no cover - a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``transformer`` argument parser with all subcommands."""
     parser = _Parser(
         prog=PROG,
-        description="Attention Is All You Need, from scratch: train, generate, evaluate, bench.",
+        description="Attention Is All You Need, from scratch. Commands: "
+        f"{_COMMANDS}; `{PROG} COMMAND --help` describes each.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads, set before any work (default: $OMP_NUM_THREADS if set, "
+        "else 1 on a machine with at most 2 cores, else torch's default); give it before "
+        "the command",
+    )
+    # Not required by argparse: a bare `transformer` prints the command list (see main).
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
         "train",
         help="train a Seq2SeqTransformer with the paper's recipe",
-        description="Train with Adam (0.9, 0.98, 1e-9), warm-up then inverse-sqrt learning "
-        "rate and label smoothing 0.1 (paper §5.3-5.4). Writes DIR/checkpoint/, "
-        "DIR/metrics.jsonl and DIR/loss.png.",
+        description=textwrap.fill(
+            "Train with Adam (0.9, 0.98, 1e-9), warm-up then inverse-sqrt learning "
+            "rate and label smoothing 0.1 (paper §5.3-5.4). Writes DIR/checkpoint/, "
+            "DIR/metrics.jsonl and DIR/loss.png. SIGINT or SIGTERM saves the last completed "
+            "step; --resume goes on from it.",
+            width=78,
+        )
+        + "\n\nbuilt-in tasks (--task):\n"
+        + _tasks_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_data_args(p, required=False)
     p.add_argument("--out", required=True, metavar="DIR", help="run directory")
@@ -609,6 +762,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run in DIR/checkpoint (implied when torchrun restarts a worker)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the run DIR already holds (its checkpoint, metrics and plot); "
+        "without it a new run refuses such a DIR",
     )
     # Unset run settings take the checkpoint's values on --resume, the defaults otherwise.
     p.add_argument("--steps", type=_positive_int, help=_default("steps", "total steps"))
@@ -664,9 +823,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dropout", type=_fraction, default=None, help=f"default {DEFAULT_MODEL['dropout']}"
     )
-    p.add_argument("--vocab-size", type=_positive_int, default=DEFAULT_VOCAB)
+    p.add_argument(
+        "--vocab-size",
+        type=_positive_int,
+        default=DEFAULT_VOCAB,
+        help="BPE vocabulary size to learn (default %(default)s)",
+    )
     p.add_argument("--n-train", type=_positive_int, default=None, help="task examples to train on")
-    p.add_argument("--n-heldout", type=_non_negative_int, default=None)
+    p.add_argument(
+        "--n-heldout",
+        type=_non_negative_int,
+        default=None,
+        help="task examples held out from training (default: the task's own)",
+    )
     p.add_argument("--heldout-fraction", type=_fraction, default=0.1, help="for --data")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
@@ -678,10 +847,10 @@ def build_parser() -> argparse.ArgumentParser:
         "search with --beam-size, or sampling with --temperature/--top-k/--top-p (reproducible "
         "with --seed).",
     )
-    p.add_argument("--checkpoint", required=True, metavar="DIR")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help=_CHECKPOINT_HELP)
     p.add_argument("text", nargs="+", help="source texts")
     p.add_argument("--beam-size", type=_positive_int, default=1, help="1 = greedy (default)")
-    p.add_argument("--max-len", type=_positive_int, default=None)
+    p.add_argument("--max-len", type=_positive_int, default=None, help=_MAX_LEN_HELP)
     p.add_argument(
         "--temperature",
         type=_non_negative_float,
@@ -712,11 +881,11 @@ def build_parser() -> argparse.ArgumentParser:
         "given; --data scores every pair of the file) against the untrained baseline of "
         "the same architecture.",
     )
-    p.add_argument("--checkpoint", required=True, metavar="DIR")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help=_CHECKPOINT_HELP)
     _add_data_args(p, required=False)
     p.add_argument("--seed", type=_non_negative_int, default=0, help="split seed for --task")
-    p.add_argument("--beam-size", type=_positive_int, default=1)
-    p.add_argument("--max-len", type=_positive_int, default=None)
+    p.add_argument("--beam-size", type=_positive_int, default=1, help="1 = greedy (default)")
+    p.add_argument("--max-len", type=_positive_int, default=None, help=_MAX_LEN_HELP)
     p.add_argument("--limit", type=_positive_int, default=None, help="score the first N only")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -730,12 +899,24 @@ def build_parser() -> argparse.ArgumentParser:
         "compare with the untrained baseline; exits 0 when all three goals are met.",
     )
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="default %(default)s")
-    p.add_argument("--steps", type=_positive_int, default=DEFAULT_TRAIN["steps"])
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=DEFAULT_TRAIN["steps"],
+        help="steps of the main run (default %(default)s)",
+    )
     p.add_argument("--seconds", type=_positive_float, default=None, help="cap on training time")
-    p.add_argument("--tiny-steps", type=_positive_int, default=TINY_STEPS)
-    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument(
+        "--tiny-steps",
+        type=_positive_int,
+        default=TINY_STEPS,
+        help="steps of the tiny-set overfitting check (default %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=_non_negative_int, default=0, help="data, init, dropout (default 0)"
+    )
     p.add_argument("--examples", type=_non_negative_int, default=8, help="outputs to show")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -757,14 +938,42 @@ def _add_optional_parsers(sub: Any) -> None:
         getattr(module, f"add_{name}_parser")(sub)
 
 
+def default_threads() -> int | None:
+    """The torch thread count the CLI uses without ``--threads``; ``None`` keeps torch's own.
+
+    ``OMP_NUM_THREADS`` when the user set it; otherwise 1 on a machine with at most 2
+    usable cores, where OpenMP threads spinning against other work cost far more than
+    they gain (``train --steps 40``: 33.6 s with 2 threads on a busy 2-core machine,
+    2.0 s with 1); otherwise torch's default (one thread per physical core).
+    """
+    configured = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if configured.isdigit() and int(configured) >= 1:
+        return int(configured)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 1 if (cores or 1) <= 2 else None
+
+
+def _apply_threads(threads: int | None) -> None:
+    """``torch.set_num_threads`` with ``--threads`` or :func:`default_threads`, before any work."""
+    count = threads if threads is not None else default_threads()
+    if count is not None:
+        import torch
+
+        torch.set_num_threads(count)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``transformer`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        sys.stderr.write(parser.format_help())
+        parser.error(f"a command is required, one of: {_COMMANDS}")
+    _apply_threads(args.threads)
     try:
         return int(args.func(args))
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        return _report_interrupt(err)
     except Exception as err:
         if os.environ.get("TRANSFORMER_DEBUG"):
             raise
@@ -772,8 +981,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _report_interrupt(err: KeyboardInterrupt) -> int:
+    """Ctrl-C: one stderr line and 130; a run that saved its step says where (128 + signal)."""
+    # Only `train` raises TrainInterrupted, so its module is loaded when it is raised.
+    loop = sys.modules.get("transformer.train_loop")
+    if loop is not None and isinstance(err, loop.TrainInterrupted):
+        print(
+            f"{PROG}: interrupted by {signal.Signals(err.signum).name} at step {err.step} "
+            f"of {err.total}; saved {err.checkpoint}, continue with --resume",
+            file=sys.stderr,
+        )
+        return 128 + err.signum
+    print(f"{PROG}: interrupted", file=sys.stderr)
+    return 130
+
+
+_SHOWN_DIFFERENCES = 3
+
+
+def _summarise_mismatch(text: str) -> str:
+    """An 'architecture mismatch' message cut to its first differences and a count."""
+    head, paren, rest = text.partition(" (")
+    if "architecture mismatch" not in head or not paren or not rest.endswith(")"):
+        return text
+    items = rest[:-1].split("; ")
+    if len(items) <= _SHOWN_DIFFERENCES:
+        return text
+    shown = "; ".join(items[:_SHOWN_DIFFERENCES])
+    return f"{head} ({shown}; and {len(items) - _SHOWN_DIFFERENCES} more, {len(items)} in all)"
+
+
 def _describe_error(err: Exception) -> str:
     if isinstance(err, OSError) and err.filename is not None:
         return _one_line(f"{err.filename}: {err.strerror or err}")
-    text = _one_line(err) or type(err).__name__
+    text = _summarise_mismatch(_one_line(err)) or type(err).__name__
     return text if isinstance(err, CLIError | ValueError) else f"{type(err).__name__}: {text}"

@@ -16,6 +16,10 @@ A user's own corpus is a TSV file, one ``source<TAB>target`` pair per line.
 
 Every split is deterministic in its seed, and the held-out examples of a split never
 share a source with its training examples, so held-out accuracy measures generalisation.
+A built-in split is stratified by input length (:func:`source_length`): every length
+has a guaranteed share of the training set, lengths with few sources (the numbers
+0..99, strings of one or two letters) are trained on in full, and the held-out set
+holds every other length.
 
 Notation: B batch, S source length, T target length (in tokens).
 """
@@ -44,6 +48,7 @@ __all__ = [
     "number_to_words",
     "pad_sequences",
     "read_tsv",
+    "source_length",
     "split_heldout",
     "task_names",
 ]
@@ -124,44 +129,87 @@ _LETTERS = "abcdefghij"
 _SEQ_MIN_LEN, _SEQ_MAX_LEN = 1, 10
 _FIRST_DAY = datetime.date(1900, 1, 1)
 _N_DAYS = (datetime.date(2099, 12, 31) - _FIRST_DAY).days + 1
+_DATE_LEN = len("2024-03-07")
+
+#: A length with at most this many distinct sources is never held out: it is all training.
+ALWAYS_TRAINED = 100
+#: Every length gets at least this fraction of an equal share of the training set; a length
+#: with fewer distinct sources than that (the one-digit numbers) has them repeated, so the
+#: model sees short inputs as often as the share says.
+MIN_TRAIN_SHARE = 0.25
 
 
-def _letter_sources(rng: random.Random, count: int) -> list[str]:
-    """``count`` distinct space-separated letter strings of length 1..10."""
-    seen: dict[str, None] = {}  # insertion-ordered set: the draw order is the output order
-    while len(seen) < count:
-        length = rng.randint(_SEQ_MIN_LEN, _SEQ_MAX_LEN)
-        seen.setdefault(" ".join(rng.choice(_LETTERS) for _ in range(length)))
-    return list(seen)
+def source_length(source: str) -> int:
+    """Input length as a person counts it: words of a multi-word source, else characters.
+
+    ``"a b c"`` -> 3 (letters), ``"4213"`` -> 4 (digits), ``"2024-03-07"`` -> 10.
+    """
+    words = source.split()
+    return len(words) if len(words) > 1 else len(source.strip())
 
 
-def _number_sources(rng: random.Random, count: int) -> list[str]:
-    return [str(n) for n in rng.sample(range(10_000), count)]
+def _letter_sources(rng: random.Random, length: int, count: int) -> list[str]:
+    """``count`` distinct space-separated letter strings of ``length`` letters."""
+    base = len(_LETTERS)
+    out = []
+    for index in rng.sample(range(base**length), count):
+        letters = []
+        for _ in range(length):
+            index, digit = divmod(index, base)
+            letters.append(_LETTERS[digit])
+        out.append(" ".join(letters))
+    return out
 
 
-def _date_sources(rng: random.Random, count: int) -> list[str]:
+def _number_sources(rng: random.Random, length: int, count: int) -> list[str]:
+    """``count`` distinct integers of ``length`` digits (no leading zeros), in digits."""
+    low = 0 if length == 1 else 10 ** (length - 1)
+    return [str(n) for n in rng.sample(range(low, 10**length), count)]
+
+
+def _date_sources(rng: random.Random, length: int, count: int) -> list[str]:
+    """``count`` distinct ISO dates 1900..2099 (all of one length)."""
     days = rng.sample(range(_N_DAYS), count)
     return [(_FIRST_DAY + datetime.timedelta(days=d)).isoformat() for d in days]
 
 
+def _letter_count(length: int) -> int:
+    return len(_LETTERS) ** length
+
+
+def _number_count(length: int) -> int:
+    return 10 if length == 1 else 9 * 10 ** (length - 1)
+
+
 @dataclass(frozen=True)
 class Task:
-    """A built-in task: how to draw distinct sources and how to map a source to its target."""
+    """A built-in task: its input lengths, how to draw sources of a length, how to map them."""
 
     #: Name used on the command line (``--task NAME``).
     name: str
     #: One line for ``--help`` and error messages.
     description: str
-    #: ``(rng, count) -> count`` distinct source strings, deterministic in ``rng``.
-    draw_sources: Callable[[random.Random, int], list[str]]
+    #: The input lengths (:func:`source_length`) the task's sources have.
+    lengths: tuple[int, ...]
+    #: ``(rng, length, count) -> count`` distinct sources of that length, deterministic in ``rng``.
+    draw_sources: Callable[[random.Random, int, int], list[str]]
+    #: How many distinct sources of a length exist.
+    count_of_length: Callable[[int], int]
+    #: ``True``: lengths weigh as their number of sources; ``False``: all lengths weigh alike.
+    weigh_by_count: bool
     #: The exact target of a source.
     to_target: Callable[[str], str]
-    #: How many distinct sources exist (``None``: practically unlimited).
-    universe: int | None
     #: Default sizes of the training and held-out sets.
     n_train: int
     n_heldout: int
 
+    @property
+    def universe(self) -> int:
+        """How many distinct sources exist."""
+        return sum(self.count_of_length(n) for n in self.lengths)
+
+
+_SEQ_LENGTHS = tuple(range(_SEQ_MIN_LEN, _SEQ_MAX_LEN + 1))
 
 TASKS: dict[str, Task] = {
     task.name: task
@@ -169,45 +217,55 @@ TASKS: dict[str, Task] = {
         Task(
             "copy",
             "letters -> the same letters",
+            _SEQ_LENGTHS,
             _letter_sources,
+            _letter_count,
+            False,
             lambda s: s,
-            None,
             5000,
             500,
         ),
         Task(
             "reverse",
             "letters -> the letters reversed",
+            _SEQ_LENGTHS,
             _letter_sources,
+            _letter_count,
+            False,
             lambda s: " ".join(reversed(s.split())),
-            None,
             5000,
             500,
         ),
         Task(
             "sort",
             "letters -> the letters sorted",
+            _SEQ_LENGTHS,
             _letter_sources,
+            _letter_count,
+            False,
             lambda s: " ".join(sorted(s.split())),
-            None,
             5000,
             500,
         ),
         Task(
             "numbers",
             "0..9999 in digits -> English words",
+            (1, 2, 3, 4),
             _number_sources,
+            _number_count,
+            True,
             lambda s: number_to_words(int(s)),
-            10_000,
             9_000,
             1_000,
         ),
         Task(
             "dates",
             "ISO date 1900..2099 -> English words",
+            (_DATE_LEN,),
             _date_sources,
+            lambda _: _N_DAYS,
+            True,
             lambda s: date_to_words(datetime.date.fromisoformat(s)),
-            _N_DAYS,
             20_000,
             1_000,
         ),
@@ -228,14 +286,52 @@ class Split:
     heldout: tuple[Pair, ...]
 
 
+def _allocate(total: int, weights: Sequence[float], caps: Sequence[int]) -> list[int]:
+    """Split ``total`` into integers in proportion to ``weights``, none above its cap.
+
+    Water-filling: a share over its cap is capped and the rest shared again among the
+    others; rounding by largest remainder, so the counts sum to ``min(total, sum(caps))``.
+    """
+    counts = [0] * len(weights)
+    open_ = [i for i, cap in enumerate(caps) if cap > 0 and weights[i] > 0]
+    left = min(total, sum(caps[i] for i in open_))
+    while left > 0 and open_:
+        weight = sum(weights[i] for i in open_)
+        shares = {i: left * weights[i] / weight for i in open_}
+        full = [i for i in open_ if counts[i] + shares[i] >= caps[i]]
+        if full:
+            for i in full:
+                left -= caps[i] - counts[i]
+                counts[i] = caps[i]
+            open_ = [i for i in open_ if i not in full]
+            continue
+        floors = {i: int(shares[i]) for i in open_}
+        rest = left - sum(floors.values())
+        by_remainder = sorted(open_, key=lambda i: (floors[i] - shares[i], i))
+        for i in open_:
+            counts[i] += floors[i]
+        for i in by_remainder[:rest]:
+            counts[i] += 1
+        left = 0
+    return counts
+
+
 def make_task(
     name: str, *, seed: int = 0, n_train: int | None = None, n_heldout: int | None = None
 ) -> Split:
-    """Draw a deterministic train/held-out split of the built-in task ``name``.
+    """A deterministic train/held-out split of the built-in task ``name``, stratified by length.
 
-    The ``n_train + n_heldout`` sources are drawn without replacement from one
-    ``random.Random(seed)``, the first ``n_heldout`` held out, so the two sets are
-    disjoint and the same seed gives the same split on every machine.
+    Each input length (:func:`source_length`) is a stratum. A length with at most
+    :data:`ALWAYS_TRAINED` sources is never held out; the held-out examples are shared
+    among the other lengths by weight (the number of sources of a length for
+    ``numbers`` and ``dates``, equal for the letter tasks). The training examples are
+    shared the same way, except that every length first gets
+    :data:`MIN_TRAIN_SHARE` of an equal share, so short inputs are trained on as often
+    as long ones (at the default sizes: all of 0..99, every string of one or two
+    letters); a length with fewer sources than its share has them repeated, so the
+    training set may hold a pair more than once. Sources are drawn without replacement
+    from one ``random.Random(seed)``, so the two sets are disjoint and the same seed gives
+    the same split on every machine.
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
@@ -246,14 +342,41 @@ def make_task(
         raise ValueError(f"n_train must be at least 1, got {n_train}")
     if n_heldout < 0:
         raise ValueError(f"n_heldout must be non-negative, got {n_heldout}")
-    if task.universe is not None and n_train + n_heldout > task.universe:
+    if n_train + n_heldout > task.universe:
         raise ValueError(
             f"task {name!r} has {task.universe} distinct examples, "
             f"asked for n_train + n_heldout = {n_train + n_heldout}"
         )
-    sources = task.draw_sources(random.Random(seed), n_train + n_heldout)
-    pairs = [(s, task.to_target(s)) for s in sources]
-    return Split(train=tuple(pairs[n_heldout:]), heldout=tuple(pairs[:n_heldout]))
+    counts = [task.count_of_length(n) for n in task.lengths]
+    weights = [float(c) if task.weigh_by_count else 1.0 for c in counts]
+    weights = [w / sum(weights) for w in weights]
+    held_caps = [0 if c <= ALWAYS_TRAINED else c for c in counts]
+    if n_heldout > sum(held_caps):
+        raise ValueError(
+            f"task {name!r} can hold out at most {sum(held_caps)} examples, asked for {n_heldout}"
+        )
+    held = _allocate(n_heldout, weights, held_caps)
+    floor = MIN_TRAIN_SHARE / len(counts)
+    # Training examples per length: a reserved floor each, the rest by weight; repeats are
+    # allowed where a length has too few sources.
+    reserved = int(floor * n_train)
+    rest = _allocate(n_train - reserved * len(counts), weights, [n_train] * len(counts))
+    wanted = [reserved + r for r in rest]
+    free = [c - h for c, h in zip(counts, held, strict=True)]
+    rng = random.Random(seed)
+    heldout_pairs: list[Pair] = []
+    train_pairs: list[Pair] = []
+    for length, n_held, n_wanted, n_free in zip(task.lengths, held, wanted, free, strict=True):
+        distinct = min(n_wanted, n_free)
+        sources = task.draw_sources(rng, length, n_held + distinct)
+        heldout_pairs += [(s, task.to_target(s)) for s in sources[:n_held]]
+        trained = [(s, task.to_target(s)) for s in sources[n_held:]]
+        # Cycled repeats up to the length's share (none where its sources suffice).
+        train_pairs += [trained[i % len(trained)] for i in range(n_wanted)] if trained else []
+    # Mixed lengths in any prefix: `evaluate --limit N` scores the first N held-out pairs.
+    rng.shuffle(heldout_pairs)
+    rng.shuffle(train_pairs)
+    return Split(train=tuple(train_pairs), heldout=tuple(heldout_pairs))
 
 
 # --------------------------------------------------------------------------- TSV corpora

@@ -9,17 +9,17 @@ Notation: B batch, S source length.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from transformer.data import Pair, pad_sequences
+from transformer.data import Pair, pad_sequences, source_length
 from transformer.generate import beam_search, greedy_decode
 from transformer.model import Seq2SeqTransformer
 from transformer.tokenizer import Tokenizer
 
-__all__ = ["EvalResult", "evaluate", "translate"]
+__all__ = ["EvalResult", "LengthScore", "evaluate", "exact_match_by_length", "translate"]
 
 
 @torch.no_grad()
@@ -66,6 +66,40 @@ def translate(
 
 
 @dataclass(frozen=True)
+class LengthScore:
+    """Exact match of the examples of one input length."""
+
+    #: Input length (:func:`transformer.data.source_length` unless told otherwise).
+    length: int
+    #: Number of examples of this length.
+    n: int
+    #: Fraction of them decoded exactly, in [0, 1].
+    exact_match: float
+
+
+def exact_match_by_length(
+    sources: Sequence[str],
+    outputs: Sequence[str],
+    references: Sequence[str],
+    *,
+    length: Callable[[str], int] = source_length,
+) -> tuple[LengthScore, ...]:
+    """Exact match per input length ``length(source)``, shortest first (absent lengths omitted)."""
+    if not len(sources) == len(outputs) == len(references):
+        raise ValueError(
+            f"exact_match_by_length: got {len(sources)} sources, {len(outputs)} outputs "
+            f"and {len(references)} references"
+        )
+    hits: dict[int, list[bool]] = {}
+    for source, output, reference in zip(sources, outputs, references, strict=True):
+        hits.setdefault(length(source), []).append(output == reference)
+    return tuple(
+        LengthScore(length=n, n=len(h), exact_match=sum(h) / len(h))
+        for n, h in sorted(hits.items())
+    )
+
+
+@dataclass(frozen=True)
 class EvalResult:
     """Scores of one model on held-out pairs."""
 
@@ -77,6 +111,8 @@ class EvalResult:
     n: int
     #: The decoded outputs, in the order of the pairs.
     outputs: list[str]
+    #: Exact match per input length, shortest first (see :func:`exact_match_by_length`).
+    by_length: tuple[LengthScore, ...] = ()
 
 
 def evaluate(
@@ -86,8 +122,13 @@ def evaluate(
     *,
     max_len: int,
     beam_size: int = 1,
+    length: Callable[[str], int] = source_length,
 ) -> EvalResult:
-    """Exact-match accuracy and corpus BLEU of ``model``'s outputs on ``pairs``."""
+    """Exact-match accuracy, corpus BLEU and exact match per input length of ``model`` on ``pairs``.
+
+    ``length`` maps a source to its input length for the breakdown (default: digits of a
+    number, letters of a letter string, words of a sentence).
+    """
     import sacrebleu
 
     if not pairs:
@@ -97,4 +138,7 @@ def evaluate(
     references = [t for _, t in pairs]
     exact = sum(o == r for o, r in zip(outputs, references, strict=True)) / len(pairs)
     bleu = float(sacrebleu.corpus_bleu(outputs, [references]).score)
-    return EvalResult(exact_match=exact, bleu=bleu, n=len(pairs), outputs=outputs)
+    by_length = exact_match_by_length([s for s, _ in pairs], outputs, references, length=length)
+    return EvalResult(
+        exact_match=exact, bleu=bleu, n=len(pairs), outputs=outputs, by_length=by_length
+    )

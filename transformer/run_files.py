@@ -17,6 +17,7 @@ __all__ = [
     "METRICS_FILE",
     "PLOT_FILE",
     "plot_metrics",
+    "plot_title",
     "read_metrics",
     "read_metrics_until_torn",
     "write_atomically",
@@ -58,8 +59,24 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def plot_metrics(records: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    """Draw the training loss (and plain cross-entropy) and the learning rate to a PNG."""
+def plot_title(path: str | os.PathLike[str], *, task: str | None = None) -> str:
+    """The loss plot's title: the task (when known) and the run, named by its directory."""
+    run = Path(os.path.abspath(path)).parent.name or os.fspath(path)
+    return f"task {task} \N{EM DASH} run {run}" if task else f"run {run}"
+
+
+def plot_metrics(
+    records: Sequence[dict[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    task: str | None = None,
+    title: str | None = None,
+) -> None:
+    """Draw the training loss (and plain cross-entropy) and the learning rate to a PNG.
+
+    The title is ``title`` or else :func:`plot_title` (the task, when given, and the run
+    directory that holds ``path``).
+    """
     # The object-oriented API renders with Agg and never touches pyplot's global backend.
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -70,6 +87,7 @@ def plot_metrics(records: Sequence[dict[str, Any]], path: str | os.PathLike[str]
     ax.plot(steps, [r["loss"] for r in records], label="training loss (label-smoothed)")
     if records and "nll" in records[0]:
         ax.plot(steps, [r["nll"] for r in records], label="cross-entropy", alpha=0.8)
+    ax.set_title(title or plot_title(path, task=task), fontsize=10)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if records and min(r["loss"] for r in records) > 0:

@@ -746,8 +746,14 @@ class RunInfo:
     pytest_args: str
 
 
-def collect_run_info(pytest_args: Sequence[str], root: Path) -> RunInfo:
-    """torch and Python versions, the UTC time and the git commit of ``root`` (if any)."""
+def collect_run_info(
+    pytest_args: Sequence[str], root: Path, outputs: Sequence[Path] = ()
+) -> RunInfo:
+    """torch and Python versions, the UTC time and the git commit of ``root`` (if any).
+
+    Call it after the tests ran and before the documents are written; ``outputs`` (the
+    documents about to be rewritten) do not count as uncommitted changes.
+    """
     import torch
 
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -755,12 +761,18 @@ def collect_run_info(pytest_args: Sequence[str], root: Path) -> RunInfo:
         torch=torch.__version__,
         python=platform.python_version(),
         date=now,
-        commit=_git_commit(root),
+        commit=git_commit(root, outputs),
         pytest_args=shlex.join(pytest_args),
     )
 
 
-def _git_commit(root: Path) -> str:
+def git_commit(root: Path, outputs: Sequence[Path] = ()) -> str:
+    """HEAD of the checkout at ``root`` now, "(with uncommitted changes)" when the tree is dirty.
+
+    Dirty counts untracked files too (a new test module changes the results), but not
+    ``outputs``: a document is built from the tree, not from its previous rendering.
+    """
+
     def git(*args: str) -> str:
         done = subprocess.run(
             ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
@@ -769,7 +781,10 @@ def _git_commit(root: Path) -> str:
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        excluded = [
+            f":(exclude){os.path.relpath(Path(p).resolve(), root.resolve())}" for p in outputs
+        ]
+        dirty = bool(git("status", "--porcelain", "--untracked-files=all", "--", ".", *excluded))
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
     return f"{commit} (with uncommitted changes)" if dirty else commit
@@ -863,7 +878,7 @@ def _statements_table(records: Sequence[TestRecord], out_dir: Path, root: Path) 
                 Cell(result, status=_RESULT_STATUS[result]),
                 Cell(record.statement or "(no docstring)"),
                 Cell(record.kind or "?"),
-                Cell(f"`{record.path}:{record.line}`", href=f"{target}#L{record.line}"),
+                Cell(f"`{record.path}:{record.line}`", href=target),
                 Cell(detail),
             )
         )
@@ -944,6 +959,7 @@ def build_document(
         _matrix_table(records),
     ]
     missing = missing_kinds(coverage_counts(records))
+    blocks.insert(3, Heading(2, "Contents", "contents"))
     blocks.append(
         Paragraph(
             "Missing: " + "; ".join(f"`{c}` ({', '.join(k)})" for c, k in missing.items()) + "."
@@ -971,7 +987,18 @@ def build_document(
                 why.append("no docstring")
             problems.append((Cell(f"`{record.nodeid}`"), Cell("; ".join(why)), Cell(record.result)))
         blocks.append(Table(("test", "problem", "result"), tuple(problems)))
-    return blocks
+    return _with_contents(blocks)
+
+
+def _with_contents(blocks: list[Block]) -> list[Block]:
+    """Fill the "Contents" heading with a table linking every heading below it."""
+    at = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.anchor == "contents")
+    rows = tuple(
+        (Cell("\u2003" * (b.level - 2) + b.text, href=f"#{b.anchor}"),)
+        for b in blocks[at + 1 :]
+        if isinstance(b, Heading)
+    )
+    return [*blocks[: at + 1], Table(("section",), rows), *blocks[at + 1 :]]
 
 
 def _md_cell(cell: Cell) -> str:
@@ -988,7 +1015,7 @@ def render_markdown(blocks: Sequence[Block]) -> str:
     lines: list[str] = []
     for block in blocks:
         if isinstance(block, Heading):
-            lines += ["#" * block.level + " " + block.text, ""]
+            lines += [f'<a id="{block.anchor}"></a>', "", "#" * block.level + " " + block.text, ""]
         elif isinstance(block, Paragraph):
             lines += [block.text, ""]
         else:
@@ -1096,7 +1123,8 @@ def run_spec(pytest_args: Sequence[str], out_dir: Path) -> int:
         print("transformer spec: no test collected; nothing rendered", file=sys.stderr)
         return status or 1
     root = recorder.rootpath or Path.cwd()
-    info = collect_run_info(args, root)
+    outputs = [out_dir / "specification.md", out_dir / "specification.html"]
+    info = collect_run_info(args, root, outputs)
     markdown, page = write_documents(records, info, out_dir, root)
     missing = missing_kinds(coverage_counts(records))
     if missing:

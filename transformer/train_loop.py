@@ -20,9 +20,12 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,7 @@ from transformer.tokenizer import Tokenizer
 
 __all__ = [
     "TrainConfig",
+    "TrainInterrupted",
     "TrainResult",
     "restore_rng_state",
     "rng_state",
@@ -144,6 +148,53 @@ class TrainResult:
     elapsed: float
     #: The run directory.
     out_dir: Path
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped :func:`train` after it saved the last completed step.
+
+    A ``KeyboardInterrupt``, so code that handles Ctrl-C handles it; ``resume=True``
+    continues the run from ``step``.
+    """
+
+    def __init__(self, signum: int, step: int, total: int, checkpoint: Path) -> None:
+        super().__init__(f"{signal.Signals(signum).name} at step {step} of {total}")
+        #: The signal that stopped the run (``signal.SIGINT`` or ``signal.SIGTERM``).
+        self.signum = signum
+        #: The last completed step, the one the checkpoint holds.
+        self.step = step
+        #: ``config.steps`` of the run.
+        self.total = total
+        #: The checkpoint directory written before stopping.
+        self.checkpoint = checkpoint
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+    """While open, SIGINT and SIGTERM append their number to the yielded list instead of
+    stopping the process, so the loop can finish its step and save; a second signal of
+    either kind raises ``KeyboardInterrupt`` at once. Outside the main thread (where
+    Python cannot install handlers) the list stays empty and signals act as before.
+    """
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    before = {s: signal.signal(s, handle) for s in _STOP_SIGNALS}
+    try:
+        yield requested
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 # --------------------------------------------------------------------------- RNG states
@@ -281,6 +332,10 @@ def train(
     batch and keeps its share (:func:`~transformer.distributed.shard_batch`), so a step
     equals the one-process step on the whole batch up to float rounding; only rank 0
     logs, plots and saves (with every rank's RNG state).
+
+    SIGINT (Ctrl-C) or SIGTERM lets the current step finish, saves the checkpoint of that
+    step (the same atomic save) and raises :class:`TrainInterrupted`; a second signal
+    stops at once, saving nothing more.
     """
     rank, world_size = world()
     lead = rank == 0
@@ -307,6 +362,8 @@ def train(
     scheduler = make_scheduler(optimizer, model_config.d_model, config.warmup, config.lr_scale)
     scaler = make_grad_scaler(device, config.autocast)
     params = [p for p in model.parameters() if p.requires_grad]
+    # The loss plot's title names the task when the caller says what the data is.
+    task_name = ((meta or {}).get("data") or {}).get("task")
     run_meta = {
         **(meta or {}),
         "tokenizer": tokenizer.to_str(),
@@ -407,57 +464,67 @@ def train(
     start = time.perf_counter()
     window_start = start
     bar = _progress_bar(config.steps, step, enabled=progress and lead)
+    signals: list[int] = []
     try:
-        while step < config.steps:
-            batch = next(batcher)
-            shard = shard_batch(batch, rank, world_size, pad_id=pad_id) if world_size > 1 else batch
-            optimizer.zero_grad(set_to_none=True)
-            losses = _forward_backward(
-                net, batch, shard, config=config, pad_id=pad_id, device=device, scaler=scaler
-            )
-            losses = sum_over_ranks(losses).cpu()
-            if not torch.isfinite(losses).all():
-                raise FloatingPointError(
-                    f"train: the loss is {losses[0].item()} at step {step + 1}; lower "
-                    "--lr-scale or enable --clip-norm"
+        with _stop_requests() as signals:
+            while step < config.steps:
+                batch = next(batcher)
+                shard = (
+                    shard_batch(batch, rank, world_size, pad_id=pad_id) if world_size > 1 else batch
                 )
-            lr = optimizer.param_groups[0]["lr"]
-            if optimizer_step(optimizer, scaler, params, config.clip_norm):
-                scheduler.step()
-            else:
-                window["skipped"] += 1
-            step += 1
-            window["loss"] += losses[0].item()
-            window["nll"] += losses[1].item()
-            window["steps"] += 1
-            window["tokens"] += batch.n_tokens
+                optimizer.zero_grad(set_to_none=True)
+                losses = _forward_backward(
+                    net, batch, shard, config=config, pad_id=pad_id, device=device, scaler=scaler
+                )
+                losses = sum_over_ranks(losses).cpu()
+                if not torch.isfinite(losses).all():
+                    raise FloatingPointError(
+                        f"train: the loss is {losses[0].item()} at step {step + 1}; lower "
+                        "--lr-scale or enable --clip-norm"
+                    )
+                lr = optimizer.param_groups[0]["lr"]
+                if optimizer_step(optimizer, scaler, params, config.clip_norm):
+                    scheduler.step()
+                else:
+                    window["skipped"] += 1
+                step += 1
+                window["loss"] += losses[0].item()
+                window["nll"] += losses[1].item()
+                window["steps"] += 1
+                window["tokens"] += batch.n_tokens
 
-            timed_out = any_rank(
-                config.max_seconds is not None
-                and time.perf_counter() - start >= config.max_seconds,
-                device,
-            )
-            last = step == config.steps or timed_out
-            bar.update(1)
-            if step % config.log_every == 0:
-                last_loss = flush(lr)["loss"]
-                window = _new_window()
-                window_start = time.perf_counter()
-            if step % config.checkpoint_every == 0 or last:
-                # Saved before an off-grid flush: the window is what an uninterrupted run holds.
-                checkpoint()
-                if last and window["steps"]:
+                # A time limit or a signal stops every rank after the same step.
+                stop = any_rank(
+                    bool(signals)
+                    or (
+                        config.max_seconds is not None
+                        and time.perf_counter() - start >= config.max_seconds
+                    ),
+                    device,
+                )
+                last = step == config.steps or stop
+                bar.update(1)
+                if step % config.log_every == 0:
                     last_loss = flush(lr)["loss"]
-                if lead:
-                    plot_metrics(read_metrics(metrics_path), out / PLOT_FILE)
-            if timed_out:
-                break
-        if lead and not (out / PLOT_FILE).exists() and previous:
-            # A resume of a finished run trains nothing: still leave the plot behind.
-            plot_metrics(previous, out / PLOT_FILE)
+                    window = _new_window()
+                    window_start = time.perf_counter()
+                if step % config.checkpoint_every == 0 or last:
+                    # Saved before an off-grid flush: the window is what an uninterrupted run holds.
+                    checkpoint()
+                    if last and window["steps"]:
+                        last_loss = flush(lr)["loss"]
+                    if lead:
+                        plot_metrics(read_metrics(metrics_path), out / PLOT_FILE, task=task_name)
+                if stop:
+                    break
+            if lead and not (out / PLOT_FILE).exists() and previous:
+                # A resume of a finished run trains nothing: still leave the plot behind.
+                plot_metrics(previous, out / PLOT_FILE, task=task_name)
     finally:
         bar.close()
         torch.use_deterministic_algorithms(deterministic_before)
+    if signals and step < config.steps:
+        raise TrainInterrupted(signals[0], step, config.steps, ckpt_dir)
     barrier(device)
     history = read_metrics(metrics_path)
     return TrainResult(
