@@ -1,4 +1,4 @@
-"""The ``transformer`` command line: train, generate, evaluate, demo, and its errors.
+"""The ``transformer`` command line: train, average, generate, evaluate, demo, and its errors.
 
 Most tests call ``transformer.cli.main(argv)`` in-process and read stdout/stderr with
 ``capsys``; two run ``python -m transformer`` in a subprocess to pin what a shell user
@@ -805,6 +805,79 @@ def test_output_directory_that_is_a_file_is_refused_before_any_work(
     assert main([*argv, str(target)]) != 0
     err = capsys.readouterr().err.strip()
     assert f"--out {target}: a file is in the way" in err and len(err.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- averaging
+
+
+@pytest.fixture(scope="module")
+def kept_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny `train --keep-last 3` run saving every 3 of 12 steps: it keeps steps 6, 9 and 12."""
+    out = tmp_path_factory.mktemp("keep") / "run"
+    argv = ["train", *TINY_RUN, "--steps", "12", "--warmup", "4", "--checkpoint-every", "3"]
+    assert main([*argv, "--keep-last", "3", "--out", str(out)]) == 0
+    return out
+
+
+@spec(kind="equivalence")
+def test_average_of_the_kept_checkpoints_is_their_mean_and_generates(
+    kept_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train --keep-last 3` keeps the last three saves; `average` of them writes a checkpoint holding the float64 mean of their weights (paper §6.1 averaging) that `generate` decodes with."""
+    kept = sorted((kept_run / "checkpoints").iterdir())
+    assert [p.name for p in kept] == ["step-00000006", "step-00000009", "step-00000012"]
+    out = tmp_path / "averaged"
+    assert main(["average", *map(str, kept), "--out", str(out)]) == 0
+    assert f"averaged 3 checkpoints into {out}" in capsys.readouterr().out
+    averaged, meta = load_checkpoint(out)
+    models = [load_checkpoint(p)[0].state_dict() for p in kept]
+    for name, tensor in averaged.state_dict().items():
+        expected = (sum(m[name].double() for m in models) / 3).to(tensor.dtype)
+        assert torch.equal(tensor, expected), name
+    assert meta["averaged_from"] == [str(p) for p in kept]
+    assert main(["generate", "--checkpoint", str(out), "abc", "ab"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2  # one output line per input
+
+
+@spec(kind="error")
+def test_average_refuses_an_existing_out_unless_forced_and_another_architecture(
+    kept_run: Path, trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`average --out DIR` with DIR present exits 1 naming --force, and `--force` replaces it; a checkpoint of another architecture exits 1 naming it."""
+    kept = [str(p) for p in sorted((kept_run / "checkpoints").iterdir())]
+    out = tmp_path / "taken"
+    out.mkdir()
+    assert main(["average", *kept, "--out", str(out)]) == 1
+    line = _one_line_error(capsys)
+    assert f"--out {out} already exists" in line and "--force" in line
+    assert main(["average", *kept, "--out", str(out), "--force"]) == 0
+    load_checkpoint(out)
+    capsys.readouterr()
+    other = tmp_path / "other"
+    argv = ["train", *TINY_RUN, "--steps", "1", "--ff", "32", "--out", str(other)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["average", kept[0], str(other), "--out", str(tmp_path / "mixed")]) == 1
+    line = _one_line_error(capsys)
+    assert "architecture mismatch" in line and str(other / "checkpoint") in line
+    assert not (tmp_path / "mixed").exists()
+
+
+@spec(kind="shape")
+def test_train_accumulates_and_batches_by_tokens_when_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train --accumulate 2 --batch-tokens 60` runs, stores both settings, and a `--resume` keeps them."""
+    out = tmp_path / "run"
+    argv = ["train", *TINY_RUN, "--steps", "3", "--log-every", "1", "--out", str(out)]
+    assert main([*argv, "--accumulate", "2", "--batch-tokens", "60"]) == 0
+    _, meta = load_checkpoint(out / "checkpoint")
+    saved = meta["training"]["config"]
+    assert (saved["accumulate"], saved["batch_tokens"]) == (2, 60)
+    assert main(["train", "--resume", "--out", str(out), "--steps", "4", "--no-progress"]) == 0
+    _, meta = load_checkpoint(out / "checkpoint")
+    assert meta["training"]["step"] == 4
+    assert meta["training"]["config"]["accumulate"] == 2
 
 
 # --------------------------------------------------------------------------- threads

@@ -445,6 +445,50 @@ def test_batcher_is_an_endless_iterator_of_its_stream() -> None:
     assert looped.state_dict() == stepped.state_dict() == {"epoch": 2, "position": 3}
 
 
+def _token_examples() -> list[tuple[list[int], list[int]]]:
+    """300 pairs of 1..40 tokens a side, plus two pairs longer than 120 tokens on one side."""
+    return [*_examples(300, seed=7), ([5] * 150, [6] * 3), ([7] * 2, [8] * 130)]
+
+
+@spec(kind="property")
+def test_token_batches_hold_at_most_n_padded_source_and_target_tokens() -> None:
+    """With batch_tokens=N every batch's padded source and target tensors hold at most N tokens each (§5.1 batches of ~25000 source and target tokens), but a single pair longer than N, which gets a batch alone; each epoch still serves every pair once."""
+    examples, limit = _token_examples(), 120
+    batcher = BucketBatcher(
+        examples, 1, pad_id=PAD, bos_id=BOS, eos_id=EOS, seed=5, pool_batches=3, batch_tokens=limit
+    )
+    for epoch in range(2):
+        order = batcher.epoch_order(epoch)
+        assert sorted(i for b in order for i in b) == list(range(len(examples)))
+    over_long = 0
+    for _ in range(2 * len(batcher.epoch_order(0))):
+        batch = next(batcher)
+        assert batch.tgt_in.shape == batch.tgt_out.shape
+        if batch.src.numel() > limit or batch.tgt_out.numel() > limit:
+            assert batch.src.size(0) == 1, tuple(batch.src.shape)
+            over_long += 1
+    assert over_long == 2 * 2  # the two over-long pairs, in each of two epochs
+
+
+@spec(kind="property")
+def test_token_batches_group_similar_lengths_and_vary_in_row_count() -> None:
+    """Token batches are cut from length-sorted pools (§5.1 "batched together by approximate sequence length"): they pad far less than random batches of the same sizes, and short pairs fill more rows than long ones."""
+    examples = _examples(500, seed=2)
+    batcher = BucketBatcher(
+        examples, 1, pad_id=PAD, bos_id=BOS, eos_id=EOS, seed=0, batch_tokens=200
+    )
+    order = batcher.epoch_order(0)
+    indices = list(range(500))
+    random.Random(0).shuffle(indices)
+    unbucketed, start = [], 0
+    for batch in order:
+        unbucketed.append(indices[start : start + len(batch)])
+        start += len(batch)
+    assert _pads(order, examples) < _pads(unbucketed, examples) / 4
+    longest = {len(b): max(len(examples[i][1]) for i in b) for b in order}
+    assert max(longest[max(longest)], 1) < longest[min(longest)]
+
+
 @spec(kind="error")
 @pytest.mark.parametrize(
     ("build", "match"),
@@ -470,11 +514,24 @@ def test_batcher_is_an_endless_iterator_of_its_stream() -> None:
             ).load_state_dict({"epoch": 0, "position": -1}),
             r"invalid state \{'epoch': 0, 'position': -1\}",
         ),
+        (
+            lambda: BucketBatcher(
+                _examples(3, 0), 2, pad_id=PAD, bos_id=BOS, eos_id=EOS, batch_tokens=0
+            ),
+            "batch_tokens must be at least 1 or None, got 0",
+        ),
     ],
-    ids=["pad-nothing", "no-examples", "batch-size-0", "pool-0", "negative-position"],
+    ids=[
+        "pad-nothing",
+        "no-examples",
+        "batch-size-0",
+        "pool-0",
+        "negative-position",
+        "batch-tokens-0",
+    ],
 )
 def test_batching_rejects_empty_input_and_sizes_below_one(build: object, match: str) -> None:
-    """Padding no sequences, a batcher without examples, a batch or pool size below 1 and a negative stream position raise ValueError saying which."""
+    """Padding no sequences, a batcher without examples, a batch, pool or token size below 1 and a negative stream position raise ValueError saying which."""
     with pytest.raises(ValueError, match=match):
         build()  # type: ignore[operator]
 

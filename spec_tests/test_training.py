@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from transformer.checkpoint import load_checkpoint, save_checkpoint
+from transformer.averaging import average_checkpoints
+from transformer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from transformer.cli import main
 from transformer.data import make_batch, make_task, pad_sequences
 from transformer.generate import beam_search
@@ -38,6 +39,7 @@ from transformer.model import ModelConfig, Seq2SeqTransformer
 from transformer.precision import make_grad_scaler, optimizer_step
 from transformer.testing import assert_close
 from transformer.tokenizer import Tokenizer
+from transformer.train_loop import STEP_CHECKPOINTS_DIR, step_checkpoints
 from transformer.training import (
     TrainConfig,
     build_model,
@@ -238,6 +240,9 @@ def test_sequence_loss_rejects_a_token_count_below_one(num_tokens: int) -> None:
         ("clip_norm", -1.0, "clip_norm must be positive or None"),
         ("max_seconds", 0, "max_seconds must be positive or None"),
         ("autocast", "fp8", r"autocast must be one of \['bf16', 'fp16'\] or None, got 'fp8'"),
+        ("keep_last", -1, "keep_last must be a non-negative integer, got -1"),
+        ("accumulate", 0, "accumulate must be a positive integer"),
+        ("batch_tokens", 0, "batch_tokens must be a positive integer or None, got 0"),
     ],
 )
 def test_train_config_rejects_bad_values(field: str, value: object, message: str) -> None:
@@ -1005,3 +1010,133 @@ def test_loss_plot_is_titled_with_the_task_and_the_run(
     assert (tmp_path / "myrun" / "loss.png").exists()
     title = plot_title(tmp_path / "myrun" / "loss.png", task="copy")
     assert "copy" in title and "myrun" in title
+
+
+# --------------------------------------------------------------------------- checkpoint averaging
+
+
+def _saved_tiny_model(path: Path, seed: int, **overrides: object) -> Seq2SeqTransformer:
+    """A freshly initialised tiny model of seed ``seed``, saved at ``path``."""
+    tokenizer, _, _ = _copy_data()
+    model = build_model(_tiny_config(tokenizer.vocab_size, **overrides), seed)
+    save_checkpoint(path, model, tokenizer=tokenizer.to_str())
+    return model
+
+
+@spec(section="extra", kind="equivalence")
+def test_averaging_copies_of_one_checkpoint_returns_it_bit_for_bit(tmp_path: Path) -> None:
+    """The mean of N copies of one checkpoint, taken in float64 and cast back, is that checkpoint exactly (§6.1 averaging)."""
+    model = _saved_tiny_model(tmp_path / "a", seed=3)
+    averaged = average_checkpoints([tmp_path / "a"] * 5, tmp_path / "mean")
+    reloaded, meta = load_checkpoint(tmp_path / "mean")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(averaged.state_dict()[name], tensor), name
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    assert meta["averaged_from"] == [str(tmp_path / "a")] * 5
+    assert "training" not in meta
+
+
+@spec(section="extra", kind="equivalence")
+def test_averaging_two_checkpoints_gives_the_elementwise_mean_of_their_weights(
+    tmp_path: Path,
+) -> None:
+    """Every parameter and float buffer of the averaged checkpoint is (a + b) / 2 of the two inputs (§6.1 averaging)."""
+    a = _saved_tiny_model(tmp_path / "a", seed=1)
+    b = _saved_tiny_model(tmp_path / "b", seed=2)
+    average_checkpoints([tmp_path / "a", tmp_path / "b"], tmp_path / "mean")
+    reloaded, _ = load_checkpoint(tmp_path / "mean")
+    differ = 0
+    for name, tensor in reloaded.state_dict().items():
+        wa, wb = a.state_dict()[name], b.state_dict()[name]
+        expected = ((wa.double() + wb.double()) / 2).to(wa.dtype)
+        assert torch.equal(tensor, expected), name
+        differ += int(not torch.equal(wa, wb))
+    assert differ > 0  # the two seeds really gave two models
+
+
+@spec(section="extra", kind="error")
+def test_averaging_checkpoints_of_another_architecture_is_refused_naming_the_first_mismatch(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint whose architecture differs from the first one's raises CheckpointError naming it and the field (§6.1 averaging)."""
+    _saved_tiny_model(tmp_path / "a", seed=1)
+    _saved_tiny_model(tmp_path / "b", seed=2)
+    _saved_tiny_model(tmp_path / "wide", seed=3, dim_feedforward=32)
+    _saved_tiny_model(tmp_path / "deep", seed=4, num_decoder_layers=2)
+    paths = [tmp_path / n for n in ("a", "b", "wide", "deep")]
+    with pytest.raises(CheckpointError, match=r"architecture mismatch: \S*wide holds .*dim_feed"):
+        average_checkpoints(paths, tmp_path / "mean")
+    assert not (tmp_path / "mean").exists()
+
+
+@spec(section="extra", kind="error")
+def test_averaging_refuses_an_existing_output_unless_forced_and_an_empty_list(
+    tmp_path: Path,
+) -> None:
+    """An existing output raises FileExistsError unless force=True; no inputs raise ValueError."""
+    _saved_tiny_model(tmp_path / "a", seed=1)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        average_checkpoints([tmp_path / "a"], tmp_path / "taken")
+    average_checkpoints([tmp_path / "a"], tmp_path / "taken", force=True)
+    load_checkpoint(tmp_path / "taken")
+    with pytest.raises(ValueError, match="got no checkpoints"):
+        average_checkpoints([], tmp_path / "none")
+
+
+@spec(section="extra", kind="shape")
+def test_keep_last_keeps_the_newest_step_checkpoints_beside_the_checkpoint(tmp_path: Path) -> None:
+    """keep_last=2 with a save every 3 steps of 12 leaves DIR/checkpoints/step-00000009 and step-00000012, each loadable (§6.1 averaging)."""
+    model, _ = _run(tmp_path, 12, checkpoint_every=3, keep_last=2)
+    kept = step_checkpoints(tmp_path)
+    assert [p.name for p in kept] == ["step-00000009", "step-00000012"]
+    assert [p.parent for p in kept] == [tmp_path / STEP_CHECKPOINTS_DIR] * 2
+    last, meta = load_checkpoint(kept[-1])
+    assert meta["training"]["step"] == 12
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(last.state_dict()[name], tensor), name
+    _run(tmp_path / "none", 3)
+    assert step_checkpoints(tmp_path / "none") == []
+
+
+# --------------------------------------------------------------------------- accumulation
+
+
+def _one_step_state(
+    out: Path, *, batch_size: int, accumulate: int
+) -> tuple[dict[str, object], torch.optim.Optimizer]:
+    """One step on the first 12 copy pairs with dropout 0: (its metrics record, its optimizer)."""
+    tokenizer, train_pairs, _ = _copy_data()
+    model = build_model(_tiny_config(tokenizer.vocab_size, dropout=0.0), 0)
+    config = TrainConfig(
+        steps=1,
+        batch_size=batch_size,
+        accumulate=accumulate,
+        warmup=5,
+        log_every=1,
+        clip_norm=None,
+    )
+    result = train(model, tokenizer, train_pairs[:12], out, config, progress=False)
+    reloaded = build_model(_tiny_config(tokenizer.vocab_size, dropout=0.0), 0)
+    optimizer = make_optimizer(reloaded)
+    load_checkpoint(out / "checkpoint", reloaded, optimizer)
+    return result.history[-1], optimizer
+
+
+@spec(section="5.3", kind="equivalence")
+def test_accumulating_k_batches_of_b_takes_the_step_of_one_batch_of_k_times_b(
+    tmp_path: Path,
+) -> None:
+    """With dropout 0, accumulate=3 over batches of 4 pairs gives the loss and Adam moments (so the §5.3 step) of one batch of all 12."""
+    big_record, big = _one_step_state(tmp_path / "big", batch_size=12, accumulate=1)
+    acc_record, acc = _one_step_state(tmp_path / "acc", batch_size=4, accumulate=3)
+    assert acc_record["loss"] == pytest.approx(big_record["loss"], rel=1e-6)
+    assert acc_record["nll"] == pytest.approx(big_record["nll"], rel=1e-6)
+    big_state, acc_state = big.state_dict()["state"], acc.state_dict()["state"]
+    assert big_state.keys() == acc_state.keys()
+    for index in big_state:
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert_close(
+                acc_state[index][moment], big_state[index][moment], msg=f"{index} {moment}"
+            )
+        assert float(acc_state[index]["step"]) == 1.0

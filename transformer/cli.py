@@ -1,4 +1,4 @@
-"""The ``transformer`` command: train, generate, evaluate, bench, demo.
+"""The ``transformer`` command: train, average, generate, evaluate, bench, demo.
 
 Every subcommand is a thin layer over the library (:mod:`transformer.data`,
 :mod:`transformer.tokenizer`, :mod:`transformer.training`); nothing below this module
@@ -50,6 +50,9 @@ DEFAULT_TRAIN: dict[str, Any] = {
     "log_every": 10,
     "checkpoint_every": 500,
     "autocast": None,
+    "keep_last": 0,
+    "accumulate": 1,
+    "batch_tokens": None,
 }
 DEFAULT_VOCAB = 1000
 TINY_SET = 32
@@ -304,7 +307,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 # The files of a run directory, as ``train`` writes them.
-_RUN_FILES = ("checkpoint", "checkpoint.old", "metrics.jsonl", "loss.png")
+_RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoints", "metrics.jsonl", "loss.png")
 
 
 def _check_heads_divide_d_model(args: argparse.Namespace) -> None:
@@ -399,6 +402,9 @@ _TRAIN_SETTINGS = (
     "log_every",
     "checkpoint_every",
     "autocast",
+    "keep_last",
+    "accumulate",
+    "batch_tokens",
 )
 
 
@@ -430,6 +436,21 @@ def _check_same_architecture(config: Any, args: argparse.Namespace) -> None:
 
 def _n_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- average
+
+
+def _cmd_average(args: argparse.Namespace) -> int:
+    from transformer.averaging import average_checkpoints
+
+    out = _check_out_dir(args.out)
+    if out.exists() and not args.force:
+        raise CLIError(f"--out {out} already exists: replace it with --force")
+    paths = [_resolve_checkpoint(path) for path in args.checkpoints]
+    average_checkpoints(paths, out, force=args.force)
+    print(f"averaged {len(paths)} checkpoints into {out}")
+    return 0
 
 
 # --------------------------------------------------------------------------- generate
@@ -700,7 +721,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 _CHECKPOINT_HELP = "run directory of 'transformer train', or its checkpoint/ directory"
 _MAX_LEN_HELP = "longest output in tokens (default: the longest training target + 8)"
 
-_COMMANDS = "train, generate, evaluate, bench, spec, conform, demo"
+_COMMANDS = "train, average, generate, evaluate, bench, spec, conform, demo"
 
 
 def _tasks_table() -> str:
@@ -798,6 +819,32 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="under torchrun each process takes the GPU of its LOCAL_RANK",
     )
+    p.add_argument(
+        "--keep-last",
+        type=_non_negative_int,
+        metavar="N",
+        help=_default(
+            "keep_last",
+            "also keep the last N saves as DIR/checkpoints/step-XXXXXXXX/ for "
+            "'transformer average' (§6.1); 0 keeps none",
+        ),
+    )
+    p.add_argument(
+        "--accumulate",
+        type=_positive_int,
+        metavar="K",
+        help=_default("accumulate", "sum the gradients of K batches per optimizer step"),
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=_positive_int,
+        metavar="N",
+        help=_default(
+            "batch_tokens",
+            "batch by padded source and target token count, at most N each (§5.1), "
+            "instead of --batch-size pairs",
+        ),
+    )
     p.add_argument("--log-every", type=_positive_int, help=_default("log_every", "steps"))
     p.add_argument(
         "--checkpoint-every", type=_positive_int, help=_default("checkpoint_every", "steps")
@@ -839,6 +886,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-fraction", type=_fraction, default=0.1, help="for --data")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "average",
+        help="average the weights of checkpoints of one architecture (paper §6.1)",
+        description="Write to --out a checkpoint whose parameters and float buffers are the "
+        "element-wise mean (in float64) of the given checkpoints', as the paper's base models "
+        "average their last 5 checkpoints (§6.1). `train --keep-last N` keeps them in "
+        "DIR/checkpoints/.",
+    )
+    p.add_argument(
+        "checkpoints", nargs="+", metavar="CHECKPOINT_DIR", help="checkpoints (or run dirs)"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_cmd_average)
 
     p = sub.add_parser(
         "generate",

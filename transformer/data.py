@@ -483,7 +483,10 @@ class BucketBatcher:
 
     Each epoch: shuffle the examples, cut them into pools of ``pool_batches`` batches,
     sort each pool by length and cut it into batches (so a batch holds examples of
-    similar length and little padding), then shuffle the batch order. The order of
+    similar length and little padding), then shuffle the batch order. A batch holds
+    ``batch_size`` pairs or, with ``batch_tokens``, as many as keep its padded source
+    and target tensors at most ``batch_tokens`` tokens each (the paper's batches hold
+    about 25000 source and 25000 target tokens, §5.1). The order of
     epoch ``e`` depends only on ``(seed, e)``, so the stream is reproducible and its
     position ``(epoch, position)`` is all a resumed run needs (see ``state_dict``).
     """
@@ -498,6 +501,7 @@ class BucketBatcher:
         eos_id: int,
         seed: int = 0,
         pool_batches: int = 50,
+        batch_tokens: int | None = None,
     ) -> None:
         if not examples:
             raise ValueError("BucketBatcher: got no examples")
@@ -505,8 +509,13 @@ class BucketBatcher:
             raise ValueError(f"BucketBatcher: batch_size must be at least 1, got {batch_size}")
         if pool_batches < 1:
             raise ValueError(f"BucketBatcher: pool_batches must be at least 1, got {pool_batches}")
+        if batch_tokens is not None and batch_tokens < 1:
+            raise ValueError(
+                f"BucketBatcher: batch_tokens must be at least 1 or None, got {batch_tokens}"
+            )
         self.examples = [(list(s), list(t)) for s, t in examples]
         self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.seed = seed
         self.pool_batches = pool_batches
@@ -520,15 +529,51 @@ class BucketBatcher:
         rng = random.Random(f"bucket-batcher:{self.seed}:{epoch}")
         indices = list(range(len(self.examples)))
         rng.shuffle(indices)
-        pool = self.batch_size * self.pool_batches
+        pool = self._pairs_per_batch() * self.pool_batches
         batches: list[list[int]] = []
         for start in range(0, len(indices), pool):
             # Stable sort: equal lengths keep their shuffled order, so ties stay random.
             chunk = sorted(indices[start : start + pool], key=self._length)
-            batches += [
-                chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)
-            ]
+            if self.batch_tokens is None:
+                batches += [
+                    chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)
+                ]
+            else:
+                batches += self._cut_by_tokens(chunk, self.batch_tokens)
         rng.shuffle(batches)
+        return batches
+
+    def _pairs_per_batch(self) -> int:
+        """Pairs in a typical batch: ``batch_size``, or what ``batch_tokens`` holds on average."""
+        if self.batch_tokens is None:
+            return self.batch_size
+        longest = sum(max(self._padded(i)) for i in range(len(self.examples)))
+        return max(1, self.batch_tokens * len(self.examples) // max(longest, 1))
+
+    def _padded(self, index: int) -> tuple[int, int]:
+        """Tokens of example ``index`` in a batch: source, and target with its <bos>/<eos>."""
+        src, tgt = self.examples[index]
+        return (len(src), len(tgt) + 1)
+
+    def _cut_by_tokens(self, chunk: list[int], limit: int) -> list[list[int]]:
+        """Cut length-sorted ``chunk`` into runs whose padded source and target tensors
+        (rows times longest row) each hold at most ``limit`` tokens (§5.1); a pair longer
+        than ``limit`` on its own gets a batch alone.
+        """
+        batches: list[list[int]] = []
+        current: list[int] = []
+        longest_src = longest_tgt = 0
+        for index in chunk:
+            src_len, tgt_len = self._padded(index)
+            rows = len(current) + 1
+            src_max, tgt_max = max(longest_src, src_len), max(longest_tgt, tgt_len)
+            if current and (rows * src_max > limit or rows * tgt_max > limit):
+                batches.append(current)
+                current, src_max, tgt_max = [], src_len, tgt_len
+            current.append(index)
+            longest_src, longest_tgt = src_max, tgt_max
+        if current:
+            batches.append(current)
         return batches
 
     def _length(self, index: int) -> tuple[int, int]:

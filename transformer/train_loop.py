@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -65,6 +66,7 @@ __all__ = [
     "TrainResult",
     "restore_rng_state",
     "rng_state",
+    "step_checkpoints",
     "train",
 ]
 
@@ -77,7 +79,12 @@ _TRAJECTORY_FIELDS = (
     "clip_norm",
     "seed",
     "autocast",
+    "accumulate",
+    "batch_tokens",
 )
+
+#: Where ``keep_last`` keeps the step checkpoints, beside ``DIR/checkpoint``.
+STEP_CHECKPOINTS_DIR = "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -107,9 +114,25 @@ class TrainConfig:
     #: Mixed precision: run forward and loss under ``torch.autocast`` with this dtype
     #: ("bf16", also on CPU; or "fp16", with a ``GradScaler``); ``None`` trains in float32.
     autocast: str | None = None
+    #: Also keep the checkpoints of the last this many saves as
+    #: DIR/checkpoints/step-XXXXXXXX/, to average them (§6.1); 0 keeps none.
+    keep_last: int = 0
+    #: Sum the gradients of this many batches before one optimizer step, each loss
+    #: divided by the token count of all of them: the step of one batch this many times larger.
+    accumulate: int = 1
+    #: Build batches by padded token count (§5.1: ~25000 source and target tokens per
+    #: batch) instead of ``batch_size`` sentences; ``None`` counts sentences.
+    batch_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "warmup", "log_every", "checkpoint_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "warmup",
+            "log_every",
+            "checkpoint_every",
+            "accumulate",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
@@ -127,6 +150,16 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.autocast must be one of {sorted(AUTOCAST_DTYPES)} or None, "
                 f"got {self.autocast!r}"
+            )
+        keep = self.keep_last
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise ValueError(f"TrainConfig.keep_last must be a non-negative integer, got {keep!r}")
+        tokens = self.batch_tokens
+        if tokens is not None and (
+            isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1
+        ):
+            raise ValueError(
+                f"TrainConfig.batch_tokens must be a positive integer or None, got {tokens!r}"
             )
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ValueError(
@@ -236,10 +269,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     """A resumed run must keep every setting that changes its trajectory."""
     ours = dataclasses.asdict(config)
+    # A checkpoint written before a field existed trained with that field's default.
+    defaults = dataclasses.asdict(TrainConfig())
     changed = [
-        f"{k}: {saved.get(k)!r} -> {ours[k]!r}"
+        f"{k}: {saved.get(k, defaults[k])!r} -> {ours[k]!r}"
         for k in _TRAJECTORY_FIELDS
-        if saved.get(k) != ours[k]
+        if saved.get(k, defaults[k]) != ours[k]
     ]
     if changed:
         raise ValueError(
@@ -247,6 +282,22 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
             + "; ".join(changed)
             + ")"
         )
+
+
+def step_checkpoints(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """The step checkpoints ``keep_last`` kept in ``out_dir``, oldest first."""
+    directory = Path(out_dir) / STEP_CHECKPOINTS_DIR
+    if not directory.is_dir():
+        return []
+    kept = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step-")]
+    return sorted(kept, key=lambda p: p.name)
+
+
+def _prune_step_checkpoints(directory: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints (and leftovers of interrupted saves)."""
+    kept = step_checkpoints(directory.parent)
+    for old in kept[: max(len(kept) - keep, 0)]:
+        shutil.rmtree(old)
 
 
 def _new_window() -> dict[str, Any]:
@@ -266,6 +317,7 @@ def _forward_backward(
     pad_id: int,
     device: torch.device,
     scaler: torch.amp.GradScaler,
+    step_tokens: int | None = None,
 ) -> Tensor:
     """Forward and backward of this rank's share of ``batch``; its losses, (2,) float64.
 
@@ -274,12 +326,18 @@ def _forward_backward(
     the batch mean, and backpropagates ``world_size`` times that, since DDP averages
     the ranks' gradients. A rank that a small last batch leaves no row still runs
     rank 0's rows with weight 0: DDP's all-reduce needs every rank's backward.
+    ``step_tokens``, when one step accumulates several batches, is the token count of
+    all of them: each batch's summed loss is divided by it, so the gradients add up to
+    those of the mean loss of one batch holding them all.
     """
     world_size = world()[1]
     part = shard if shard is not None else shard_batch(batch, 0, world_size, pad_id=pad_id)
     assert part is not None  # rank 0 always has a row
     src, tgt_in, tgt_out = part.src.to(device), part.tgt_in.to(device), part.tgt_out.to(device)
-    divisor = batch.n_tokens if world_size > 1 else None
+    if step_tokens is not None:
+        divisor: int | None = step_tokens
+    else:
+        divisor = batch.n_tokens if world_size > 1 else None
     with autocast(device, config.autocast):
         logits = net(src, tgt_in)  # (B', T', V)
         loss = sequence_loss(
@@ -320,7 +378,12 @@ def train(
     fp16), ``tokens_per_s``, ``elapsed``), ``out_dir/loss.png`` and
     ``out_dir/checkpoint/`` every ``checkpoint_every`` steps and at the end; ``meta``
     is stored in the checkpoint beside the tokenizer and the training state. A skipped
-    step consumes its batch but not a step of the §5.3 schedule.
+    step consumes its batch but not a step of the §5.3 schedule. With ``keep_last`` N
+    each save is also written to ``out_dir/checkpoints/step-XXXXXXXX/`` and only the
+    newest N of those stay (:func:`step_checkpoints` lists them; average them with
+    :func:`~transformer.averaging.average_checkpoints`, §6.1). With ``accumulate`` K a
+    step sums the gradients of K batches, each loss divided by the token count of all K,
+    and logs their summed loss: the step and loss of one batch holding the K.
 
     With ``resume=True`` the model, optimizer, schedule, gradient scaler, RNG states and
     data position are restored from ``out_dir/checkpoint`` and the run goes on to
@@ -357,6 +420,7 @@ def train(
         bos_id=tokenizer.bos_id,
         eos_id=tokenizer.eos_id,
         seed=config.seed,
+        batch_tokens=config.batch_tokens,
     )
     optimizer = make_optimizer(model)
     scheduler = make_scheduler(optimizer, model_config.d_model, config.warmup, config.lr_scale)
@@ -435,6 +499,16 @@ def train(
             save_checkpoint(
                 ckpt_dir, model, optimizer, scheduler, training=training_state, **run_meta
             )
+            if config.keep_last:
+                save_checkpoint(
+                    out / STEP_CHECKPOINTS_DIR / f"step-{step:08d}",
+                    model,
+                    optimizer,
+                    scheduler,
+                    training=training_state,
+                    **run_meta,
+                )
+                _prune_step_checkpoints(out / STEP_CHECKPOINTS_DIR, config.keep_last)
         barrier(device)
 
     def flush(lr: float) -> dict[str, Any]:
@@ -468,15 +542,29 @@ def train(
     try:
         with _stop_requests() as signals:
             while step < config.steps:
-                batch = next(batcher)
-                shard = (
-                    shard_batch(batch, rank, world_size, pad_id=pad_id) if world_size > 1 else batch
-                )
+                batches = [next(batcher) for _ in range(config.accumulate)]
+                step_tokens = sum(b.n_tokens for b in batches)
                 optimizer.zero_grad(set_to_none=True)
-                losses = _forward_backward(
-                    net, batch, shard, config=config, pad_id=pad_id, device=device, scaler=scaler
-                )
-                losses = sum_over_ranks(losses).cpu()
+                summed: Tensor | None = None
+                for batch in batches:
+                    shard = (
+                        shard_batch(batch, rank, world_size, pad_id=pad_id)
+                        if world_size > 1
+                        else batch
+                    )
+                    part = _forward_backward(
+                        net,
+                        batch,
+                        shard,
+                        config=config,
+                        pad_id=pad_id,
+                        device=device,
+                        scaler=scaler,
+                        step_tokens=step_tokens if len(batches) > 1 else None,
+                    )
+                    summed = part if summed is None else summed + part
+                assert summed is not None  # accumulate >= 1
+                losses = sum_over_ranks(summed).cpu()
                 if not torch.isfinite(losses).all():
                     raise FloatingPointError(
                         f"train: the loss is {losses[0].item()} at step {step + 1}; lower "
@@ -491,7 +579,7 @@ def train(
                 window["loss"] += losses[0].item()
                 window["nll"] += losses[1].item()
                 window["steps"] += 1
-                window["tokens"] += batch.n_tokens
+                window["tokens"] += step_tokens
 
                 # A time limit or a signal stops every rank after the same step.
                 stop = any_rank(
