@@ -46,7 +46,8 @@ class KernelUnderTest:
 
     ``not_promised`` maps a property the kernel does not claim to the reason; its items
     are strict xfails, so they fail the run the day the kernel starts to pass them.
-    ``memory_length`` overrides L = S of the memory cases (see ``Settings``).
+    ``memory_length`` overrides L = S of the memory cases (see ``Settings``), ``dtypes``
+    the run's dtypes (short names, as ``--conformance-dtypes``).
     """
 
     name: str
@@ -55,6 +56,7 @@ class KernelUnderTest:
     marks: tuple[Any, ...] = ()
     not_promised: tuple[tuple[str, str], ...] = ()
     memory_length: int | None = None
+    dtypes: tuple[str, ...] | None = None
 
 
 class ConformanceSuite:
@@ -137,7 +139,8 @@ class ConformanceCollector(pytest.Collector):
         names = config.getoption("--conformance-dtypes") or ["fp32", "bf16"]
         dtypes = tuple(DTYPES[n] for n in names)
         for target in self.suite.kernels_for(config):
-            settings = Settings(tier, dtypes, target.device)
+            chosen = dtypes if target.dtypes is None else tuple(DTYPES[n] for n in target.dtypes)
+            settings = Settings(tier, chosen, target.device)
             if target.memory_length is not None:
                 settings = dataclasses.replace(settings, memory_length=target.memory_length)
             for prop in selected():
