@@ -201,20 +201,21 @@ def _laid_out(
     device: str,
     is_kv: bool,
     grad: bool,
-) -> tuple[Tensor, Tensor]:
-    """``(base, view)``: the leaf that holds the numbers and the view the kernel receives."""
+) -> Tensor:
+    """The view the kernel receives, of a leaf that holds the numbers (gradients are taken
+    with respect to the view, which keeps its leaf alive)."""
     if layout == "transposed" and len(shape) == 4:
         b, h, n, e = shape
         base = _randn((b, n, h, e), seed, dtype, device).requires_grad_(grad)
-        return base, base.transpose(1, 2)  # (B, H, n, E), strided
+        return base.transpose(1, 2)  # (B, H, n, E), strided
     if layout == "sliced":
         base = _randn((*shape[:-1], 2 * shape[-1]), seed, dtype, device).requires_grad_(grad)
-        return base, base[..., ::2]  # last-dim stride 2
+        return base[..., ::2]  # last-dim stride 2
     if layout == "expanded" and is_kv and len(shape) >= 3:
         base = _randn((*shape[:-3], 1, *shape[-2:]), seed, dtype, device).requires_grad_(grad)
-        return base, base.expand(shape)  # stride 0 over heads
+        return base.expand(shape)  # stride 0 over heads
     base = _randn(shape, seed, dtype, device).requires_grad_(grad)
-    return base, base
+    return base
 
 
 def _bool_mask(shape: tuple[int, ...], seed: int, empty_rows: bool) -> Tensor:
@@ -232,9 +233,9 @@ def build_inputs(case: Case, device: str) -> Inputs:
     """The case's seeded tensors on ``device``; they require grad when the case checks gradients
     (a forward-only kernel can still take the forward cases)."""
     g = case.grads
-    _, q = _laid_out(case.q, case.layout, case.seed, case.dtype, device, False, g)
-    _, k = _laid_out(case.k, case.layout, case.seed + 1, case.dtype, device, True, g)
-    _, v = _laid_out(case.v, case.layout, case.seed + 2, case.dtype, device, True, g)
+    q = _laid_out(case.q, case.layout, case.seed, case.dtype, device, False, g)
+    k = _laid_out(case.k, case.layout, case.seed + 1, case.dtype, device, True, g)
+    v = _laid_out(case.v, case.layout, case.seed + 2, case.dtype, device, True, g)
     grads: list[tuple[str, Tensor]] = [("query", q), ("key", k), ("value", v)]
     mask: object = None
     reference: Tensor | MaskSpec | None = None

@@ -17,6 +17,7 @@ import importlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -168,4 +169,4 @@ def load_kernel(spec: str) -> Kernel:
         raise ValueError(f"kernel {spec!r} cannot be loaded: {err}") from err
     if not callable(obj):
         raise ValueError(f"kernel {spec!r} is a {type(obj).__name__}, not a function")
-    return obj  # type: ignore[return-value,unused-ignore]
+    return cast(Kernel, obj)
