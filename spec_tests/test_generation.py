@@ -422,25 +422,38 @@ def test_eos_that_is_the_padding_id_may_be_generated() -> None:
         assert drawn.tolist() == [[PAD]] * 2
 
 
-@spec(kind="error")
-def test_kv_cache_refuses_decoders_it_cannot_walk_and_points_to_use_cache_false() -> None:
-    """A decoder attention with add_bias_kv, or a decoder layer that is not our TransformerDecoderLayer, makes the KV cache raise (ValueError/TypeError) pointing to use_cache=False, which still decodes."""
+@spec(kind="equivalence")
+@pytest.mark.parametrize("extra", ["add_bias_kv", "add_zero_attn"])
+def test_cached_decoding_with_extra_keys_returns_the_tokens_of_full_redecoding(
+    extra: str,
+) -> None:
+    """Decoder attentions with ``add_bias_kv`` or ``add_zero_attn`` (torch's extra key appended after the real ones) decode with the KV cache to exactly the tokens of re-decoding the prefix: the extra key is appended at each call, not cached as a position."""
     from transformer import MultiheadAttention
 
     model = make_model(24)
-    src = sources(25, [4])
-    layer = model.transformer.decoder.layers[0]
-    layer.self_attn = MultiheadAttention(24, 3, add_bias_kv=True, batch_first=True).eval()
-    with pytest.raises(ValueError, match="use_cache=False"):
-        greedy_decode(model, src, 3, BOS, EOS, use_cache=True)
-    assert greedy_decode(model, src, 3, BOS, EOS, use_cache=False).shape[0] == 1
+    src = sources(25, [4, 7])
+    torch.manual_seed(24)
+    for layer in model.transformer.decoder.layers:
+        layer.self_attn = MultiheadAttention(24, 3, batch_first=True, **{extra: True}).eval()
+        layer.multihead_attn = MultiheadAttention(24, 3, batch_first=True, **{extra: True}).eval()
+    cached = greedy_decode(model, src, 9, BOS, EOS, use_cache=True)
+    full = greedy_decode(model, src, 9, BOS, EOS, use_cache=False)
+    assert torch.equal(cached, full), f"cached\n{cached}\nfull\n{full}"
 
+
+@spec(kind="error")
+def test_kv_cache_refuses_a_decoder_layer_that_is_not_ours_and_points_to_use_cache_false() -> None:
+    """A decoder layer that is not our ``TransformerDecoderLayer`` (torch's takes no cache) makes the KV cache raise TypeError pointing to ``use_cache=False``, which still decodes."""
     model = make_model(26)
+    src = sources(25, [4])
     model.transformer.decoder.layers[1] = torch.nn.TransformerDecoderLayer(
         24, 3, 40, 0.0, batch_first=True
     ).eval()
     with pytest.raises(TypeError, match="use_cache=False"):
         CachedDecoder(model, src)
+    with pytest.raises(TypeError, match="use_cache=False"):
+        greedy_decode(model, src, 3, BOS, EOS, use_cache=True)
+    assert greedy_decode(model, src, 3, BOS, EOS, use_cache=False).shape[0] == 1
 
 
 # --------------------------------------------------------------------------------------

@@ -252,10 +252,14 @@ def _params(fn: Callable[..., Any], drop: tuple[str, ...] = ()) -> list[tuple[st
 @spec(section="torch", kind="equivalence")
 @pytest.mark.parametrize("name", _CLASSES)
 def test_constructor_and_forward_signatures_equal_torchs(name: str) -> None:
-    """Constructor and forward take torch's argument names in torch's order with torch's defaults, the fast-path switches enable_nested_tensor and mask_check included (``inspect.signature`` of the installed torch)."""
+    """Constructor and forward take torch's argument names in torch's order with torch's defaults, the fast-path switches enable_nested_tensor and mask_check included (``inspect.signature`` of the installed torch); the decoder's ``forward`` adds only the keyword-only ``cache=None`` after them, so every call written for torch binds the same way."""
     ours, theirs = getattr(layers, name), getattr(nn, name)
     assert _params(ours.__init__) == _params(theirs.__init__)
-    assert _params(ours.forward) == _params(theirs.forward)
+    extra = [("cache", None)] if name.startswith("TransformerDecoder") else []
+    assert _params(ours.forward) == _params(theirs.forward) + extra
+    if extra:
+        cache = inspect.signature(ours.forward).parameters["cache"]
+        assert cache.kind is inspect.Parameter.KEYWORD_ONLY
     if name == "Transformer":
         assert _params(ours.generate_square_subsequent_mask) == _params(
             theirs.generate_square_subsequent_mask

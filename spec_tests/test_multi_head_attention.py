@@ -599,13 +599,18 @@ def test_bad_constructor_arguments_raise_with_message(
 
 @spec(section="torch", kind="equivalence")
 def test_constructor_and_forward_signatures_equal_torchs() -> None:
-    """``MultiheadAttention``'s constructor and ``forward`` take ``torch.nn.MultiheadAttention``'s argument names in its order with its defaults (``inspect.signature`` of the installed torch)."""
+    """``MultiheadAttention``'s constructor and ``forward`` take ``torch.nn.MultiheadAttention``'s argument names in its order with its defaults (``inspect.signature`` of the installed torch); ``forward`` adds only the keyword-only ``cache=None`` after them, so every call written for torch binds the same way."""
 
     def params(fn: object) -> list[tuple[str, object]]:
         return [(n, p.default) for n, p in inspect.signature(fn).parameters.items()]  # type: ignore[arg-type]
 
     assert params(MultiheadAttention.__init__) == params(torch.nn.MultiheadAttention.__init__)
-    assert params(MultiheadAttention.forward) == params(torch.nn.MultiheadAttention.forward)
+    assert params(MultiheadAttention.forward) == [
+        *params(torch.nn.MultiheadAttention.forward),
+        ("cache", None),
+    ]
+    cache = inspect.signature(MultiheadAttention.forward).parameters["cache"]
+    assert cache.kind is inspect.Parameter.KEYWORD_ONLY
 
 
 @spec(section="torch", kind="error")
@@ -739,3 +744,19 @@ def test_module_masks_convert_to_the_sdpa_convention() -> None:
     assert converted is not None and converted.dtype == torch.float16
     assert torch.equal(converted, additive.half())
     assert module_mask_to_sdpa(None, torch.float32) is None
+
+
+@spec(section="torch", kind="masking")
+@pytest.mark.parametrize("extra", ["add_bias_kv", "add_zero_attn"])
+def test_causal_hint_with_an_appended_key_gives_the_result_of_its_mask(extra: str) -> None:
+    """With ``add_bias_kv``/``add_zero_attn``, ``is_causal=True`` is only a hint (torch's docs): the output equals that of the same causal ``attn_mask`` without the hint, in which every query sees the appended key; torch's hint path hides that key from every query (a listed divergence)."""
+    torch.manual_seed(0)
+    mha = MultiheadAttention(8, 2, batch_first=True, **{extra: True}).eval()
+    if extra == "add_bias_kv":
+        assert mha.bias_k is not None
+        nn.init.normal_(mha.bias_k, std=2.0)  # torch starts it at zero-mean normal; be sure
+    x = torch.randn(2, 5, 8)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    hinted = mha(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0]
+    plain = mha(x, x, x, attn_mask=causal, need_weights=False)[0]
+    assert_close(hinted, plain)

@@ -857,10 +857,14 @@ def _free_port() -> int:
 
 
 @spec(section="extra", kind="equivalence")
+@pytest.mark.parametrize("accumulate", ["1", "2"], ids=["one-batch-steps", "accumulate-2"])
 def test_gloo_run_with_this_process_as_rank_0_takes_the_one_process_step(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    accumulate: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Two gloo processes, this one rank 0 (`transformer.cli.main` in-process) and a child rank 1, end on half batches with the weights and losses of one process on whole batches; only rank 0 prints.
+    """Two gloo processes, this one rank 0 (`transformer.cli.main` in-process) and a child rank 1, end on half batches with the weights and losses of one process on whole batches, also when each step accumulates 2 batches (DDP's no_sync on the first); only rank 0 prints.
 
     The in-process twin of the torchrun test above: the data-parallel code of `train`
     (DistributedDataParallel's initial broadcast and bucketed gradient all-reduce, the
@@ -868,16 +872,17 @@ def test_gloo_run_with_this_process_as_rank_0_takes_the_one_process_step(
     """
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available here")
-    assert main([*_CLI_RUN, *_DDP_SETTINGS, "--out", str(tmp_path / "one")]) == 0
+    settings = (*_DDP_SETTINGS, "--accumulate", accumulate)
+    assert main([*_CLI_RUN, *settings, "--out", str(tmp_path / "one")]) == 0
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
-    child = _cli_train(tmp_path / "two", *_DDP_SETTINGS, env={**rendezvous, "RANK": "1"})
+    child = _cli_train(tmp_path / "two", *settings, env={**rendezvous, "RANK": "1"})
     for name, value in {**rendezvous, "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(name, value)
     # A child that dies before joining fails the test in a minute, not torch's thirty.
     monkeypatch.setattr(dist.distributed_c10d, "default_pg_timeout", timedelta(seconds=60))
     capsys.readouterr()
     try:
-        status = main([*_CLI_RUN, *_DDP_SETTINGS, "--out", str(tmp_path / "two")])
+        status = main([*_CLI_RUN, *settings, "--out", str(tmp_path / "two")])
     finally:
         if dist.is_initialized():  # main destroys its group; this is for a failure inside
             dist.destroy_process_group()

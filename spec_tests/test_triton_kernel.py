@@ -163,11 +163,16 @@ def test_kernel_is_not_offered_when_triton_is_not_installed(
 
     assert "triton" in transformer.available_kernels(DEVICE)  # the patch below has power
     monkeypatch.setattr(triton_flash.importlib.util, "find_spec", no_triton)
-    assert "triton" not in transformer.available_kernels("cpu")
-    assert "triton" not in transformer.available_kernels("cuda")
-    q = torch.zeros(2, 5, 8, device=DEVICE)
-    with pytest.raises(ValueError, match=r"kernel 'triton' is not available on device"):
-        transformer.scaled_dot_product_attention(q, q, q, kernel="triton")
+    triton_flash._triton_installed.cache_clear()  # the answer is kept once per process
+    try:
+        assert "triton" not in transformer.available_kernels("cpu")
+        assert "triton" not in transformer.available_kernels("cuda")
+        q = torch.zeros(2, 5, 8, device=DEVICE)
+        with pytest.raises(ValueError, match=r"kernel 'triton' is not available on device"):
+            transformer.scaled_dot_product_attention(q, q, q, kernel="triton")
+    finally:
+        monkeypatch.undo()
+        triton_flash._triton_installed.cache_clear()
 
 
 @spec(section="extra", kind="error")

@@ -33,6 +33,8 @@ _LAZY = {
     "greedy_decode": "transformer.generate",
     "beam_search": "transformer.generate",
     "sample_decode": "transformer.generate",
+    "KVCache": "transformer.kv_cache",
+    "DecoderCache": "transformer.kv_cache",
 }
 
 __all__ = [

@@ -3,7 +3,8 @@
 Every search feeds the decoder its own previous outputs one token at a time. Each step
 either re-decodes the whole prefix through :meth:`Seq2SeqTransformer.decode`
 (``use_cache=False``, the executable spec) or runs only the newest position through the
-decoder layers, attending to cached keys and values (``use_cache=True``):
+same method and the same decoder layers, attending to cached keys and values
+(``use_cache=True``, with a :class:`~transformer.kv_cache.DecoderCache`):
 
 * self-attention: the keys/values of earlier positions never change (a position sees
   only positions ``<= t``, section 3.2.3), so each step appends one key/value per layer;
@@ -31,16 +32,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer._checks import check_bool, check_int, check_real
-from transformer.attention import reference_attention
-from transformer.feed_forward import position_wise
+from transformer.kv_cache import DecoderCache
 from transformer.layers import TransformerDecoderLayer
-from transformer.masks import merge_module_masks
 from transformer.model import Seq2SeqTransformer, check_token_ids
-from transformer.multi_head_attention import MultiheadAttention
 
 __all__ = [
     "CachedDecoder",
@@ -149,172 +146,46 @@ class FullDecoder:
         """Nothing is cached per prefix; rows only move within a batch element's beams."""
 
 
-def _heads(x: Tensor, nhead: int) -> Tensor:
-    """``(N, T, E) -> (N, H, T, D)``: split the features into the heads of section 3.2.2."""
-    N, T, E = x.shape
-    return x.view(N, T, nhead, E // nhead).transpose(1, 2)  # (N, H, T, D)
-
-
-def _merge_heads(x: Tensor) -> Tensor:
-    """``(N, H, T, D) -> (N, T, H * D)``: Concat(head_1, ..., head_h) of section 3.2.2."""
-    N, H, T, D = x.shape
-    return x.transpose(1, 2).reshape(N, T, H * D)  # (N, T, E)
-
-
-def _attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """Attention of one new query per row: ``(N, H, 1, D)`` over ``(N, H, T, D)`` keys.
-
-    A decoding step has one query row, so its score matrix is ``(N, H, 1, T)``: tiny.
-    The reference kernel (equation 1 written plainly) computes it directly; a tiling
-    kernel would spend more time arranging tiles than attending.
-    """
-    # Called directly, past the front door: the shapes are the decoder's own, valid by
-    # construction, and the checks would cost more than this tiny product.
-    return reference_attention(q, k, v, mask)  # (N, H, 1, D)
-
-
-def _in_projections(mha: MultiheadAttention) -> tuple[Tensor, Tensor | None]:
-    """The stacked ``(3E, E)`` ``W^Q, W^K, W^V`` and their ``(3E,)`` bias (or ``None``)."""
-    weight = mha.in_proj_weight
-    if weight is None or mha.bias_k is not None or mha.add_zero_attn:
-        raise ValueError(
-            "the KV cache needs attention with a packed in_proj_weight and neither "
-            "add_bias_kv nor add_zero_attn; decode with use_cache=False"
-        )
-    return weight, mha.in_proj_bias
-
-
 class CachedDecoder:
     """Step-by-step decoder with a KV cache: each step runs only the newest position.
 
-    Per decoder layer it keeps the self-attention keys/values of the positions decoded
-    so far (one more per step) and the cross-attention keys/values of the memory
-    (projected once). A step walks the submodules of each ``TransformerDecoderLayer`` in
-    the order of its ``forward`` (post-norm or ``norm_first``), with the masks of
-    :meth:`Seq2SeqTransformer.masks`; dropout is left out, as eval mode does. Calls to
-    ``step`` must pass the growing prefix, one token longer each time.
+    A step is :meth:`Seq2SeqTransformer.decode` of the prefix with a
+    :class:`~transformer.kv_cache.DecoderCache`: the same decoder layers, attention modules
+    and kernels as :class:`FullDecoder` runs, restricted to the newest query. Each layer's
+    cache keeps the self-attention keys/values of the positions decoded so far (one more
+    per step) and the cross-attention keys/values of the memory (projected on the first
+    step). Calls to ``step`` must pass the growing prefix, one token longer each time.
 
     Args:
-        model: the model to decode with (its attentions need a packed ``in_proj_weight``).
+        model: the model to decode with (its decoder layers must be this package's
+            :class:`~transformer.layers.TransformerDecoderLayer`).
         src: ``(N, S)`` source ids, one row per decoder row.
     """
 
     def __init__(self, model: Seq2SeqTransformer, src: Tensor) -> None:
-        self.model = model
-        self.src = src  # (N, S)
-        decoder = model.transformer.decoder
-        stack = decoder.layers
-        norm = decoder.norm
-        assert isinstance(stack, nn.ModuleList)
-        assert norm is None or isinstance(norm, nn.Module)
-        self.layers: list[TransformerDecoderLayer] = []
-        for layer in stack:
+        layers = model.transformer.decoder.layers
+        assert isinstance(layers, nn.ModuleList)
+        for layer in layers:
             if not isinstance(layer, TransformerDecoderLayer):
                 raise TypeError(
-                    f"the KV cache walks TransformerDecoderLayer submodules, got "
+                    f"the KV cache runs through transformer.TransformerDecoderLayer, got "
                     f"{type(layer).__name__}; decode with use_cache=False"
                 )
-            self.layers.append(layer)
-        self.norm = norm
-        self.nhead = model.config.nhead
-        memory = model.encode(src)  # (N, S, E)
-        masks = model.masks(src)
-        N, S, _ = memory.shape
-        # Every query of a step sees the same source keys: (N, 1, 1, S), SDPA convention.
-        self.cross_mask = merge_module_masks(
-            None, masks.src_key_padding, N, self.nhead, 1, S, memory.dtype
-        )
-        # Cross-attention keys/values depend on the memory only: project them once.
-        self.cross_kv: list[tuple[Tensor, Tensor]] = []
-        for layer in self.layers:
-            weight, bias = _in_projections(layer.multihead_attn)
-            _, w_k, w_v = weight.chunk(3)
-            b_k = b_v = None
-            if bias is not None:
-                _, b_k, b_v = bias.chunk(3)
-            k = _heads(F.linear(memory, w_k, b_k), self.nhead)  # (N, H, S, D)
-            v = _heads(F.linear(memory, w_v, b_v), self.nhead)  # (N, H, S, D)
-            self.cross_kv.append((k, v))
-        # Self-attention keys/values of positions 0..t-1: per layer a (2, N, H, capacity, D)
-        # buffer filled up to self.length. Capacity doubles when full, so appending a
-        # position costs O(1) amortised instead of torch.cat's O(t) copy every step.
-        self.self_kv: list[Tensor | None] = [None] * len(self.layers)
-        self.length = 0
-
-    def _self_attention(
-        self, i: int, mha: MultiheadAttention, x: Tensor, mask: Tensor | None
-    ) -> Tensor:
-        """Self-attention of the newest position ``x`` ``(N, 1, E)`` over the cached prefix."""
-        weight, bias = _in_projections(mha)
-        q, k, v = F.linear(x, weight, bias).chunk(3, dim=-1)  # 3 x (N, 1, E)
-        q, k, v = _heads(q, self.nhead), _heads(k, self.nhead), _heads(v, self.nhead)
-        t = self.length
-        buffer = self.self_kv[i]
-        if buffer is None or buffer.size(3) == t:
-            grown = k.new_empty((2, *k.shape[:2], max(16, 2 * t), k.size(3)))
-            if buffer is not None:
-                grown[:, :, :, :t] = buffer
-            self.self_kv[i] = buffer = grown  # (2, N, H, capacity, D)
-        buffer[0, :, :, t : t + 1] = k
-        buffer[1, :, :, t : t + 1] = v
-        out = _attend_one(q, buffer[0, :, :, : t + 1], buffer[1, :, :, : t + 1], mask)
-        result: Tensor = mha.out_proj(_merge_heads(out))  # (N, 1, E)
-        return result
-
-    def _cross_attention(self, i: int, mha: MultiheadAttention, x: Tensor) -> Tensor:
-        """Attention of the newest position ``x`` ``(N, 1, E)`` over the encoder memory."""
-        weight, bias = _in_projections(mha)
-        w_q = weight.chunk(3)[0]
-        b_q = None if bias is None else bias.chunk(3)[0]
-        q = _heads(F.linear(x, w_q, b_q), self.nhead)  # (N, H, 1, D)
-        k, v = self.cross_kv[i]
-        out = _attend_one(q, k, v, self.cross_mask)  # (N, H, 1, D)
-        result: Tensor = mha.out_proj(_merge_heads(out))  # (N, 1, E)
-        return result
+        self.model = model
+        self.src = src  # (N, S)
+        self.memory = model.encode(src)  # (N, S, E)
+        self.cache = DecoderCache.for_decoder(model.transformer.decoder)
 
     def step(self, prefix: Tensor) -> Tensor:
         """Logits ``(N, V)`` of the next token after ``prefix`` ``(N, t + 1)``.
 
         The cache must hold positions ``0..t-1`` of this same prefix.
         """
-        model = self.model
-        N, T = prefix.shape
-        # The newest position only, embedded as decode() embeds it at position T - 1.
-        x = model.embed(prefix[:, -1:], model.tgt_embedding, offset=T - 1)  # (N, 1, E)
-        # The newest query may see every earlier key (the last row of the causal mask of
-        # model.masks allows all T), so only the target padding remains: (N, 1, 1, T).
-        padding = model.key_padding(prefix)  # (N, T)
-        self_mask = merge_module_masks(None, padding, N, self.nhead, 1, T, x.dtype)
-        for i, layer in enumerate(self.layers):
-            if layer.norm_first:
-                x = x + self._self_attention(i, layer.self_attn, layer.norm1(x), self_mask)
-                x = x + self._cross_attention(i, layer.multihead_attn, layer.norm2(x))
-                x = x + self._feed_forward(layer, layer.norm3(x))
-            else:
-                x = layer.norm1(x + self._self_attention(i, layer.self_attn, x, self_mask))
-                x = layer.norm2(x + self._cross_attention(i, layer.multihead_attn, x))
-                x = layer.norm3(x + self._feed_forward(layer, x))
-        self.length += 1
-        if self.norm is not None:
-            x = self.norm(x)
-        logits: Tensor = model.output(x)[:, 0]  # (N, V)
-        return logits
-
-    @staticmethod
-    def _feed_forward(layer: TransformerDecoderLayer, x: Tensor) -> Tensor:
-        """The position-wise network of section 3.3 on ``x`` ``(N, 1, E)``."""
-        return position_wise(x, layer.linear1, layer.activation, layer.dropout, layer.linear2)
+        return self.model.decode(prefix, self.memory, self.src, cache=self.cache)[:, -1]
 
     def reorder(self, rows: Tensor) -> None:
-        """Keep the self-attention cache of decoder rows ``rows`` ``(N,)`` (beam search).
-
-        Rows move only among the beams of one batch element, which share the source, so
-        the cross-attention keys/values and the source masks stay as they are.
-        """
-        self.self_kv = [
-            None if kv is None else kv[:, :, :, : self.length].index_select(1, rows)
-            for kv in self.self_kv
-        ]
+        """Keep the caches of decoder rows ``rows`` ``(N,)`` (beam search's re-ranking)."""
+        self.cache.reorder(rows)
 
 
 def _decoder(

@@ -29,6 +29,13 @@ is deliberate, and code written for torch.nn runs unchanged unless it relies on 
   ``TypeError``: pass a padded tensor with a key padding mask.
 * **Empty rows give zeros.** A query with no key left to attend to (every key masked)
   gives zeros and zero gradients; torch gives NaN.
+* **The causal hint never changes the answer.** With ``add_bias_kv`` or
+  ``add_zero_attn``, ``is_causal=True`` gives the result of its ``attn_mask``, in which
+  every query sees the appended key; torch's hint path (no key padding mask) lets no
+  query see it, so there torch's output depends on whether the hint is given.
+* **Incremental decoding.** ``MultiheadAttention``, ``TransformerDecoderLayer`` and
+  ``TransformerDecoder`` take a keyword-only ``cache`` after torch's arguments
+  (:mod:`transformer.kv_cache`); without it they compute what torch computes.
 * **Errors instead of asserts.** Bad arguments raise ``TypeError`` (wrong type: a str
   dropout, a float head count, a non-bool flag) or ``ValueError`` (out of range, shapes
   that do not fit, ``is_causal=True`` without a mask) naming the argument and the value
@@ -57,6 +64,7 @@ from transformer._checks import (
     check_real,
 )
 from transformer.feed_forward import Activation, get_activation, position_wise
+from transformer.kv_cache import DecoderCache, DecoderLayerCache, KVCache
 from transformer.masks import square_subsequent_mask
 from transformer.multi_head_attention import MultiheadAttention
 
@@ -329,22 +337,46 @@ class TransformerDecoderLayer(nn.Module):
         memory_key_padding_mask: Tensor | None = None,
         tgt_is_causal: bool = False,
         memory_is_causal: bool = False,
+        *,
+        cache: DecoderLayerCache | None = None,
     ) -> Tensor:
-        """Pass ``tgt`` through the three sub-layers, attending to ``memory`` in the second."""
+        """Pass ``tgt`` through the three sub-layers, attending to ``memory`` in the second.
+
+        ``cache`` (not in torch; see :mod:`transformer.kv_cache`): ``tgt`` holds only the
+        new positions, which attend to the cached ones too; ``tgt_mask`` and
+        ``tgt_key_padding_mask`` then cover cached plus new keys, e.g. ``(T_new, T)``.
+        """
         _check_tensors(tgt=tgt, memory=memory)
         _check_hints(tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+        if cache is not None and not isinstance(cache, DecoderLayerCache):
+            raise TypeError(
+                f"cache must be a DecoderLayerCache or None, got {type(cache).__name__}"
+            )
+        self_cache = None if cache is None else cache.self_attn
+        cross_cache = None if cache is None else cache.cross_attn
         x = tgt
         if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            x = x + self._sa_block(
+                self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal, self_cache
+            )
             x = x + self._mha_block(
-                self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal
+                self.norm2(x),
+                memory,
+                memory_mask,
+                memory_key_padding_mask,
+                memory_is_causal,
+                cross_cache,
             )
             x = x + self._ff_block(self.norm3(x))
         else:
-            x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+            x = self.norm1(
+                x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal, self_cache)
+            )
             x = self.norm2(
                 x
-                + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+                + self._mha_block(
+                    x, memory, memory_mask, memory_key_padding_mask, memory_is_causal, cross_cache
+                )
             )
             x = self.norm3(x + self._ff_block(x))
         return x
@@ -355,6 +387,7 @@ class TransformerDecoderLayer(nn.Module):
         attn_mask: Tensor | None,
         key_padding_mask: Tensor | None,
         is_causal: bool,
+        cache: KVCache | None = None,
     ) -> Tensor:
         out = self.self_attn(
             x,
@@ -364,6 +397,7 @@ class TransformerDecoderLayer(nn.Module):
             key_padding_mask=key_padding_mask,
             is_causal=is_causal,
             need_weights=False,
+            cache=cache,
         )[0]
         return self.dropout1(out)
 
@@ -374,6 +408,7 @@ class TransformerDecoderLayer(nn.Module):
         attn_mask: Tensor | None,
         key_padding_mask: Tensor | None,
         is_causal: bool,
+        cache: KVCache | None = None,
     ) -> Tensor:
         out = self.multihead_attn(
             x,
@@ -383,6 +418,7 @@ class TransformerDecoderLayer(nn.Module):
             key_padding_mask=key_padding_mask,
             is_causal=is_causal,
             need_weights=False,
+            cache=cache,
         )[0]
         return self.dropout2(out)
 
@@ -493,14 +529,36 @@ class TransformerDecoder(nn.Module):
         memory_key_padding_mask: Tensor | None = None,
         tgt_is_causal: bool | None = None,
         memory_is_causal: bool = False,
+        *,
+        cache: DecoderCache | None = None,
     ) -> Tensor:
-        """Run the layers in turn; ``tgt_is_causal=None`` detects a causal ``tgt_mask``."""
+        """Run the layers in turn; ``tgt_is_causal=None`` detects a causal ``tgt_mask``.
+
+        ``cache`` (not in torch): a :class:`~transformer.kv_cache.DecoderCache` with one
+        entry per layer; each layer gets its own (see :class:`TransformerDecoderLayer`).
+        """
         _check_tensors(tgt=tgt, memory=memory)
         _check_hints(tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+        if cache is not None:
+            if not isinstance(cache, DecoderCache):
+                raise TypeError(f"cache must be a DecoderCache or None, got {type(cache).__name__}")
+            if len(cache.layers) != len(self.layers):
+                raise ValueError(
+                    f"cache has {len(cache.layers)} layers, the decoder {len(self.layers)}; "
+                    "make it with DecoderCache.for_decoder(decoder)"
+                )
+            for layer in self.layers:
+                if not isinstance(layer, TransformerDecoderLayer):
+                    raise TypeError(
+                        "a cache needs transformer.TransformerDecoderLayer layers, got "
+                        f"{type(layer).__name__}"
+                    )
         batch_first = _stack_batch_first(self.layers)
         tgt_is_causal = _detect_is_causal(tgt_mask, tgt_is_causal, _seq_len(tgt, batch_first))
         output = tgt
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            # Only our layers take a cache; torch.nn ones keep torch's exact call.
+            extra = {} if cache is None else {"cache": cache.layers[i]}
             output = layer(
                 output,
                 memory,
@@ -510,6 +568,7 @@ class TransformerDecoder(nn.Module):
                 memory_key_padding_mask=memory_key_padding_mask,
                 tgt_is_causal=tgt_is_causal,
                 memory_is_causal=memory_is_causal,
+                **extra,
             )
         if self.norm is not None:
             output = self.norm(output)

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from transformer.kv_cache import DecoderCache
 from transformer.layers import Transformer
 from transformer.positional import SinusoidalPositionalEncoding
 
@@ -180,6 +181,15 @@ def check_token_ids(name: str, ids: object, vocab_size: int) -> Tensor:
     return ids.long()
 
 
+def _padding_or_none(key_padding: Tensor) -> Tensor | None:
+    """``key_padding`` ``(B, T)``, or ``None`` when it pads no key.
+
+    The attention is the same either way; without a mask the kernels skip the mask
+    handling (merging, the zero-row rule), which is most of a decoding step's attention.
+    """
+    return key_padding if bool(key_padding.any()) else None
+
+
 class Seq2SeqTransformer(nn.Module):
     """Encoder-decoder Transformer for sequence transduction (section 3, figure 1).
 
@@ -322,13 +332,21 @@ class Seq2SeqTransformer(nn.Module):
         memory: Tensor = self.transformer.encoder(x, src_key_padding_mask=masks.src_key_padding)
         return memory
 
-    def decode(self, tgt_in: Tensor, memory: Tensor, src: Tensor) -> Tensor:
+    def decode(
+        self, tgt_in: Tensor, memory: Tensor, src: Tensor, *, cache: DecoderCache | None = None
+    ) -> Tensor:
         """Run the decoder stack and the output layer: logits ``(B, L, V)``.
 
         Args:
             tgt_in: ``(B, L)`` target ids shifted right (starting with BOS).
             memory: ``(B, S, E)`` from :meth:`encode`.
             src: ``(B, S)`` the source ids, needed for the cross-attention padding mask.
+            cache: incremental decoding (a :class:`~transformer.kv_cache.DecoderCache`
+                holding ``t < L`` positions of this same ``tgt_in``): only positions
+                ``t .. L - 1`` are computed, attending to the cached ones, and the logits
+                are theirs, ``(B, L - t, V)``; the cache then holds all ``L``. The same
+                layers run as without a cache, with the same masks restricted to the new
+                query rows, so the logits are those of the full decode.
         """
         src = check_token_ids("src", src, self._config.src_vocab_size)
         tgt_in = check_token_ids("tgt_in", tgt_in, self._config.tgt_vocab_size)
@@ -344,17 +362,47 @@ class Seq2SeqTransformer(nn.Module):
             raise ValueError(
                 f"tgt_in batch size {tgt_in.size(0)} differs from src batch size {src.size(0)}"
             )
-        masks = self.masks(src, tgt_in)
-        y = self.embed(tgt_in, self.tgt_embedding)  # (B, L, E)
-        h = self.transformer.decoder(
-            y,
-            memory,
-            tgt_mask=masks.tgt_causal,
-            tgt_key_padding_mask=masks.tgt_key_padding,
-            memory_key_padding_mask=masks.src_key_padding,
-        )  # (B, L, E)
+        if cache is None:
+            masks = self.masks(src, tgt_in)
+            y = self.embed(tgt_in, self.tgt_embedding)  # (B, L, E)
+            h = self.transformer.decoder(
+                y,
+                memory,
+                tgt_mask=masks.tgt_causal,
+                tgt_key_padding_mask=_padding_or_none(masks.tgt_key_padding),
+                memory_key_padding_mask=_padding_or_none(masks.src_key_padding),
+            )  # (B, L, E)
+        else:
+            h = self._decode_new_positions(tgt_in, memory, src, cache)  # (B, L - t, E)
         logits: Tensor = self.output(h)  # (B, L, V)
         return logits
+
+    def _decode_new_positions(
+        self, tgt_in: Tensor, memory: Tensor, src: Tensor, cache: DecoderCache
+    ) -> Tensor:
+        """The decoder stack on positions ``len(cache) ..`` of ``tgt_in``: ``(B, L - t, E)``."""
+        if not isinstance(cache, DecoderCache):
+            raise TypeError(f"cache must be a DecoderCache or None, got {type(cache).__name__}")
+        t, L = len(cache), tgt_in.size(1)
+        if t >= L:
+            raise ValueError(
+                f"the cache holds {t} positions, so tgt_in must be longer than that (the "
+                f"positions to decode come after them), got length {L}"
+            )
+        masks = self.masks(src, tgt_in)
+        # Rows t .. L-1 of the causal mask: a new query at position i sees keys <= i, so
+        # the newest one alone (the usual decoding step) sees every key: no mask at all.
+        causal = masks.tgt_causal[t:] if L - t > 1 else None  # (L - t, L)
+        y = self.embed(tgt_in[:, t:], self.tgt_embedding, offset=t)  # (B, L - t, E)
+        h: Tensor = self.transformer.decoder(
+            y,
+            memory,
+            tgt_mask=causal,
+            tgt_key_padding_mask=_padding_or_none(masks.tgt_key_padding),
+            memory_key_padding_mask=_padding_or_none(masks.src_key_padding),
+            cache=cache,
+        )
+        return h
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced logits: ``src`` ``(B, S)``, ``tgt_in`` ``(B, L)`` -> ``(B, L, V)``."""

@@ -35,6 +35,7 @@ from transformer._checks import (
     check_not_nested,
 )
 from transformer.attention import attention_weights, scaled_dot_product_attention
+from transformer.kv_cache import KVCache
 from transformer.masks import merge_module_masks
 
 __all__ = ["MultiheadAttention"]
@@ -86,6 +87,13 @@ class MultiheadAttention(nn.Module):
         - key ``(S, B, kdim)``, value ``(S, B, vdim)`` (likewise);
         - key_padding_mask ``(B, S)`` or ``(S,)``; attn_mask ``(L, S)`` or ``(B*H, L, S)``;
         - output like query; weights ``(B, L, S)`` averaged or ``(B, H, L, S)``.
+
+    Incremental decoding (``cache=``, a :class:`~transformer.kv_cache.KVCache`; not in
+    torch): ``key``/``value`` are the *new* positions only and are attended to together
+    with the cached ones, so ``S`` in the masks' shapes counts cached plus new keys.
+    A growing cache (self-attention) appends the new keys/values; a filled static cache
+    (cross-attention) is used as it is, and ``key``/``value`` are only checked against
+    its length, not projected again.
     """
 
     __constants__: ClassVar[list[str]] = ["batch_first"]
@@ -190,11 +198,12 @@ class MultiheadAttention(nn.Module):
         return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
     def _in_projection(
-        self, query: Tensor, key: Tensor, value: Tensor
+        self, query: Tensor, key: Tensor, value: Tensor, same: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Project inputs to ``Q W^Q``, ``K W^K``, ``V W^V`` for every head at once.
 
-        ``(B, L, E), (B, S, kdim), (B, S, vdim) -> (B, L, E), (B, S, E), (B, S, E)``.
+        ``(B, L, E), (B, S, kdim), (B, S, vdim) -> (B, L, E), (B, S, E), (B, S, E)``;
+        ``same``: the caller passed one tensor as query, key and value (self-attention).
         """
         w_q, w_k, w_v = self._projection_weights()
         b_q: Tensor | None
@@ -204,11 +213,34 @@ class MultiheadAttention(nn.Module):
             b_q = b_k = b_v = None
         else:
             b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        if self.in_proj_weight is not None and query is key and key is value:
+        if self.in_proj_weight is not None and same:
             # Self-attention: one (3E, E) matmul instead of three.
             q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
             return q, k, v
         return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+    def _projection_bias(self, i: int) -> Tensor | None:
+        """The bias of projection ``i`` (0: query, 1: key, 2: value), or ``None``."""
+        return None if self.in_proj_bias is None else self.in_proj_bias.chunk(3)[i]
+
+    def _check_cache(self, cache: KVCache, B: int, S: int) -> int:
+        """Check ``cache`` against ``B`` rows of ``S`` new keys; return the keys attended to."""
+        if len(cache) == 0:
+            return S
+        keys = cache.keys()
+        if keys.size(0) != B or keys.size(1) != self.num_heads:
+            raise ValueError(
+                f"cache holds {keys.size(0)} rows of {keys.size(1)} heads, but this call has "
+                f"batch size {B} and the module {self.num_heads} heads"
+            )
+        if cache.filled:
+            if len(cache) != S:
+                raise ValueError(
+                    f"the static cache holds the keys of {len(cache)} positions, but key has "
+                    f"{S}; pass the same memory at every step"
+                )
+            return S
+        return len(cache) + S
 
     def _check_inputs(
         self,
@@ -281,6 +313,8 @@ class MultiheadAttention(nn.Module):
         attn_mask: Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        *,
+        cache: KVCache | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attend from ``query`` to ``key``/``value`` with ``num_heads`` learned projections.
 
@@ -292,6 +326,8 @@ class MultiheadAttention(nn.Module):
             average_attn_weights: average the returned weights over heads.
             is_causal: a hint that ``attn_mask`` is the causal mask (as in torch, it
                 requires ``attn_mask``).
+            cache: keys/values of earlier calls to attend to as well (see the class
+                docstring); ``None``: attend to ``key``/``value`` alone, as torch does.
 
         Returns:
             ``(output, weights)``: output shaped like ``query`` with ``E`` features;
@@ -304,11 +340,14 @@ class MultiheadAttention(nn.Module):
             ("is_causal", is_causal),
         ):
             check_bool(name, flag)
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
         if is_causal and attn_mask is None:
             raise ValueError(
                 "is_causal=True is a hint that attn_mask is causal and needs attn_mask; "
                 "build one with Transformer.generate_square_subsequent_mask"
             )
+        same = query is key and key is value  # before the transposes make three tensors
         if not is_batched:
             # (L, E) -> (1, L, E); masks gain the batch dim too.
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -323,6 +362,8 @@ class MultiheadAttention(nn.Module):
         H, D = self.num_heads, self.head_dim
         if key.size(0) != B:
             raise ValueError(f"query batch size {B} differs from key batch size {key.size(0)}")
+        if cache is not None:
+            S = self._check_cache(cache, B, S)
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, S):
             shape = (B, S) if is_batched else (S,)
             raise ValueError(
@@ -337,14 +378,21 @@ class MultiheadAttention(nn.Module):
                     f"{(B * H, L, S)}, got {tuple(attn_mask.shape)}"
                 )
 
-        q, k, v = self._in_projection(query, key, value)  # (B, L, E), (B, S, E), (B, S, E)
-        if self.bias_k is not None and self.bias_v is not None:
-            k = torch.cat([k, self.bias_k.expand(B, 1, -1)], dim=1)  # (B, S+1, E)
-            v = torch.cat([v, self.bias_v.expand(B, 1, -1)], dim=1)
-            attn_mask, key_padding_mask = _pad_one_key(attn_mask), _pad_one_key(key_padding_mask)
+        if cache is not None and cache.filled:
+            # The memory's keys/values were projected on the first step: queries only.
+            q = F.linear(query, self._projection_weights()[0], self._projection_bias(0))
+            k, v = cache.keys(), cache.values()  # (B, H, S, D)
+        else:
+            q, k, v = self._in_projection(query, key, value, same)  # (B, L, E), (B, S_new, E) x 2
+            k = k.view(B, k.size(1), H, D).transpose(1, 2)  # (B, H, S_new, D)
+            v = v.view(B, v.size(1), H, D).transpose(1, 2)  # (B, H, S_new, D)
+            if cache is not None:
+                k, v = cache.append(k, v)  # (B, H, S, D): cached positions, then the new
         q = q.view(B, L, H, D).transpose(1, 2)  # (B, H, L, D)
-        k = k.view(B, k.size(1), H, D).transpose(1, 2)  # (B, H, S', D)
-        v = v.view(B, v.size(1), H, D).transpose(1, 2)  # (B, H, S', D)
+        if self.bias_k is not None and self.bias_v is not None:
+            k = torch.cat([k, self.bias_k.view(1, H, 1, D).expand(B, -1, -1, -1)], dim=2)
+            v = torch.cat([v, self.bias_v.view(1, H, 1, D).expand(B, -1, -1, -1)], dim=2)
+            attn_mask, key_padding_mask = _pad_one_key(attn_mask), _pad_one_key(key_padding_mask)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros((B, H, 1, D))], dim=2)  # (B, H, S'+1, D)
             v = torch.cat([v, v.new_zeros((B, H, 1, D))], dim=2)
@@ -361,8 +409,17 @@ class MultiheadAttention(nn.Module):
             weights = attended.mean(dim=1) if average_attn_weights else attended
         else:
             # As torch does: with no padding mask the causal hint selects the causal
-            # kernel path (cheaper: blocks above the diagonal are skipped).
-            use_causal = is_causal and key_padding_mask is None
+            # kernel path (cheaper: blocks above the diagonal are skipped). Not when keys
+            # were added around the sequence: top-left causal would hide the cached keys
+            # before the new queries, and the bias_k/zero key after them, which the mask
+            # the hint stands for lets every query see (torch's hint path hides the last).
+            use_causal = (
+                is_causal
+                and key_padding_mask is None
+                and cache is None
+                and self.bias_k is None
+                and not self.add_zero_attn
+            )
             mask = (
                 None
                 if use_causal

@@ -231,6 +231,12 @@ COMPONENTS: tuple[Component, ...] = (
         ),
     ),
     Component(
+        "kv_cache",
+        "The KV cache: incremental decoding through the modules themselves",
+        "transformer/kv_cache.py",
+        tests=("spec_tests/test_kv_cache.py",),
+    ),
+    Component(
         "checkpoint",
         "Checkpoints",
         "transformer/checkpoint.py",

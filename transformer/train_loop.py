@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -355,6 +355,17 @@ def _forward_backward(
     return losses if shard is not None else torch.zeros_like(losses)
 
 
+def _sync_gradients(net: nn.Module, *, last: bool) -> AbstractContextManager[Any]:
+    """DDP's ``no_sync`` for every accumulated batch but the last one of a step.
+
+    Gradients then add up locally and are all-reduced once per optimizer step, as
+    ``DistributedDataParallel`` documents for accumulation, not once per batch.
+    """
+    if last or not isinstance(net, nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return net.no_sync()
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -546,22 +557,23 @@ def train(
                 step_tokens = sum(b.n_tokens for b in batches)
                 optimizer.zero_grad(set_to_none=True)
                 summed: Tensor | None = None
-                for batch in batches:
+                for i, batch in enumerate(batches):
                     shard = (
                         shard_batch(batch, rank, world_size, pad_id=pad_id)
                         if world_size > 1
                         else batch
                     )
-                    part = _forward_backward(
-                        net,
-                        batch,
-                        shard,
-                        config=config,
-                        pad_id=pad_id,
-                        device=device,
-                        scaler=scaler,
-                        step_tokens=step_tokens if len(batches) > 1 else None,
-                    )
+                    with _sync_gradients(net, last=i == len(batches) - 1):
+                        part = _forward_backward(
+                            net,
+                            batch,
+                            shard,
+                            config=config,
+                            pad_id=pad_id,
+                            device=device,
+                            scaler=scaler,
+                            step_tokens=step_tokens if len(batches) > 1 else None,
+                        )
                     summed = part if summed is None else summed + part
                 assert summed is not None  # accumulate >= 1
                 losses = sum_over_ranks(summed).cpu()
