@@ -88,6 +88,11 @@ class KVCache:
         return 0 if self._keys is None else self._keys.size(2)
 
     @property
+    def rows_and_heads(self) -> tuple[int, int]:
+        """``(N, H)`` of the cached keys (``(0, 0)`` before the first call)."""
+        return (0, 0) if self._keys is None else (self._keys.size(0), self._keys.size(1))
+
+    @property
     def filled(self) -> bool:
         """Whether a static cache holds its keys/values (later calls reuse them)."""
         return self.static and self._keys is not None

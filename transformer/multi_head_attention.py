@@ -205,6 +205,10 @@ class MultiheadAttention(nn.Module):
         ``(B, L, E), (B, S, kdim), (B, S, vdim) -> (B, L, E), (B, S, E), (B, S, E)``;
         ``same``: the caller passed one tensor as query, key and value (self-attention).
         """
+        if self.in_proj_weight is not None and same:
+            # Self-attention: one (3E, E) matmul instead of three.
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+            return q, k, v
         w_q, w_k, w_v = self._projection_weights()
         b_q: Tensor | None
         b_k: Tensor | None
@@ -213,24 +217,27 @@ class MultiheadAttention(nn.Module):
             b_q = b_k = b_v = None
         else:
             b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        if self.in_proj_weight is not None and same:
-            # Self-attention: one (3E, E) matmul instead of three.
-            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-            return q, k, v
         return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
-    def _projection_bias(self, i: int) -> Tensor | None:
-        """The bias of projection ``i`` (0: query, 1: key, 2: value), or ``None``."""
-        return None if self.in_proj_bias is None else self.in_proj_bias.chunk(3)[i]
+    def _query_projection(self, query: Tensor) -> Tensor:
+        """``Q W^Q`` alone: ``(B, L, E) -> (B, L, E)`` (the keys come from a filled cache)."""
+        E = self.embed_dim
+        if self.in_proj_weight is not None:
+            w_q = self.in_proj_weight[:E]
+        else:
+            assert self.q_proj_weight is not None
+            w_q = self.q_proj_weight
+        b_q = None if self.in_proj_bias is None else self.in_proj_bias[:E]
+        return F.linear(query, w_q, b_q)
 
     def _check_cache(self, cache: KVCache, B: int, S: int) -> int:
         """Check ``cache`` against ``B`` rows of ``S`` new keys; return the keys attended to."""
         if len(cache) == 0:
             return S
-        keys = cache.keys()
-        if keys.size(0) != B or keys.size(1) != self.num_heads:
+        rows, heads = cache.rows_and_heads
+        if rows != B or heads != self.num_heads:
             raise ValueError(
-                f"cache holds {keys.size(0)} rows of {keys.size(1)} heads, but this call has "
+                f"cache holds {rows} rows of {heads} heads, but this call has "
                 f"batch size {B} and the module {self.num_heads} heads"
             )
         if cache.filled:
@@ -380,7 +387,7 @@ class MultiheadAttention(nn.Module):
 
         if cache is not None and cache.filled:
             # The memory's keys/values were projected on the first step: queries only.
-            q = F.linear(query, self._projection_weights()[0], self._projection_bias(0))
+            q = self._query_projection(query)
             k, v = cache.keys(), cache.values()  # (B, H, S, D)
         else:
             q, k, v = self._in_projection(query, key, value, same)  # (B, L, E), (B, S_new, E) x 2
