@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
 import transformer
+from transformer.attention import reference_attention
 from transformer.conformance.memory import AllocationLog, track_allocations
 from transformer.kernels import chunked
 from transformer.testing import assert_close
@@ -523,3 +524,27 @@ def test_expanded_mask_gives_the_result_of_the_materialised_mask(kind: str) -> N
     out = chunked.chunked_attention(q, k, v, expanded, block_l=4, block_s=4)
     copied = chunked.chunked_attention(q, k, v, expanded.contiguous(), block_l=4, block_s=4)
     assert_close(out, copied)
+
+
+@spec(section="3.2.1", kind="equivalence")
+@pytest.mark.parametrize("block_s", [5, 10], ids=["two-key-blocks", "one-key-block"])
+def test_rows_whose_max_jumps_between_key_blocks_match_the_reference(block_s: int) -> None:
+    """Scores far from 0 (a float mask of +300, -1e9 or -inf on some rows, in the first or only the second key block) give the reference's output and gradients: the base-2 online merge rescales exactly across huge jumps of a row's max, and rows with nothing in a block add nothing."""
+    L, S = 6, 10
+    q, k, v = randn(1, 2, L, 4, seed=0), randn(1, 2, S, 4, seed=1), randn(1, 2, S, 3, seed=2)
+    mask = torch.zeros(L, S, dtype=torch.float64)
+    mask[0, 7:] = 300.0  # row 0: small first block, a huge max in the second one
+    mask[1, :5] = NEG_INF  # row 1: nothing in the first block, then ordinary scores
+    mask[2, :5] = NEG_INF  # row 2: nothing in the first block, then only ~ -1e9
+    mask[2, 5:] = -1e9
+    mask[3, :] = -1e9  # row 3: every score ~ -1e9
+    mask[4, 2] = 200.0  # row 4: a huge max in the first block
+    expected = forward_backward(reference_attention, q, k, v, mask)
+    ours = forward_backward(
+        lambda q, k, v, m: chunked.chunked_attention(q, k, v, m, block_l=3, block_s=block_s),
+        q,
+        k,
+        v,
+        mask,
+    )
+    assert_same(ours, expected)

@@ -421,6 +421,16 @@ def _allowed_rows(attn_mask: Tensor | None, L: int, S: int) -> Tensor | None:
     return allowed.any(dim=-1, keepdim=True)
 
 
+#: From this many keys on, torch's CPU SDPA shows a query's NaN in its output row itself.
+#: Its flash kernel takes a row's max with a SIMD max, which propagates NaN, over every
+#: full vector of keys, and with a scalar max, which drops NaN, over the rest: a row of
+#: fewer keys than one vector (8 fp32/bf16/fp16 or 4 fp64 lanes under AVX2, measured on
+#: torch 2.13; twice that under AVX-512) comes out zeros. 64 keys leave a margin, and
+#: above it the wrapper adds no pass over the query: on a busy machine each extra
+#: OpenMP region of a multi-threaded op (that sum) waits a scheduler slice, 8 ms here.
+_CPU_NAN_SAFE_S = 64
+
+
 def torch_attention(
     query: Tensor,
     key: Tensor,
@@ -494,13 +504,16 @@ def torch_attention(
         is_causal=is_causal,
         scale=scale,
     )
-    if query.device.type != "cpu" or not math.isfinite(query.detach().sum().item()):
+    if query.device.type != "cpu" or (
+        S < _CPU_NAN_SAFE_S and not math.isfinite(query.detach().sum().item())
+    ):
         # torch's CPU flash kernel returns zeros for a row whose scores are all NaN (a
-        # NaN in the query) for some sizes, hiding the NaN; the math path and every
-        # other kernel show it, so such rows are set to NaN. On the CPU one sum (NaN
-        # wherever any element is) first rules that out for an all-finite query, so the
-        # row-wise pass runs only when it can matter; elsewhere .item() would
-        # synchronise the device, so the row-wise pass always runs there.
+        # NaN in the query) when S is shorter than one SIMD vector, hiding the NaN; the
+        # math path and every other kernel show it, so such rows are set to NaN. On the
+        # CPU that needs checking only for short S, and there one sum (NaN wherever any
+        # element is) first rules it out for an all-finite query, so the row-wise pass
+        # runs only when it can matter; elsewhere .item() would synchronise the device,
+        # so the row-wise pass always runs there.
         out = out.masked_fill(torch.isnan(query).any(dim=-1, keepdim=True), float("nan"))
     if rows is not None:
         out = out.masked_fill(~rows, 0.0)

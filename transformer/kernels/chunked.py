@@ -3,21 +3,31 @@
 The ``(L, S)`` score matrix is never materialised, in the forward nor in the backward
 pass. Queries are cut into blocks of ``block_l`` rows and keys into blocks of
 ``block_s`` columns; a tile is one (query block, key block) pair for a chunk of
-``(batch, head)`` slices, computed with batched matmuls. The forward pass keeps, per
-query row, a running max ``m`` and a running sum ``l`` of ``exp(s - m)`` (the online
-softmax of Milakov & Gimelshein 2018, as in FlashAttention), rescaling the partial
-output whenever the max grows. The backward pass (a custom
-:class:`torch.autograd.Function`) saves only the inputs, the output and the per-row
-log-sum-exp ``lse = m + log(l)``, and recomputes each tile's probabilities
-``P = exp(S - lse)`` (FlashAttention-2, Dao 2023, algorithm 2)::
+``(batch, head)`` slices, computed with batched matmuls. Scores are kept in base 2,
+``log2(e) * (scale * q k^T + mask)`` (the factor rides on the gemm's ``alpha``), so the
+softmax exponentials are ``exp2``, which torch computes on the CPU in about half the
+time of ``exp``. When a query block's keys fit one key block (``S <= block_s``, or
+under a causal mask its keys up to the diagonal) its softmax is exact in one go: row
+max ``m``, ``p = exp2(s - m)`` in place, ``l = rowsum(p)``, ``out = (p @ v) / l``.
+Otherwise the forward pass keeps, per query row, a running max ``m`` and a running sum
+``l`` (the online softmax of Milakov & Gimelshein 2018, as in FlashAttention),
+rescaling the partial sums ``l`` and ``p @ v`` whenever the max grows.
+The backward pass (a custom :class:`torch.autograd.Function`) saves only the inputs,
+the output and the per-row log-sum-exp ``lse = m + log2(l)`` (base 2), and recomputes
+each tile's probabilities ``P = exp2(S - lse)`` (FlashAttention-2, Dao 2023,
+algorithm 2)::
 
     dV += P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(dO * O)),
-    dQ += scale * dS K,   dK += scale * dS^T Q,   d(mask) = dS.
+    dQ += scale * dS K,   dK += scale * dS^T Q,   d(mask) = dS,
+
+with ``dK`` and ``dV`` accumulated transposed (``dV^T += dO^T P``), the layout in
+which these gemms run as fast as the others.
 
 Causal masks are a diagonal offset ``d`` (query ``i`` sees keys ``j <= i + d``): 0 for
 ``is_causal`` and torch's ``causal_upper_left``, ``S - L`` for ``causal_lower_right``.
 A tile whose keys all lie after its last query's last key is never computed, and a key
-block is cut at the query block's diagonal end; no ``(L, S)`` causal mask is built.
+block is cut at the query block's diagonal end; only the diagonal's ``(n, n)`` strip of
+a tile is masked, and no ``(L, S)`` causal mask is built.
 Masks are read tile by tile from their broadcast view, never expanded to ``(..., L, S)``.
 Grouped-query attention folds the ``g`` query heads of a key/value head into the rows
 of one matmul, so key/value heads are never repeated in memory. Dropout draws each
@@ -25,13 +35,15 @@ tile's keep-mask from a generator seeded by (call seed, tile): the backward pass
 regenerates exactly the forward's mask, and one ``torch.manual_seed`` makes a call
 reproducible. fp16/bf16 inputs are computed in fp32 and the results rounded back.
 
-Performance on CPU: a tile holds about :data:`TILE_ELEMENTS` scores so it stays in
-cache; large problems are split over worker threads, each running its ops
-single-threaded (one fork per call instead of one OpenMP fork/join per small op,
-which on a busy machine costs more than the op itself). A worker sets only its own
-OpenMP thread count, never torch's process-wide one. The kernel is a pair of
-``torch.library`` custom operators, so ``torch.compile`` (``fullgraph=True`` too)
-keeps it as one opaque op instead of tracing the tiles and the thread pool.
+Performance on CPU: a tile holds about :data:`TILE_ELEMENTS` scores so that the passes
+over it stay in cache; large problems are split over worker threads, each running its
+ops single-threaded (one fork per call instead of one OpenMP fork/join per small op,
+which on a busy machine costs more than the op itself), the work balanced by the
+scores each query block computes. A worker sets only its own OpenMP thread count,
+never torch's process-wide one. The kernel is a pair of ``torch.library`` custom
+operators, so ``torch.compile`` (``fullgraph=True`` too) keeps it as one opaque op
+instead of tracing the tiles and the thread pool. It calls no fused attention op:
+only gemms and elementwise/reduction ops.
 
 Notation: B batch, H heads (Hq query heads, Hk key/value heads, ``g = Hq / Hk``), L
 target/query length, S source/key length, E query/key head dim, Ev value head dim,
@@ -73,10 +85,12 @@ BLOCK_L = 512
 #: Default key columns per tile.
 BLOCK_S = 512
 #: Defaults under ``is_causal``: fewer query rows per tile waste less of the diagonal
-#: tiles (their upper triangle is computed, then masked). Both pairs were the fastest
-#: of a sweep on CPU (fp32, B 4, H 8, E 64, L = S = 2048; see benchmarks/README.md).
+#: tiles (their upper triangle is computed, then masked). Both pairs were among the
+#: fastest of sweeps on CPU (fp32, E 64, L = S = 2048 and 8192; see benchmarks/README.md):
+#: 512 x 512 and 512 x 2048 measured alike, and 128 x 2048 beat 128 x 1024 under
+#: is_causal once only the diagonal strip of a tile is masked.
 CAUSAL_BLOCK_L = 128
-CAUSAL_BLOCK_S = 1024
+CAUSAL_BLOCK_S = 2048
 #: Scores per tile: slices are grouped until a tile holds about this many (4 MiB in fp32),
 #: so short sequences still get matmuls batched over many slices. Larger tiles mean
 #: fewer Python-level ops per score; 2 and 4 MiB measured alike, 4 MiB better causal.
@@ -86,6 +100,8 @@ TILE_ELEMENTS = 1 << 20
 PARALLEL_MIN_SCORES = 1 << 20
 
 _NEG_INF = float("-inf")
+# Scores are kept in base 2: exp(x) = exp2(x * log2(e)).
+_LOG2E = 1.0 / math.log(2.0)
 # Spreads tile numbers over the seed space so neighbouring tiles get unrelated streams.
 _SEED_STRIDE = 0x9E3779B97F4A7C15
 _POOL_LOCK = threading.Lock()
@@ -135,19 +151,19 @@ class _Problem:
 
         Under a causal diagonal ``d`` keys ``>= i1 + d`` are masked for every row of the
         block, so blocks holding only such keys are skipped (all of them for rows with
-        no key, ``i1 + d <= 0``); the keys before ``i0 + d`` are seen by every row
-        (blocks that need no causal mask) and ``i0 + d : i1 + d`` is the diagonal, so
-        only the upper triangle of the diagonal blocks is computed in vain.
+        no key, ``i1 + d <= 0``) and the last block ends at ``i1 + d``. Only the block
+        holding the diagonal ``i0 + d : i1 + d`` needs a causal mask (see
+        :func:`_scores`), and only the diagonal's upper triangle is computed in vain.
         """
         S = self.k.shape[1]
-        if self.causal is None:
-            starts = range(0, S, self.block_s)
-            return [(kj, j0, min(j0 + self.block_s, S)) for kj, j0 in enumerate(starts)]
-        full = min(max(i0 + self.causal, 0), S)
-        end = min(max(i1 + self.causal, 0), S)
-        blocks = [(j0, min(j0 + self.block_s, full)) for j0 in range(0, full, self.block_s)]
-        blocks += [(j0, min(j0 + self.block_s, end)) for j0 in range(full, end, self.block_s)]
-        return [(kj, j0, j1) for kj, (j0, j1) in enumerate(blocks)]
+        end = S if self.causal is None else min(max(i1 + self.causal, 0), S)
+        starts = range(0, end, self.block_s)
+        return [(kj, j0, min(j0 + self.block_s, end)) for kj, j0 in enumerate(starts)]
+
+    def cost(self, unit: _Unit) -> int:
+        """Scores the unit computes: slices x query rows x keys visited."""
+        keys = sum(j1 - j0 for _, j0, j1 in self.key_blocks(unit.i0, unit.i1))
+        return (unit.n1 - unit.n0) * (unit.i1 - unit.i0) * keys
 
     def tile_buffer(self) -> Tensor:
         """Scratch for one tile's scores, reused across tiles (fresh pages are slow)."""
@@ -201,9 +217,12 @@ def _mask_tile(pb: _Problem, unit: _Unit, j0: int, j1: int) -> Tensor | None:
 
 
 def _scores(pb: _Problem, unit: _Unit, qb: Tensor, j0: int, j1: int, buf: Tensor) -> Tensor:
-    """Masked, scaled scores ``(c, R, j1 - j0)`` of one tile, written into ``buf``.
+    """Masked scores of one tile in base 2, ``log2(e) * (scale * q k^T + mask)``, ``(c, R, w)``.
 
-    ``qb`` is the unit's query block ``(c, R, E)``. Forbidden positions are ``-inf``.
+    ``qb`` is the unit's query block ``(c, R, E)``; the result is written into ``buf``.
+    Forbidden positions are ``-inf``. Scores are kept in base 2 so that the softmax can
+    use ``exp2``, which torch's CPU ops compute in half the time of ``exp``; the factor
+    ``log2(e)`` rides on the gemm's ``alpha`` and the mask's ``add``, so it costs no pass.
     Every tile of both passes goes through here, so a test can count tiles by
     wrapping this function.
     """
@@ -213,88 +232,109 @@ def _scores(pb: _Problem, unit: _Unit, qb: Tensor, j0: int, j1: int, buf: Tensor
     k_tile = pb.k[unit.n0 : unit.n1, j0:j1].transpose(1, 2)  # (c, E, w)
     # beta=0: the buffer's old contents are ignored, NaN included.
     # E = 0 never reaches a tile: chunked_attention sends empty inputs to the reference.
-    s.baddbmm_(qb, k_tile, beta=0.0, alpha=pb.scale)  # (c, R, w)
+    s.baddbmm_(qb, k_tile, beta=0.0, alpha=pb.scale * _LOG2E)  # (c, R, w)
     s4 = s.view(c, R // n, n, w)  # (c, g, n, w): broadcasts with the mask tile
     if pb.causal is not None and j1 - 1 > unit.i0 + pb.causal:
-        # Query i0 + r may see key j0 + col iff col - r <= i0 + d - j0. An (n, w) tile
-        # mask, never an (L, S) one.
+        # Query i0 + r may see key j0 + col iff col - r <= i0 + d - j0. Columns before
+        # i0 + d + 1 are seen by every row, so only the diagonal's (n, w - c0) strip is
+        # masked, never an (L, S) or a whole-tile mask.
         diagonal = unit.i0 + pb.causal - j0 + 1
-        future = torch.ones(n, w, dtype=torch.bool, device=s.device).triu_(diagonal)
-        s4.masked_fill_(future, _NEG_INF)
+        c0 = max(diagonal, 0)
+        future = torch.ones(n, w - c0, dtype=torch.bool, device=s.device).triu_(diagonal - c0)
+        s4[..., c0:].masked_fill_(future, _NEG_INF)
     tile = _mask_tile(pb, unit, j0, j1)
     if tile is not None:
         if tile.dtype == torch.bool:
             s4.masked_fill_(~tile, _NEG_INF)
         else:
-            s4.add_(tile.to(s.dtype))
+            s4.add_(tile.to(s.dtype), alpha=_LOG2E)
     return s
 
 
 def _forward_units(pb: _Problem, units: list[_Unit], out: Tensor, lse: Tensor) -> None:
-    """Online softmax over the key blocks of each unit; writes its rows of ``out`` and ``lse``.
+    """Softmax over the key blocks of each unit; writes its rows of ``out`` and ``lse``.
 
-    Each tile is normalised on its own by ``torch.softmax`` (one fused pass, cheaper than
-    max, subtract, exp and sum as four ops), which leaves it as ``p = exp(s - lse_t)``
-    with the tile's ``lse_t = m_t + log l_t``: ``m_t`` its row max and ``l_t = 1 / max(p)``
-    (the max entry of a softmax is ``exp(0) / l_t``). Tiles are then merged with the
-    running max ``m`` as usual: old sums scale by ``exp(m - m_new)``, the tile's by
-    ``l_t * exp(m_t - m_new)``, applied to ``p @ v`` ``(R, Ev)`` rather than to ``p``.
+    A unit whose keys fit one key block takes the exact softmax in one go: row max
+    ``m``, ``p = exp2(s - m)`` in place, ``l = rowsum(p)``, ``out = (p @ v) / l``: two
+    gemms and four passes over the tile (max, subtract, exp2, sum). With more key
+    blocks the same runs per tile and the tiles are merged by online softmax: when a
+    row's max grows from ``m`` to ``m'``, what was summed so far (``l`` and ``p @ v``,
+    both ``(R, .)``, never ``p``) scales by ``exp2(m - m')``. ``lse`` is the per-row
+    log-sum-exp in base 2 (the scores' unit), ``m + log2(l)``, ``+inf`` on a row with no
+    allowed key.
     """
-    g, E, Ev = pb.q.shape[1], pb.q.shape[3], pb.v.shape[2]
+    g, E = pb.q.shape[1], pb.q.shape[3]
     buf = pb.tile_buffer()
     keep_scale = 1.0 / (1.0 - pb.dropout_p)
     for u in units:
         c, n = u.n1 - u.n0, u.i1 - u.i0
         qb = pb.q[u.n0 : u.n1, :, u.i0 : u.i1].reshape(c, g * n, E)  # (c, R, E)
-        m = qb.new_full((c, g * n, 1), _NEG_INF)  # running max
-        l = qb.new_zeros(c, g * n, 1)  # running sum of exp(s - m)
-        acc = qb.new_zeros(c, g * n, Ev)  # running unnormalised output
-        m_use = m
-        for kj, j0, j1 in pb.key_blocks(u.i0, u.i1):
+        blocks = pb.key_blocks(u.i0, u.i1)
+        if not blocks:  # causal rows before the first key (lower-right, L > S)
+            out[u.n0 : u.n1, :, u.i0 : u.i1] = 0.0
+            lse[u.n0 : u.n1, :, u.i0 : u.i1] = math.inf
+            continue
+        m: Tensor | None = None  # running row max (c, R, 1); -inf: no allowed key yet
+        shift = l = acc = qb  # assigned by the first key block
+        for kj, j0, j1 in blocks:
             s = _scores(pb, u, qb, j0, j1, buf)
             m_tile = s.amax(dim=-1, keepdim=True)  # (c, R, 1)
-            p = torch.softmax(s, dim=-1, out=s)  # (c, R, w), normalised within the tile
-            l_tile = p.amax(dim=-1, keepdim=True).reciprocal_()  # sum of exp(s - m_tile)
-            # A row of a visited tile can have no allowed key only under a mask, or under
-            # a causal diagonal in a tile that starts right of the first query's last key.
-            if pb.mask is not None or (pb.causal is not None and j0 > u.i0 + pb.causal):
-                # softmax of a row of -inf is NaN; such a row adds nothing.
-                empty_tile = m_tile == _NEG_INF
-                p.masked_fill_(empty_tile, 0.0)
-                l_tile.masked_fill_(empty_tile, 0.0)
-            m_new = torch.maximum(m, m_tile)
-            # A row that has seen no allowed key yet keeps max 0, so exp(-inf - 0) = 0.
-            m_use = m_new.masked_fill(m_new == _NEG_INF, 0.0)
-            alpha = (m - m_use).exp_()  # rescales what was summed under the old max
-            beta = (m_tile - m_use).exp_().mul_(l_tile)  # the tile's sum under the new max
-            l.mul_(alpha).add_(beta)
+            m_new = m_tile if m is None else torch.maximum(m, m_tile)
+            # A row with no allowed key yet is shifted by 0: exp2(-inf - 0) = 0, not NaN.
+            # (Skipping the shift where all maxima are small would save this pass, but
+            # the test would couple the slices of a chunk: one slice's inf would change
+            # another's rounding.)
+            shift = m_new.masked_fill(m_new == _NEG_INF, 0.0)
+            p = s.sub_(shift).exp2_()  # (c, R, w), unnormalised probabilities, <= 1
+            l_tile = p.sum(dim=-1, keepdim=True)  # (c, R, 1)
             if pb.dropout_p > 0.0:
+                # The sum is over all keys (dropout acts after normalisation); the kept
+                # ones are scaled by keep_scale once, at the end.
                 p.mul_(_keep_mask(p, pb.dropout_p, _tile_seed(pb.seed, u, kj)))
-                beta.mul_(keep_scale)
-            pv = torch.bmm(p, pb.v[u.n0 : u.n1, j0:j1])  # (c, R, Ev)
-            acc.mul_(alpha).addcmul_(pv, beta)
+            v_tile = pb.v[u.n0 : u.n1, j0:j1]  # (c, w, Ev)
+            if m is None:
+                l, acc = l_tile, torch.bmm(p, v_tile)  # acc: (c, R, Ev)
+            else:
+                # Rescales what was summed under the old max; 0 where it was -inf
+                # (nothing summed yet), whatever the new shift.
+                alpha = (m - shift).exp2_()
+                l = l.mul_(alpha).add_(l_tile)
+                acc = acc.mul_(alpha).baddbmm_(p, v_tile)
             m = m_new
         empty = l == 0  # no allowed key in the whole row
-        out[u.n0 : u.n1, :, u.i0 : u.i1] = (acc / l.masked_fill(empty, 1.0)).view(c, g, n, Ev)
-        # lse = +inf makes the backward's exp(s - lse) exactly 0 on such rows.
-        row_lse = (m_use + l.log()).masked_fill_(empty, math.inf)
+        # Dropout's 1 / (1 - p) on every kept weight, applied once to the (R, Ev) result.
+        acc = (
+            acc.div_(l.masked_fill(empty, 1.0))
+            if pb.dropout_p == 0.0
+            else acc.mul_(keep_scale / l.masked_fill(empty, 1.0))
+        )
+        out[u.n0 : u.n1, :, u.i0 : u.i1] = acc.view(c, g, n, -1)
+        # lse = +inf makes the backward's exp2(s - lse) exactly 0 on such rows.
+        row_lse = l.log2_().add_(shift).masked_fill_(empty, math.inf)
         lse[u.n0 : u.n1, :, u.i0 : u.i1] = row_lse.view(c, g, n)
 
 
 @dataclass(frozen=True)
 class _Grads:
-    """Gradient accumulators of one worker: ``dq (N, g, L, E)``, ``dk``, ``dv``, ``dmask``."""
+    """Gradient accumulators of one worker: ``dq (N, g, L, E)``, ``dk_t (N, E, S)``,
+    ``dv_t (N, Ev, S)`` (the key and value gradients transposed) and ``dmask``."""
 
     dq: Tensor
-    dk: Tensor
-    dv: Tensor
+    dk_t: Tensor
+    dv_t: Tensor
     dmask: Tensor | None
 
 
 def _backward_units(
     pb: _Problem, units: list[_Unit], d_out: Tensor, delta: Tensor, lse: Tensor, grads: _Grads
 ) -> None:
-    """FlashAttention-2's backward over the tiles of ``units``, adding into ``grads``."""
+    """FlashAttention-2's backward over the tiles of ``units``, adding into ``grads``.
+
+    ``dK`` and ``dV`` are accumulated transposed, ``dV^T += dO^T P`` and
+    ``dK^T += scale * Q^T dS``: MKL runs those gemms at the speed of the others, while
+    ``P^T dO`` (a transposed tile as the left operand) runs about a quarter slower, and
+    they add straight into the accumulator instead of through a temporary.
+    """
     g, E, Ev = pb.q.shape[1], pb.q.shape[3], pb.v.shape[2]
     buf, dp_buf = pb.tile_buffer(), pb.tile_buffer()
     keep_scale = 1.0 / (1.0 - pb.dropout_p)
@@ -303,13 +343,16 @@ def _backward_units(
         rows = (slice(u.n0, u.n1), slice(None), slice(u.i0, u.i1))
         qb = pb.q[rows].reshape(c, g * n, E)  # (c, R, E)
         dob = d_out[rows].reshape(c, g * n, Ev)  # (c, R, Ev)
+        q_t = qb.transpose(1, 2).contiguous()  # (c, E, R)
+        do_t = dob.transpose(1, 2).contiguous()  # (c, Ev, R)
         lse_b = lse[rows].reshape(c, g * n, 1)
         delta_b = delta[rows].reshape(c, g * n, 1)
         dqb = qb.new_zeros(c, g * n, E)
         for kj, j0, j1 in pb.key_blocks(u.i0, u.i1):
             keys = (slice(u.n0, u.n1), slice(j0, j1))
+            keys_t = (slice(u.n0, u.n1), slice(None), slice(j0, j1))
             s = _scores(pb, u, qb, j0, j1, buf)
-            p = s.sub_(lse_b).exp_()  # (c, R, w) normalised probabilities
+            p = s.sub_(lse_b).exp2_()  # (c, R, w) normalised probabilities (base 2)
             dp = dp_buf[: p.numel()].view(p.shape)
             dp.baddbmm_(dob, pb.v[keys].transpose(1, 2), beta=0.0)  # dO V^T, (c, R, w)
             p_kept = p
@@ -317,14 +360,12 @@ def _backward_units(
                 keep = _keep_mask(p, pb.dropout_p, _tile_seed(pb.seed, u, kj))
                 dp.mul_(keep).mul_(keep_scale)
                 p_kept = p * keep
-            # Adding a contiguous product: a gemm straight into the strided dv/dk slice
-            # falls back to one small gemm per slice on CPU.
-            grads.dv[keys].add_(torch.bmm(p_kept.transpose(1, 2), dob), alpha=keep_scale)
+            grads.dv_t[keys_t].baddbmm_(do_t, p_kept, alpha=keep_scale)  # (c, Ev, w)
             ds = dp.sub_(delta_b).mul_(p)  # (c, R, w)
             if grads.dmask is not None:
                 _add_mask_grad(pb, u, j0, j1, ds, grads.dmask)
             dqb.baddbmm_(ds, pb.k[keys], alpha=pb.scale)  # (c, R, E)
-            grads.dk[keys].add_(torch.bmm(ds.transpose(1, 2), qb), alpha=pb.scale)
+            grads.dk_t[keys_t].baddbmm_(q_t, ds, alpha=pb.scale)  # (c, E, w)
         grads.dq[rows] += dqb.view(c, g, n, E)
 
 
@@ -408,8 +449,30 @@ def _worker_count() -> int:
     return torch.get_num_threads() if _SET_THREAD_COUNT is not None else 1
 
 
+def _balanced_parts(
+    units: list[_Unit], workers: int, cost: Callable[[_Unit], int]
+) -> list[list[_Unit]]:
+    """Split ``units`` over ``workers`` by cost, largest first onto the least loaded worker.
+
+    Under a causal mask a query block's cost grows with its position, so a round-robin
+    split leaves one worker with the longer blocks (1/8 more work at 16 blocks); this
+    greedy split depends only on the sizes, and each part keeps the units' order.
+    """
+    loads = [0] * workers
+    owner = [0] * len(units)
+    for i in sorted(range(len(units)), key=lambda i: -cost(units[i])):
+        w = loads.index(min(loads))
+        owner[i] = w
+        loads[w] += cost(units[i])
+    return [[u for u, o in zip(units, owner, strict=True) if o == w] for w in range(workers)]
+
+
 def _run(
-    units: list[_Unit], scores: int, work: Callable[[list[_Unit], int], None], by_chunk: bool
+    units: list[_Unit],
+    scores: int,
+    work: Callable[[list[_Unit], int], None],
+    by_chunk: bool,
+    cost: Callable[[_Unit], int],
 ) -> int:
     """Run ``work(units_of_worker, worker_index)`` on every unit; return the worker count.
 
@@ -417,7 +480,8 @@ def _run(
     thread per torch thread, each running its ops single-threaded (without touching
     process-wide settings: see :func:`_openmp_set_num_threads`); with ``by_chunk`` a
     chunk of slices never straddles two workers (so they never add into the same rows),
-    otherwise the caller gives every worker its own accumulators.
+    otherwise the caller gives every worker its own accumulators and the units are
+    split by ``cost`` (the scores a unit computes).
     """
     workers = _worker_count()
     chunks = len({u.chunk for u in units})
@@ -429,7 +493,7 @@ def _run(
     if by_chunk:
         parts = [[u for u in units if u.chunk % workers == w] for w in range(workers)]
     else:
-        parts = [units[w::workers] for w in range(workers)]
+        parts = _balanced_parts(units, workers, cost)
 
     def run_part(w: int) -> None:
         with torch.no_grad():  # grad mode is per thread; the kernel builds no graph
@@ -471,7 +535,7 @@ def _forward(
     out = q.new_empty(N, g, L, Ev)
     lse = q.new_empty(N, g, L)
     units = _units(N, g, L, S, block_l, block_s)
-    _run(units, N * g * L * S, lambda part, w: _forward_units(pb, part, out, lse), False)
+    _run(units, N * g * L * S, lambda part, w: _forward_units(pb, part, out, lse), False, pb.cost)
     return out, lse
 
 
@@ -497,8 +561,8 @@ def _backward(
         # dq rows never overlap between workers; dk/dv/dmask may unless split by chunk.
         return _Grads(
             shared.dq if shared else torch.zeros_like(pb.q),
-            shared.dk if shared and by_chunk else torch.zeros_like(pb.k),
-            shared.dv if shared and by_chunk else torch.zeros_like(pb.v),
+            shared.dk_t if shared and by_chunk else pb.k.new_zeros(N, pb.k.shape[2], S),
+            shared.dv_t if shared and by_chunk else pb.v.new_zeros(N, pb.v.shape[2], S),
             torch.zeros(mask.shape, dtype=pb.q.dtype, device=pb.q.device)
             if want_dmask and mask is not None
             else None,
@@ -510,16 +574,18 @@ def _backward(
     def work(part: list[_Unit], w: int) -> None:
         _backward_units(pb, part, d_out, delta, lse, grads[w])
 
-    used = _run(units, N * g * L * S, work, by_chunk)
+    used = _run(units, N * g * L * S, work, by_chunk, pb.cost)
     total = grads[0]
     for extra in grads[1:used]:
         if not by_chunk:
-            total.dk.add_(extra.dk)
-            total.dv.add_(extra.dv)
+            total.dk_t.add_(extra.dk_t)
+            total.dv_t.add_(extra.dv_t)
         if total.dmask is not None and extra.dmask is not None:
             total.dmask.add_(extra.dmask)
     dmask = None if total.dmask is None or mask is None else total.dmask.to(mask.dtype)
-    return total.dq, total.dk, total.dv, dmask
+    dk = total.dk_t.transpose(1, 2).contiguous()  # (N, S, E)
+    dv = total.dv_t.transpose(1, 2).contiguous()  # (N, S, Ev)
+    return total.dq, dk, dv, dmask
 
 
 class _ChunkedAttention(torch.autograd.Function):
