@@ -495,3 +495,24 @@ def test_grouped_query_attention_equals_repeated_key_value_heads(
         forward_backward(repeated, qkv, upstream),
         "repeated heads",
     )
+
+
+@spec(kind="equivalence")
+@given(
+    shapes=st.lists(
+        st.lists(st.sampled_from([0, 1, 2, 3]), min_size=0, max_size=4).map(tuple),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_front_door_broadcast_agrees_with_torch_broadcast_shapes(
+    shapes: list[tuple[int, ...]],
+) -> None:
+    """The front door's shape broadcast (a fast stand-in for ``torch.broadcast_shapes``) gives torch's broadcast shape, and ``None`` exactly where torch raises, for shapes with 0, 1 and other sizes."""
+    from transformer.attention import _broadcast
+
+    try:
+        want: tuple[int, ...] | None = tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        want = None
+    assert _broadcast(*shapes) == want

@@ -362,3 +362,21 @@ def test_tolerances_are_defined_only_for_floating_dtypes_they_know() -> None:
             tolerances(dtype)
     scaled = tolerances(torch.float32, scale=10.0)  # torch's fp32 defaults, ten times looser
     assert scaled == {"atol": pytest.approx(1e-4), "rtol": pytest.approx(1.3e-5)}
+
+
+@spec(component="attention", kind="property")
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("S", [1, 3, 7, 8, 9, 16, 63, 64, 65, 130])
+def test_a_nan_query_row_gives_a_nan_output_row_at_every_key_length(
+    kernel: str, dtype: torch.dtype, S: int
+) -> None:
+    """A NaN in one query row makes that output row NaN and leaves the other rows finite, for key lengths below, at and above one SIMD vector and the torch wrapper's 64-key threshold (torch's CPU flash kernel returns zeros for such a row when S is shorter than a vector; the wrapper restores the NaN there and relies on torch propagating it from 64 keys on)."""
+    q = randn(2, 3, 5, 16, seed=1, dtype=dtype)
+    k, v = randn(2, 3, S, 16, seed=2, dtype=dtype), randn(2, 3, S, 16, seed=3, dtype=dtype)
+    q[1, 2, 3, 7] = float("nan")
+    out = transformer.scaled_dot_product_attention(q, k, v, kernel=kernel)
+    assert bool(out[1, 2, 3].isnan().all()), f"the NaN row came out {out[1, 2, 3]}"
+    rows = torch.ones(2, 3, 5, dtype=torch.bool)
+    rows[1, 2, 3] = False
+    assert bool(out[rows].isfinite().all())

@@ -389,17 +389,23 @@ class Seq2SeqTransformer(nn.Module):
                 f"the cache holds {t} positions, so tgt_in must be longer than that (the "
                 f"positions to decode come after them), got length {L}"
             )
-        masks = self.masks(src, tgt_in)
         # Rows t .. L-1 of the causal mask: a new query at position i sees keys <= i, so
-        # the newest one alone (the usual decoding step) sees every key: no mask at all.
-        causal = masks.tgt_causal[t:] if L - t > 1 else None  # (L - t, L)
+        # the newest one alone (the usual decoding step) sees every key: no mask at all,
+        # and no (L, L) mask built at every step just to be sliced to nothing.
+        if L - t > 1:
+            masks = self.masks(src, tgt_in)
+            causal: Tensor | None = masks.tgt_causal[t:]  # (L - t, L)
+            src_padding, tgt_padding = masks.src_key_padding, masks.tgt_key_padding
+        else:
+            causal = None
+            src_padding, tgt_padding = self.key_padding(src), self.key_padding(tgt_in)
         y = self.embed(tgt_in[:, t:], self.tgt_embedding, offset=t)  # (B, L - t, E)
         h: Tensor = self.transformer.decoder(
             y,
             memory,
             tgt_mask=causal,
-            tgt_key_padding_mask=_padding_or_none(masks.tgt_key_padding),
-            memory_key_padding_mask=_padding_or_none(masks.src_key_padding),
+            tgt_key_padding_mask=_padding_or_none(tgt_padding),
+            memory_key_padding_mask=_padding_or_none(src_padding),
             cache=cache,
         )
         return h
