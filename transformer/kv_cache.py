@@ -39,7 +39,6 @@ Notation: N rows (batch, or batch x beams), H heads, T cached positions, D head 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -193,9 +192,6 @@ class DecoderCache:
 
     def __len__(self) -> int:
         return len(self.layers[0].self_attn)
-
-    def __iter__(self) -> Iterator[DecoderLayerCache]:
-        return iter(self.layers)
 
     def __repr__(self) -> str:
         return f"DecoderCache(layers={len(self.layers)}, length={len(self)})"
