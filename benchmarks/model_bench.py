@@ -4,6 +4,7 @@ Standalone script (measures and reports; it never asserts time)::
 
     python benchmarks/model_bench.py generation [--new-tokens 256] [--repeats 3]
     python benchmarks/model_bench.py training [--steps 5] [--d-model 256] [--layers 3]
+    python benchmarks/model_bench.py matvec [--repeats 5]
 
 ``generation``: a random base-size model (6+6 layers, d_model 512, 8 heads, d_ff 2048)
 greedily decodes ``--new-tokens`` tokens (EOS made impossible so every run has the same
@@ -16,6 +17,13 @@ cross-entropy, backward, Adam step) of ``Seq2SeqTransformer`` and of the same-si
 assembled from ``torch.nn.Transformer`` (same embeddings, sinusoids, tied output),
 alternating the two so that machine load hits both alike; reports medians and the
 ratio torch / ours. Writes ``benchmarks/results/cpu-training-throughput.json``.
+
+``matvec``: one row times the weight shapes of a base-size decoder step (in -> out:
+512 -> 1536, 512 -> 512, 512 -> 2048, 2048 -> 512, 512 -> 1000), each shape as enough
+distinct matrices to pass 96 MiB, more than the last-level cache, so the weights stream
+from memory as in decoding; ``F.linear`` and :func:`transformer.matvec.linear` are timed
+alternately by ``torch.utils.benchmark``; reports GB/s of weights read, the ratio, and
+whether the results are bitwise equal. Writes ``benchmarks/results/cpu-matvec.json``.
 
 Medians over repeats; the CPU is shared, so run on an idle machine for stable numbers.
 """
@@ -37,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.generate import greedy_decode
+from transformer.matvec import linear
 from transformer.model import ModelConfig, Seq2SeqTransformer
 from transformer.positional import sinusoidal_table
 
@@ -98,6 +107,58 @@ def bench_generation(args: argparse.Namespace) -> dict[str, Any]:
         "speedup": uncached / cached,
         "same_tokens": bool(torch.equal(outputs["cached"], outputs["uncached"])),
         "generated_shape": list(outputs["cached"].shape),
+        "environment": _environment(),
+    }
+
+
+# --------------------------------------------------------------------------- matvec
+
+#: (in_features, out_features) of the matrix-vector products of one decoder step.
+DECODER_SHAPES = [(512, 1536), (512, 512), (512, 2048), (2048, 512), (512, 1000)]
+
+
+def bench_matvec(args: argparse.Namespace) -> dict[str, Any]:
+    from torch.utils import benchmark
+
+    rows = []
+    for d_in, d_out in DECODER_SHAPES:
+        count = max(1, math.ceil(96 * 2**20 / (4 * d_in * d_out)))
+        weights = [torch.randn(d_out, d_in) for _ in range(count)]
+        biases = [torch.randn(d_out) for _ in range(count)]
+        x = torch.randn(1, 1, d_in)
+        env = {"x": x, "pairs": list(zip(weights, biases, strict=True)), "F": F, "split": linear}
+        stmts = {
+            "F.linear": "for w, b in pairs: F.linear(x, w, b)",
+            "split": "for w, b in pairs: split(x, w, b)",
+        }
+        times: dict[str, list[float]] = {name: [] for name in stmts}
+        for _ in range(args.repeats):
+            for name, stmt in stmts.items():
+                timer = benchmark.Timer(stmt, globals=env, num_threads=torch.get_num_threads())
+                times[name].append(timer.blocked_autorange(min_run_time=0.2).median / count)
+        median = {name: statistics.median(t) for name, t in times.items()}
+        gbs = {name: 4 * d_in * d_out / t / 1e9 for name, t in median.items()}
+        ref, got = F.linear(x, weights[0], biases[0]), linear(x, weights[0], biases[0])
+        rows.append(
+            {
+                "in_features": d_in,
+                "out_features": d_out,
+                "matrices": count,
+                "median_us": {name: t * 1e6 for name, t in median.items()},
+                "gb_per_s": gbs,
+                "speedup": median["F.linear"] / median["split"],
+                "bitwise_equal": bool(torch.equal(ref, got)),
+                "max_abs_diff": float((ref - got).abs().max()),
+            }
+        )
+        print(
+            f"  {d_in:>5} -> {d_out:<5} F.linear {gbs['F.linear']:5.1f} GB/s, "
+            f"split {gbs['split']:5.1f} GB/s ({rows[-1]['speedup']:.2f}x)"
+        )
+    return {
+        "benchmark": "one row times a weight matrix streamed from memory: F.linear vs split",
+        "repeats": args.repeats,
+        "rows": rows,
         "environment": _environment(),
     }
 
@@ -239,8 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--vocab", type=int, default=1000)
     t.add_argument("--steps", type=int, default=5)
     t.add_argument("--warmup", type=int, default=2)
+    m = sub.add_parser("matvec", help="one-row linear maps: F.linear vs the threaded split")
+    m.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    if args.target == "generation":
+    if args.target == "matvec":
+        record = bench_matvec(args)
+        path = _write("cpu-matvec.json", record)
+    elif args.target == "generation":
         record = bench_generation(args)
         path = _write("cpu-generation.json", record)
         print(

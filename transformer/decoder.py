@@ -30,6 +30,7 @@ from transformer.layer_common import (
     seq_len,
     stack_batch_first,
 )
+from transformer.matvec import Linear
 from transformer.multi_head_attention import MultiheadAttention
 
 __all__ = ["TransformerDecoder", "TransformerDecoderLayer"]
@@ -88,9 +89,9 @@ class TransformerDecoderLayer(nn.Module):
         self.multihead_attn = MultiheadAttention(
             d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **factory
         )
-        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
+        self.linear1 = Linear(d_model, dim_feedforward, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
+        self.linear2 = Linear(dim_feedforward, d_model, bias=bias, **factory)
         self.norm_first = norm_first
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)

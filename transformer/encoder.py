@@ -28,6 +28,7 @@ from transformer.layer_common import (
     seq_len,
     stack_batch_first,
 )
+from transformer.matvec import Linear
 from transformer.multi_head_attention import MultiheadAttention
 
 __all__ = ["TransformerEncoder", "TransformerEncoderLayer"]
@@ -90,9 +91,9 @@ class TransformerEncoderLayer(nn.Module):
             d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **factory
         )
         # Feed-forward network of section 3.3, kept flat (linear1/linear2) for torch's keys.
-        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
+        self.linear1 = Linear(d_model, dim_feedforward, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
+        self.linear2 = Linear(dim_feedforward, d_model, bias=bias, **factory)
         self.norm_first = norm_first
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)

@@ -26,6 +26,7 @@ from transformer._checks import (
     check_int,
     check_not_nested,
 )
+from transformer.matvec import Linear
 
 __all__ = ["Activation", "FeedForward", "get_activation", "position_wise"]
 
@@ -104,10 +105,10 @@ class FeedForward(nn.Module):
         check_dtype("dtype", dtype)
         self.activation = get_activation(activation)
         # W_1, b_1: (F, E), (F,).
-        self.linear1 = nn.Linear(d_model, dim_feedforward, device=device, dtype=dtype)
+        self.linear1 = Linear(d_model, dim_feedforward, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout)
         # W_2, b_2: (E, F), (E,).
-        self.linear2 = nn.Linear(dim_feedforward, d_model, device=device, dtype=dtype)
+        self.linear2 = Linear(dim_feedforward, d_model, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the network to every position independently: ``(..., E) -> (..., E)``."""

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from transformer.kv_cache import DecoderCache
 from transformer.layers import Transformer
+from transformer.matvec import Linear
 from transformer.positional import SinusoidalPositionalEncoding
 
 __all__ = ["Masks", "ModelConfig", "Seq2SeqTransformer", "check_token_ids"]
@@ -265,7 +266,7 @@ class Seq2SeqTransformer(nn.Module):
         )
         # The pre-softmax linear transformation; its weight is the target embedding's
         # Parameter itself when tied (section 3.4), so one tensor gets both gradients.
-        self.output = nn.Linear(d_model, tgt_vocab_size)
+        self.output = Linear(d_model, tgt_vocab_size)
         if tie_output:
             self.output.weight = self.tgt_embedding.weight
         self._reset_parameters()

@@ -37,6 +37,7 @@ from transformer._checks import (
 from transformer.attention import attention_weights, scaled_dot_product_attention
 from transformer.kv_cache import KVCache
 from transformer.masks import merge_module_masks
+from transformer.matvec import Linear, linear
 
 __all__ = ["MultiheadAttention"]
 
@@ -163,7 +164,7 @@ class MultiheadAttention(nn.Module):
         else:
             self.register_parameter("in_proj_bias", None)
         # W^O: (E, E).
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.out_proj = Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.bias_k: nn.Parameter | None
         self.bias_v: nn.Parameter | None
         if add_bias_kv:
@@ -207,7 +208,7 @@ class MultiheadAttention(nn.Module):
         """
         if self.in_proj_weight is not None and same:
             # Self-attention: one (3E, E) matmul instead of three.
-            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+            q, k, v = linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
             return q, k, v
         w_q, w_k, w_v = self._projection_weights()
         b_q: Tensor | None
@@ -217,7 +218,7 @@ class MultiheadAttention(nn.Module):
             b_q = b_k = b_v = None
         else:
             b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        return linear(query, w_q, b_q), linear(key, w_k, b_k), linear(value, w_v, b_v)
 
     def _query_projection(self, query: Tensor) -> Tensor:
         """``Q W^Q`` alone: ``(B, L, E) -> (B, L, E)`` (the keys come from a filled cache)."""
@@ -228,7 +229,7 @@ class MultiheadAttention(nn.Module):
             assert self.q_proj_weight is not None
             w_q = self.q_proj_weight
         b_q = None if self.in_proj_bias is None else self.in_proj_bias[:E]
-        return F.linear(query, w_q, b_q)
+        return linear(query, w_q, b_q)
 
     def _check_cache(self, cache: KVCache, B: int, S: int) -> int:
         """Check ``cache`` against ``B`` rows of ``S`` new keys; return the keys attended to."""

@@ -234,7 +234,7 @@ COMPONENTS: tuple[Component, ...] = (
         "kv_cache",
         "The KV cache: incremental decoding through the modules themselves",
         "transformer/kv_cache.py",
-        tests=("spec_tests/test_kv_cache.py",),
+        tests=("spec_tests/test_kv_cache.py", "spec_tests/test_matvec.py"),
     ),
     Component(
         "checkpoint",

@@ -1,0 +1,226 @@
+"""Spec of the one-row linear map that cached decoding runs (``transformer.matvec``).
+
+A cached decoder step multiplies one row by each weight matrix. ``transformer.matvec``
+splits such a product into one block of weight rows per torch thread, run as one
+batched matmul, and leaves every other call to ``F.linear``. Its promises: the same
+result as ``torch.nn.functional.linear`` wherever it is used, the split taken only
+where it applies (one row on the CPU, outside autograd, autocast and compilation), and
+a ``Linear`` module that is torch's ``nn.Linear`` in every visible way.
+
+Reference: ``torch.nn.functional.linear`` and ``torch.nn.Linear``.
+
+Notation: I in_features, O out_features.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from transformer.matvec import Linear, linear
+from transformer.testing import assert_close
+
+spec = functools.partial(pytest.mark.spec, component="kv_cache", section="extra")
+
+I, O = 24, 36
+
+
+def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=dtype)
+
+
+@pytest.fixture
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Run the test with ``request.param`` torch threads, restoring the count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(before)
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every aten op that runs inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def ops_of(fn: functools.partial[Tensor]) -> list[str]:
+    with OpLog() as log:
+        fn()
+    return log.ops
+
+
+# --------------------------------------------------------------------------------------
+# Equivalence: the same numbers as F.linear.
+# --------------------------------------------------------------------------------------
+
+
+@spec(kind="equivalence")
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("lead", [(), (1,), (1, 1), (1, 1, 1)], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_a_one_row_product_equals_torch_linear(
+    threads: int, lead: tuple[int, ...], bias: bool, dtype: torch.dtype
+) -> None:
+    """``linear(x, W, b) == F.linear(x, W, b)`` for one row ``x (*lead, I)``, any thread count.
+
+    ``O = 36`` splits evenly over 1, 2 and 3 threads, so each count takes its own split.
+    """
+    x = randn(*lead, I, seed=1, dtype=dtype)
+    w = randn(O, I, seed=2, dtype=dtype)
+    b = randn(O, seed=3, dtype=dtype) if bias else None
+    got = linear(x, w, b)
+    assert got.shape == (*lead, O)
+    assert_close(got, F.linear(x, w, b))
+
+
+@spec(kind="equivalence")
+@pytest.mark.parametrize("threads", [2], indirect=True)
+@pytest.mark.parametrize(
+    "shape",
+    [(3, I), (2, 1, I), (1, 4, I), (0, I)],
+    ids=["3 rows", "2 batches of 1", "1 batch of 4", "no row"],
+)
+def test_several_rows_give_torch_linear_unsplit(threads: int, shape: tuple[int, ...]) -> None:
+    """More (or fewer) than one row: ``linear`` is ``F.linear``, the same op and numbers."""
+    x, w, b = randn(*shape, seed=4), randn(O, I, seed=5), randn(O, seed=6)
+    assert "bmm" not in ops_of(functools.partial(linear, x, w, b))
+    assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+
+
+@spec(kind="equivalence")
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_gradients_flow_as_through_torch_linear(threads: int) -> None:
+    """With autograd recording, ``linear`` is ``F.linear``: same output and gradients."""
+    x = randn(1, I, seed=7).requires_grad_()
+    w, b = randn(O, I, seed=8).requires_grad_(), randn(O, seed=9).requires_grad_()
+    linear(x, w, b).square().sum().backward()
+    got = [t.grad for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    F.linear(x, w, b).square().sum().backward()
+    for g, want in zip(got, (x.grad, w.grad, b.grad), strict=True):
+        assert g is not None and want is not None
+        assert torch.equal(g, want)
+
+
+# --------------------------------------------------------------------------------------
+# Property: where the split is taken, and where it is not.
+# --------------------------------------------------------------------------------------
+
+
+@spec(kind="property")
+@pytest.mark.parametrize("threads", [2, 3], indirect=True)
+def test_a_one_row_product_runs_as_one_batched_matmul_of_a_block_per_thread(
+    threads: int,
+) -> None:
+    """Under ``no_grad`` with ``threads`` threads, the product is one ``baddbmm`` (``bmm``
+    without bias) of ``threads`` blocks of ``O / threads`` weight rows, and no ``addmm``."""
+    x, w, b = randn(1, 1, I, seed=10), randn(O, I, seed=11), randn(O, seed=12)
+    seen: list[tuple[int, ...]] = []
+
+    class Shapes(OpLog):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func.overloadpacket.__name__ in ("baddbmm", "bmm"):
+                seen.append(tuple(args[-1].shape))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    with torch.no_grad():
+        with Shapes() as log:
+            linear(x, w, b)
+        assert "baddbmm" in log.ops and "addmm" not in log.ops
+        with Shapes() as log:
+            linear(x, w)
+        assert "bmm" in log.ops and "mm" not in log.ops
+    assert seen == [(threads, I, O // threads)] * 2
+
+
+@spec(kind="property")
+@pytest.mark.parametrize("threads", [2], indirect=True)
+@pytest.mark.parametrize(
+    "case",
+    ["one thread", "rows do not split evenly", "bf16", "needs grad", "autocast", "strided"],
+)
+def test_the_split_is_left_to_torch_linear_where_it_does_not_apply(threads: int, case: str) -> None:
+    """One thread, ``O`` not a multiple of the thread count, a dtype other than fp32/fp64,
+    autograd recording, CPU autocast, or a weight that is not row-major: ``F.linear`` runs
+    (an ``addmm``, no ``bmm``) and gives its own result."""
+    out_features = O + 1 if case == "rows do not split evenly" else O
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    x, w = randn(1, I, seed=13, dtype=dtype), randn(out_features, I, seed=14, dtype=dtype)
+    b = randn(out_features, seed=15, dtype=dtype)
+    if case == "strided":
+        w = randn(I, out_features, seed=14).t()  # (O, I) with column-major storage
+    if case == "needs grad":
+        x.requires_grad_()
+    if case == "one thread":
+        torch.set_num_threads(1)
+    call = functools.partial(linear, x, w, b)
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ops, got, want = ops_of(call), call(), F.linear(x, w, b)
+    else:
+        ops, got, want = ops_of(call), call(), F.linear(x, w, b)
+    assert not {"bmm", "baddbmm"} & set(ops), ops
+    assert torch.equal(got, want)
+
+
+@spec(kind="property")
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_the_split_traces_under_torch_compile_fullgraph(threads: int) -> None:
+    """``torch.compile(fullgraph=True)`` of a ``Linear`` on one row traces without a
+    graph break (the thread count is not read in traced code) and gives eager's result."""
+    torch._dynamo.reset()
+    layer = Linear(I, O)
+    x = randn(1, I, seed=16)
+    with torch.no_grad():
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))
+
+
+# --------------------------------------------------------------------------------------
+# Equivalence: Linear is torch's nn.Linear.
+# --------------------------------------------------------------------------------------
+
+
+@spec(kind="equivalence")
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_linear_is_a_torch_linear_with_its_keys_init_and_hooks(threads: int) -> None:
+    """``Linear`` is an ``nn.Linear``: the same ``state_dict`` keys and shapes, torch's
+    init from one seed, a torch ``Linear``'s weights load into it with the same outputs,
+    and forward hooks see its calls."""
+    torch.manual_seed(0)
+    ours = Linear(I, O)
+    torch.manual_seed(0)
+    theirs = nn.Linear(I, O)
+    assert isinstance(ours, nn.Linear)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in theirs.state_dict().items()
+    }
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    theirs.weight.data.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    calls: list[Tensor] = []
+    ours.register_forward_hook(lambda module, args, out: calls.append(out))
+    x = randn(1, 1, I, seed=17)
+    with torch.no_grad():
+        got = ours(x)
+        assert_close(got, theirs(x))
+    assert len(calls) == 1 and calls[0] is got

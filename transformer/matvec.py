@@ -1,0 +1,77 @@
+"""Linear maps of one row, split over threads: the matrix-vector products of decoding.
+
+A cached decoder step (batch 1) multiplies one row by every weight matrix of the
+decoder, so it is bound by how fast the weights stream from memory. For a single row
+``F.linear`` on CPU becomes one BLAS matrix-vector product, which MKL ran at the same
+speed on 1 and 2 threads of the 2-core AMD EPYC this project is benchmarked on,
+reading the decoder's fp32 weights at 9 to 16 GB/s. Cutting the weight's rows into one block
+per thread and running the blocks as one batched matmul (``baddbmm``) lets torch give
+each thread one block: 1.26x to 1.39x faster at 2 threads on four of the decoder's five
+shapes, no faster on ``(512, 512)``, with the same per-row dot products, so the results
+equalled ``F.linear``'s bitwise there (``benchmarks/results/cpu-matvec.json``, from
+``OMP_NUM_THREADS=2 python benchmarks/model_bench.py matvec``). Greedy decoding of the
+base-size model took 2.6 s instead of 3.4 s for 256 tokens at 2 threads.
+
+Only a row-major fp32/fp64 weight times one row, on CPU, outside autograd, autocast and
+``torch.compile``, with at least two threads and rows that split evenly takes the split;
+everything else is ``F.linear`` itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Linear", "linear"]
+
+_SPLIT_DTYPES = (torch.float32, torch.float64)
+
+
+def _parts(x: Tensor, weight: Tensor) -> int:
+    """How many row blocks ``x @ weight^T`` is cut into; 1 means use ``F.linear``."""
+    if x.device.type != "cpu" or weight.dim() != 2 or x.numel() != weight.size(1):
+        return 1
+    if x.dtype not in _SPLIT_DTYPES or weight.dtype != x.dtype or not weight.is_contiguous():
+        return 1
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return 1
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return 1
+    parts = torch.get_num_threads()
+    if parts < 2 or weight.size(0) % parts:
+        return 1
+    return parts
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``, with a one-row product split over torch's threads.
+
+    Shapes: ``x (..., in)``, ``weight (out, in)``, ``bias (out,)`` -> ``(..., out)``.
+    When ``x`` holds one row (all leading dims 1) and the split applies (see the module
+    docstring), ``weight`` is viewed as ``(k, out / k, in)`` blocks, one per thread, and
+    the blocks are multiplied by the row as one batched matmul.
+    """
+    k = _parts(x, weight)
+    if k == 1:
+        return F.linear(x, weight, bias)
+    out_features, in_features = weight.shape
+    rows = weight.view(k, out_features // k, in_features).transpose(1, 2)  # (k, in, out/k)
+    row = x.reshape(1, 1, in_features).expand(k, 1, in_features)  # (k, 1, in)
+    if bias is None:
+        y = torch.bmm(row, rows)  # (k, 1, out/k)
+    else:
+        y = torch.baddbmm(bias.view(k, 1, out_features // k), row, rows)
+    return y.view(*x.shape[:-1], out_features)
+
+
+class Linear(nn.Linear):
+    """torch's :class:`torch.nn.Linear` (same parameters, ``state_dict`` keys and init),
+    whose forward is :func:`linear`: one-row inputs take the threaded split.
+
+    Shape: ``(..., in_features) -> (..., out_features)``.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        """``input @ weight^T + bias``: ``(..., in_features) -> (..., out_features)``."""
+        return linear(input, self.weight, self.bias)
