@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from transformer import attention, bench
+from transformer import attention, bench, bench_device
 from transformer.bench import BenchError, format_table, run_attention_bench
 from transformer.cli import main
 
@@ -260,8 +260,9 @@ def test_without_proc_the_report_uses_the_platform_name_and_an_8_gib_memory_gues
             raise FileNotFoundError(path)
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(bench, "open", fake_open, raising=False)
-    assert bench._free_memory("cpu") == 8 * 2**30
+    # bench_device reads /proc for the hardware name and the free memory.
+    monkeypatch.setattr(bench_device, "open", fake_open, raising=False)
+    assert bench_device._free_memory("cpu") == 8 * 2**30
     report = run_attention_bench(
         kernels=("reference",),
         dtypes=("fp32",),

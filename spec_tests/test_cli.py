@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import transformer as transformer_package
-from transformer import cli
+from transformer import cli, cli_config, cli_decode, cli_demo
 from transformer.checkpoint import load_checkpoint, save_checkpoint
 from transformer.cli import build_parser, main
 from transformer.data import TASKS, make_task
@@ -579,7 +579,7 @@ def test_interrupt_exits_130_and_debug_mode_shows_the_traceback(
     def command(args: object) -> int:
         raise raised[-1]
 
-    monkeypatch.setattr(cli, "_cmd_generate", command)
+    monkeypatch.setattr(cli_decode, "_cmd_generate", command)
     monkeypatch.delenv("TRANSFORMER_DEBUG", raising=False)
     argv = ["generate", "--checkpoint", "run", "text"]
 
@@ -619,12 +619,12 @@ def test_demo_at_a_tiny_size_runs_its_four_stages_and_reports_unmet_goals(
     module-level sizes are shrunk so the command's own code runs in the default suite.
     """
     monkeypatch.setattr(
-        cli,
+        cli_config,
         "DEFAULT_MODEL",
         {"d_model": 16, "nhead": 2, "layers": 1, "dim_feedforward": 24, "dropout": 0.1},
     )
-    monkeypatch.setattr(cli, "DEFAULT_VOCAB", 60)
-    monkeypatch.setitem(cli.DEFAULT_TRAIN, "batch_size", 16)
+    monkeypatch.setattr(cli_demo, "DEFAULT_VOCAB", 60)
+    monkeypatch.setitem(cli_demo.DEFAULT_TRAIN, "batch_size", 16)
     small = dataclasses.replace(TASKS["numbers"], n_train=40, n_heldout=5)
     monkeypatch.setitem(TASKS, "numbers", small)
     out = tmp_path / "demo"
@@ -644,6 +644,9 @@ def test_demo_at_a_tiny_size_runs_its_four_stages_and_reports_unmet_goals(
     heldout = make_task("numbers", seed=0).heldout
     assert [src for src, _ in shown] == [src for src, _ in heldout[:3]]
     model, meta = load_checkpoint(out / "checkpoint")
+    # The shrink reached the command (a patch of the wrong module would run full size).
+    assert model.d_model == 16
+    assert model.output.out_features <= 60
     tokenizer = Tokenizer.from_str(meta["tokenizer"])
     max_len = meta["max_target_len"] + 8
     ids = translate(model, tokenizer, [src for src, _ in shown], max_len=max_len)
@@ -894,7 +897,7 @@ def test_threads_flag_sets_torch_threads_before_the_command_runs(
         seen.append(torch.get_num_threads())
         return 0
 
-    monkeypatch.setattr(cli, "_cmd_generate", command)
+    monkeypatch.setattr(cli_decode, "_cmd_generate", command)
     assert main(["--threads", "3", "generate", "--checkpoint", "run", "text"]) == 0
     assert seen == [3]
 

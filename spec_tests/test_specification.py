@@ -6,7 +6,9 @@ test of each kind it requires, every test carries a valid spec tag, and every te
 a docstring whose first sentence is the statement rendered into
 ``docs/specification.md``. The others pin the machinery down on small synthetic inputs:
 the static scanner, the pytest recorder (run on a throw-away suite with ``pytester``),
-the coverage matrix, the Markdown and HTML renderers and the ``transformer spec`` hook.
+the coverage matrix, the Markdown and HTML renderers and the ``transformer spec`` hook,
+all reached through ``transformer.specification``, which re-exports the
+``transformer/spec_*.py`` modules that hold them.
 """
 
 from __future__ import annotations

@@ -200,7 +200,7 @@ def test_the_fallback_tile_fits_an_a100_at_the_largest_head_dim(dtype_name: str)
 def test_benchmarked_bf16_shapes_build_every_config_on_h100_tensor_cores(
     head_dim: int, is_causal: bool
 ) -> None:
-    """For the issue's benchmark shapes (bf16, E 64 and 128, causal and not), every autotune config compiles for sm_90, fits and pipelines its loads (asynchronous copies); its dots run on Hopper's warpgroup tensor cores (``wgmma``), except the 32 x 32 fallback, too small for a warpgroup, on ``mma``; and each kernel has ``wgmma`` configs that spill no register, for the autotuner to pick."""
+    """For the GPU benchmark's shapes (bf16, E 64 and 128, causal and not), every autotune config compiles for sm_90, fits and pipelines its loads (asynchronous copies); its dots run on Hopper's warpgroup tensor cores (``wgmma``), except the 32 x 32 fallback, too small for a warpgroup, on ``mma``; and each kernel has ``wgmma`` configs that spill no register, for the autotuner to pick."""
     q, k, v = operands(head_dim, torch.bfloat16, L=4096, S=4096)
     builds = compile_offline(q, k, v, is_causal=is_causal, arch=H100)
     assert all(b.fits for b in builds), describe(builds)
