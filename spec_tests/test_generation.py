@@ -1,7 +1,7 @@
 """Spec of token-by-token generation: greedy decoding, beam search and the KV cache.
 
-``greedy_decode``, ``beam_search`` and ``sample_decode`` (module ``transformer.generate``)
-feed the decoder its own outputs one token at a time. The suite pins: the KV cache changes nothing (the
+``greedy_decode``, ``beam_search`` (module ``transformer.generate``) and ``sample_decode``
+(module ``transformer.sampling``, re-exported by ``transformer.generate``) feed the decoder its own outputs one token at a time. The suite pins: the KV cache changes nothing (the
 tokens of a cached run are exactly those of re-decoding the whole prefix at each step,
 and a cached step's logits equal the teacher-forced ones); the result format (no BOS,
 EOS kept, ``pad_id`` after it); batch elements finish independently; beam search with
@@ -26,16 +26,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from transformer.generate import (
-    CachedDecoder,
-    FullDecoder,
-    beam_search,
-    filter_logits,
-    greedy_decode,
-    sample_decode,
-    sample_next,
-)
+from transformer.generate import CachedDecoder, FullDecoder, beam_search, greedy_decode
 from transformer.model import Seq2SeqTransformer
+from transformer.sampling import filter_logits, sample_decode, sample_next
 from transformer.testing import assert_close
 
 spec = functools.partial(pytest.mark.spec, component="generation", section="extra")

@@ -32,7 +32,7 @@ _LAZY = {
     "CheckpointError": "transformer.checkpoint",
     "greedy_decode": "transformer.generate",
     "beam_search": "transformer.generate",
-    "sample_decode": "transformer.generate",
+    "sample_decode": "transformer.sampling",
     "KVCache": "transformer.kv_cache",
     "DecoderCache": "transformer.kv_cache",
 }

@@ -47,7 +47,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from transformer.data import pad_sequences
-    from transformer.generate import sample_decode
+    from transformer.sampling import sample_decode
 
     src = pad_sequences(
         [tokenizer.encode(text) or [tokenizer.unk_id] for text in args.text], tokenizer.pad_id

@@ -1,4 +1,4 @@
-"""The training loop and its resume: ``TrainConfig``, ``train``, the state a checkpoint carries.
+"""The training loop: ``TrainConfig``, ``train`` and its step, the state a checkpoint carries.
 
 ``train`` is seeded and deterministic on CPU, and its checkpoint carries everything the
 run's future depends on (weights, Adam moments, schedule step, the fp16 gradient
@@ -8,7 +8,8 @@ uninterrupted run would have logged.
 
 Imports the recipe (:mod:`transformer.recipe`), mixed precision
 (:mod:`transformer.precision`), data parallelism (:mod:`transformer.distributed`), the
-run's files (:mod:`transformer.run_files`) and checkpoints; nothing of the CLI.
+run's files (:mod:`transformer.run_files`), checkpoints and what a resume needs
+(:mod:`transformer.resume`: stop requests, RNG states, step checkpoints); nothing of the CLI.
 
 Notation: B batch, S source length, T target length, V vocabulary size.
 """
@@ -20,13 +21,10 @@ import json
 import math
 import os
 import random
-import shutil
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from transformer.checkpoint import load_checkpoint, save_checkpoint
 from transformer.data import Batch, BucketBatcher, Pair
 from transformer.distributed import (
     any_rank,
@@ -47,8 +44,22 @@ from transformer.distributed import (
     wrap_data_parallel,
 )
 from transformer.model import ModelConfig, Seq2SeqTransformer
-from transformer.precision import AUTOCAST_DTYPES, autocast, make_grad_scaler, optimizer_step
+from transformer.precision import autocast, make_grad_scaler, optimizer_step
 from transformer.recipe import make_optimizer, make_scheduler, sequence_loss
+from transformer.resume import (
+    STEP_CHECKPOINTS_DIR,
+    TrainInterrupted,
+    load_training_state,
+    restore_rng_state,
+    rng_state,
+    save_training_state,
+    step_checkpoints,
+)
+
+# Unused here: the names these helpers had before they moved, for code importing them.
+from transformer.resume import check_resumable as _check_resumable  # noqa: F401
+from transformer.resume import prune_step_checkpoints as _prune_step_checkpoints  # noqa: F401
+from transformer.resume import stop_requests as _stop_requests
 from transformer.run_files import (
     CHECKPOINT_DIR,
     METRICS_FILE,
@@ -59,8 +70,10 @@ from transformer.run_files import (
     write_atomically,
 )
 from transformer.tokenizer import Tokenizer
+from transformer.train_config import TrainConfig
 
 __all__ = [
+    "STEP_CHECKPOINTS_DIR",
     "TrainConfig",
     "TrainInterrupted",
     "TrainResult",
@@ -69,102 +82,6 @@ __all__ = [
     "step_checkpoints",
     "train",
 ]
-
-# Fields that shape the trajectory of a run: a resumed run must use the same values.
-_TRAJECTORY_FIELDS = (
-    "batch_size",
-    "warmup",
-    "lr_scale",
-    "label_smoothing",
-    "clip_norm",
-    "seed",
-    "autocast",
-    "accumulate",
-    "batch_tokens",
-)
-
-#: Where ``keep_last`` keeps the step checkpoints, beside ``DIR/checkpoint``.
-STEP_CHECKPOINTS_DIR = "checkpoints"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train (§5.3, §5.4); the model's shape lives in ``ModelConfig``."""
-
-    #: Total training steps (batches) of the run (a resumed run continues up to this step).
-    steps: int = 2000
-    #: Sentence pairs per batch (the paper batches ~25k tokens; we count sentences).
-    batch_size: int = 64
-    #: ``warmup_steps`` of the §5.3 schedule (the paper: 4000).
-    warmup: int = 400
-    #: Factor on the §5.3 learning rate (1.0 is the paper's formula).
-    lr_scale: float = 1.0
-    #: eps_ls of §5.4 (0.1 in the paper); 0 trains on plain cross-entropy.
-    label_smoothing: float = 0.1
-    #: Clip the global gradient norm to this value; ``None`` does not clip (the paper).
-    clip_norm: float | None = 1.0
-    #: Seeds the dropout RNG and the data order (the caller seeds the initial weights).
-    seed: int = 0
-    #: Write one line to metrics.jsonl every this many steps.
-    log_every: int = 10
-    #: Save DIR/checkpoint every this many steps (and always at the end).
-    checkpoint_every: int = 500
-    #: Stop early after this many seconds of this call (the run stays resumable).
-    max_seconds: float | None = None
-    #: Mixed precision: run forward and loss under ``torch.autocast`` with this dtype
-    #: ("bf16", also on CPU; or "fp16", with a ``GradScaler``); ``None`` trains in float32.
-    autocast: str | None = None
-    #: Also keep the checkpoints of the last this many saves as
-    #: DIR/checkpoints/step-XXXXXXXX/, to average them (§6.1); 0 keeps none.
-    keep_last: int = 0
-    #: Sum the gradients of this many batches before one optimizer step, each loss
-    #: divided by the token count of all of them: the step of one batch this many times larger.
-    accumulate: int = 1
-    #: Build batches by padded token count (§5.1: ~25000 source and target tokens per
-    #: batch) instead of ``batch_size`` sentences; ``None`` counts sentences.
-    batch_tokens: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "batch_size",
-            "warmup",
-            "log_every",
-            "checkpoint_every",
-            "accumulate",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.lr_scale, int | float) and self.lr_scale > 0):
-            raise ValueError(f"TrainConfig.lr_scale must be positive, got {self.lr_scale!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(
-                f"TrainConfig.label_smoothing must be in [0, 1), got {self.label_smoothing!r}"
-            )
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(
-                f"TrainConfig.clip_norm must be positive or None, got {self.clip_norm!r}"
-            )
-        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
-            raise ValueError(
-                f"TrainConfig.autocast must be one of {sorted(AUTOCAST_DTYPES)} or None, "
-                f"got {self.autocast!r}"
-            )
-        keep = self.keep_last
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-            raise ValueError(f"TrainConfig.keep_last must be a non-negative integer, got {keep!r}")
-        tokens = self.batch_tokens
-        if tokens is not None and (
-            isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1
-        ):
-            raise ValueError(
-                f"TrainConfig.batch_tokens must be a positive integer or None, got {tokens!r}"
-            )
-        if self.max_seconds is not None and not self.max_seconds > 0:
-            raise ValueError(
-                f"TrainConfig.max_seconds must be positive or None, got {self.max_seconds!r}"
-            )
 
 
 @dataclass(frozen=True)
@@ -181,123 +98,6 @@ class TrainResult:
     elapsed: float
     #: The run directory.
     out_dir: Path
-
-
-class TrainInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped :func:`train` after it saved the last completed step.
-
-    A ``KeyboardInterrupt``, so code that handles Ctrl-C handles it; ``resume=True``
-    continues the run from ``step``.
-    """
-
-    def __init__(self, signum: int, step: int, total: int, checkpoint: Path) -> None:
-        super().__init__(f"{signal.Signals(signum).name} at step {step} of {total}")
-        #: The signal that stopped the run (``signal.SIGINT`` or ``signal.SIGTERM``).
-        self.signum = signum
-        #: The last completed step, the one the checkpoint holds.
-        self.step = step
-        #: ``config.steps`` of the run.
-        self.total = total
-        #: The checkpoint directory written before stopping.
-        self.checkpoint = checkpoint
-
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextmanager
-def _stop_requests() -> Iterator[list[int]]:
-    """While open, SIGINT and SIGTERM append their number to the yielded list instead of
-    stopping the process, so the loop can finish its step and save; a second signal of
-    either kind raises ``KeyboardInterrupt`` at once. Outside the main thread (where
-    Python cannot install handlers) the list stays empty and signals act as before.
-    """
-    requested: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield requested
-        return
-
-    def handle(signum: int, frame: object) -> None:
-        if requested:
-            raise KeyboardInterrupt
-        requested.append(signum)
-
-    before = {s: signal.signal(s, handle) for s in _STOP_SIGNALS}
-    try:
-        yield requested
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
-
-
-# --------------------------------------------------------------------------- RNG states
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG state training may draw from, as JSON-serialisable lists.
-
-    torch's CPU generator, Python's ``random``, NumPy's global generator and, once this
-    process has initialised CUDA, every CUDA device's generator
-    (``torch.cuda.get_rng_state_all``); :func:`restore_rng_state` puts them back.
-    """
-    version, internal, gauss = random.getstate()
-    # The legacy global generator is the one third-party code draws from.
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
-    state: dict[str, Any] = {
-        "torch": torch.random.get_rng_state().tolist(),
-        "python": [version, list(internal), gauss],
-        "numpy": [name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # pragma: no cover
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Set the generators :func:`rng_state` captured (those it holds) back to those states."""
-    torch.random.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "numpy" in state:
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        keys_array = np.array(keys, dtype=np.uint32)  # (624,) MT19937 words
-        np.random.set_state((name, keys_array, pos, has_gauss, cached))  # noqa: NPY002
-    if "cuda" in state and torch.cuda.is_available():  # pragma: no cover
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
-    """A resumed run must keep every setting that changes its trajectory."""
-    ours = dataclasses.asdict(config)
-    # A checkpoint written before a field existed trained with that field's default.
-    defaults = dataclasses.asdict(TrainConfig())
-    changed = [
-        f"{k}: {saved.get(k, defaults[k])!r} -> {ours[k]!r}"
-        for k in _TRAJECTORY_FIELDS
-        if saved.get(k, defaults[k]) != ours[k]
-    ]
-    if changed:
-        raise ValueError(
-            "cannot resume: the checkpoint was trained with other settings ("
-            + "; ".join(changed)
-            + ")"
-        )
-
-
-def step_checkpoints(out_dir: str | os.PathLike[str]) -> list[Path]:
-    """The step checkpoints ``keep_last`` kept in ``out_dir``, oldest first."""
-    directory = Path(out_dir) / STEP_CHECKPOINTS_DIR
-    if not directory.is_dir():
-        return []
-    kept = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step-")]
-    return sorted(kept, key=lambda p: p.name)
-
-
-def _prune_step_checkpoints(directory: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` step checkpoints (and leftovers of interrupted saves)."""
-    kept = step_checkpoints(directory.parent)
-    for old in kept[: max(len(kept) - keep, 0)]:
-        shutil.rmtree(old)
 
 
 def _new_window() -> dict[str, Any]:
@@ -366,7 +166,75 @@ def _sync_gradients(net: nn.Module, *, last: bool) -> AbstractContextManager[Any
     return net.no_sync()
 
 
+def _step_losses(
+    net: nn.Module,
+    batches: list[Batch],
+    *,
+    config: TrainConfig,
+    pad_id: int,
+    device: torch.device,
+    scaler: torch.amp.GradScaler,
+) -> Tensor:
+    """Forward and backward of the ``accumulate`` batches of one step; their summed losses
+    over all ranks, (2,) float64 on the CPU. The gradients are all-reduced once, after
+    the last batch."""
+    rank, world_size = world()
+    step_tokens = sum(b.n_tokens for b in batches)
+    summed: Tensor | None = None
+    for i, batch in enumerate(batches):
+        shard = shard_batch(batch, rank, world_size, pad_id=pad_id) if world_size > 1 else batch
+        with _sync_gradients(net, last=i == len(batches) - 1):
+            part = _forward_backward(
+                net,
+                batch,
+                shard,
+                config=config,
+                pad_id=pad_id,
+                device=device,
+                scaler=scaler,
+                step_tokens=step_tokens if len(batches) > 1 else None,
+            )
+        summed = part if summed is None else summed + part
+    assert summed is not None  # accumulate >= 1
+    return sum_over_ranks(summed).cpu()
+
+
 # --------------------------------------------------------------------------- the loop
+
+
+def _restore_run(
+    out: Path,
+    model: Seq2SeqTransformer,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    batcher: BucketBatcher,
+    config: TrainConfig,
+) -> tuple[int, float, dict[str, Any], list[dict[str, Any]]]:
+    """Load ``out/checkpoint`` into the run's parts and cut metrics.jsonl back to it.
+
+    Returns the step, the elapsed seconds before this call, the open metrics window and
+    the records kept.
+    """
+    metrics_path = out / METRICS_FILE
+    state = load_training_state(
+        out / CHECKPOINT_DIR, model, optimizer, scheduler, scaler, batcher, config
+    )
+    step, elapsed_before = int(state["step"]), float(state["elapsed"])
+    window = {**_new_window(), **state["window"]}
+    # Drop records written after the checkpoint and an off-grid record of the stop,
+    # which a run going on past it would not have; a run with no step left to take
+    # ends there, so it keeps that final record as an uninterrupted run would.
+    finished = step >= config.steps
+    previous = [
+        r
+        for r in read_metrics_until_torn(metrics_path)
+        if r["step"] <= step and (r["step"] % config.log_every == 0 or finished)
+    ]
+    if world()[0] == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomically(metrics_path, "".join(_json_line(r) for r in previous))
+    return step, elapsed_before, window, previous
 
 
 def train(
@@ -411,7 +279,7 @@ def train(
     step (the same atomic save) and raises :class:`TrainInterrupted`; a second signal
     stops at once, saving nothing more.
     """
-    rank, world_size = world()
+    rank = world()[0]
     lead = rank == 0
     out = Path(out_dir)
     ckpt_dir = out / CHECKPOINT_DIR
@@ -451,38 +319,9 @@ def train(
     step, elapsed_before = 0, 0.0
     previous: list[dict[str, Any]] = []
     if resume:
-        # A save killed between its two renames leaves the complete old one as .old.
-        if not ckpt_dir.exists() and not ckpt_dir.with_name(CHECKPOINT_DIR + ".old").exists():
-            raise FileNotFoundError(f"cannot resume: no checkpoint at {ckpt_dir}")
-        _, saved = load_checkpoint(ckpt_dir, model, optimizer, scheduler)
-        state = saved.get("training")
-        if not isinstance(state, dict):
-            raise ValueError(f"cannot resume: {ckpt_dir} holds no training state")
-        _check_resumable(state["config"], config)
-        rng_states = state["rng"]
-        if len(rng_states) != world_size:
-            raise ValueError(
-                f"cannot resume: the checkpoint was written by {len(rng_states)} process(es), "
-                f"this run has {world_size}"
-            )
-        step, elapsed_before = int(state["step"]), float(state["elapsed"])
-        window = {**_new_window(), **state["window"]}
-        batcher.load_state_dict(state["loader"])
-        if state.get("grad_scaler"):
-            scaler.load_state_dict(state["grad_scaler"])
-        restore_rng_state(rng_states[rank])
-        # Drop records written after the checkpoint and an off-grid record of the stop,
-        # which a run going on past it would not have; a run with no step left to take
-        # ends there, so it keeps that final record as an uninterrupted run would.
-        finished = step >= config.steps
-        previous = [
-            r
-            for r in read_metrics_until_torn(metrics_path)
-            if r["step"] <= step and (r["step"] % config.log_every == 0 or finished)
-        ]
-        if lead:
-            out.mkdir(parents=True, exist_ok=True)
-            write_atomically(metrics_path, "".join(_json_line(r) for r in previous))
+        step, elapsed_before, window, previous = _restore_run(
+            out, model, optimizer, scheduler, scaler, batcher, config
+        )
     else:
         # Each rank its own dropout stream; rank 0's is the one-process run's.
         torch.manual_seed(config.seed + rank)
@@ -507,19 +346,15 @@ def train(
                 "window": window,
                 "grad_scaler": scaler.state_dict(),
             }
-            save_checkpoint(
-                ckpt_dir, model, optimizer, scheduler, training=training_state, **run_meta
+            save_training_state(
+                out,
+                model,
+                optimizer,
+                scheduler,
+                training_state,
+                keep_last=config.keep_last,
+                meta=run_meta,
             )
-            if config.keep_last:
-                save_checkpoint(
-                    out / STEP_CHECKPOINTS_DIR / f"step-{step:08d}",
-                    model,
-                    optimizer,
-                    scheduler,
-                    training=training_state,
-                    **run_meta,
-                )
-                _prune_step_checkpoints(out / STEP_CHECKPOINTS_DIR, config.keep_last)
         barrier(device)
 
     def flush(lr: float) -> dict[str, Any]:
@@ -556,27 +391,9 @@ def train(
                 batches = [next(batcher) for _ in range(config.accumulate)]
                 step_tokens = sum(b.n_tokens for b in batches)
                 optimizer.zero_grad(set_to_none=True)
-                summed: Tensor | None = None
-                for i, batch in enumerate(batches):
-                    shard = (
-                        shard_batch(batch, rank, world_size, pad_id=pad_id)
-                        if world_size > 1
-                        else batch
-                    )
-                    with _sync_gradients(net, last=i == len(batches) - 1):
-                        part = _forward_backward(
-                            net,
-                            batch,
-                            shard,
-                            config=config,
-                            pad_id=pad_id,
-                            device=device,
-                            scaler=scaler,
-                            step_tokens=step_tokens if len(batches) > 1 else None,
-                        )
-                    summed = part if summed is None else summed + part
-                assert summed is not None  # accumulate >= 1
-                losses = sum_over_ranks(summed).cpu()
+                losses = _step_losses(
+                    net, batches, config=config, pad_id=pad_id, device=device, scaler=scaler
+                )
                 if not torch.isfinite(losses).all():
                     raise FloatingPointError(
                         f"train: the loss is {losses[0].item()} at step {step + 1}; lower "

@@ -2,7 +2,9 @@
 
 * :mod:`transformer.recipe` — Adam 0.9/0.98/1e-9 and the warm-up + inverse-sqrt rate
   (§5.3 eq. 3), the label-smoothed loss (§5.4), the seeded untrained model.
-* :mod:`transformer.train_loop` — ``TrainConfig``, ``train``, resume and RNG states.
+* :mod:`transformer.train_config` — ``TrainConfig``, the training settings and their checks.
+* :mod:`transformer.train_loop` — ``train``: the step, the loop, logging and checkpoints.
+* :mod:`transformer.resume` — RNG states, resuming a run, step checkpoints, stop signals.
 * :mod:`transformer.precision` — autocast and the fp16 gradient scaler.
 * :mod:`transformer.distributed` — the torchrun process group, DistributedDataParallel,
   batch shards.
