@@ -40,10 +40,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# Everything the four modules define stays importable from here, where it was defined
-# before the split: callers and tests reach the whole machinery through this module.
+# The public names of the four modules stay importable from here, where they were
+# defined before the split: callers and tests reach the whole machinery through this module.
 from transformer.spec_components import (  # noqa: F401
-    _NO_MASK,
     BASE_REQUIRED,
     COMPONENT_BY_NAME,
     COMPONENTS,
@@ -54,35 +53,22 @@ from transformer.spec_components import (  # noqa: F401
     tag_problems,
 )
 from transformer.spec_documents import (  # noqa: F401
-    _CSS,
-    _RESULT_STATUS,
     Block,
     Cell,
     Heading,
     Paragraph,
     RunInfo,
     Table,
-    _anchor,
-    _component_groups,
-    _inline_html,
-    _matrix_table,
-    _md_cell,
-    _statements_table,
-    _valid,
-    _with_contents,
     build_document,
     render_html,
     render_markdown,
     write_documents,
 )
 from transformer.spec_records import (  # noqa: F401
-    _CLOSERS,
-    _OPENERS,
     ScannedTest,
     Tagged,
     TestRecord,
     _as_str,
-    _counts_for,
     coverage_counts,
     first_sentence,
     format_missing,
@@ -91,17 +77,7 @@ from transformer.spec_records import (  # noqa: F401
     missing_modules,
     undeclared_modules,
 )
-from transformer.spec_scanner import (  # noqa: F401
-    _alias_kwargs,
-    _is_partial,
-    _is_spec_mark,
-    _literal_kwargs,
-    _scan_module,
-    _scanned,
-    _simple_assignment,
-    _tags_of_decorators,
-    _tags_of_mark,
-    _tags_of_marks,
+from transformer.spec_scanner import (
     scan_tests,
 )
 

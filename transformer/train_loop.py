@@ -54,12 +54,8 @@ from transformer.resume import (
     rng_state,
     save_training_state,
     step_checkpoints,
+    stop_requests,
 )
-
-# Unused here: the names these helpers had before they moved, for code importing them.
-from transformer.resume import check_resumable as _check_resumable  # noqa: F401
-from transformer.resume import prune_step_checkpoints as _prune_step_checkpoints  # noqa: F401
-from transformer.resume import stop_requests as _stop_requests
 from transformer.run_files import (
     CHECKPOINT_DIR,
     METRICS_FILE,
@@ -386,7 +382,7 @@ def train(
     bar = _progress_bar(config.steps, step, enabled=progress and lead)
     signals: list[int] = []
     try:
-        with _stop_requests() as signals:
+        with stop_requests() as signals:
             while step < config.steps:
                 batches = [next(batcher) for _ in range(config.accumulate)]
                 step_tokens = sum(b.n_tokens for b in batches)
