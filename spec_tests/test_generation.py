@@ -253,7 +253,7 @@ def test_rows_without_eos_run_to_max_len_and_pad_is_never_generated() -> None:
 
 @spec(kind="equivalence")
 def test_generation_runs_in_eval_mode_without_autograd_and_restores_the_mode() -> None:
-    """A model in training mode with dropout decodes deterministically (eval mode inside), builds no autograd graph, and is back in training mode afterwards."""
+    """A model in training mode with dropout decodes deterministically (eval mode inside), builds no autograd graph, and is back in training mode afterwards; the tokens returned are an ordinary tensor, not one of ``torch.inference_mode``'s inference tensors (which could not be changed in place or used by autograd later)."""
     model = make_model(13, dropout=0.5).train()
     src = sources(14, [5, 3])
     first = greedy_decode(model, src, 8, BOS, EOS)
@@ -263,6 +263,8 @@ def test_generation_runs_in_eval_mode_without_autograd_and_restores_the_mode() -
     assert model.training
     assert torch.equal(first, second)
     assert not first.requires_grad
+    assert not first.is_inference() and not second.is_inference()
+    first += 0  # in place, outside inference mode: refused for an inference tensor
 
 
 # --------------------------------------------------------------------------------------

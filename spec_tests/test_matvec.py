@@ -91,6 +91,38 @@ def test_a_one_row_product_equals_torch_linear(
 
 
 @spec(kind="equivalence")
+@pytest.mark.parametrize("threads", [2, 3], indirect=True)
+def test_a_row_and_weights_that_are_views_into_larger_tensors_give_torch_linear(
+    threads: int,
+) -> None:
+    """The split reads each operand where it lies: a row taken as a strided column of a
+    matrix, and a weight and bias that are slices at an offset of larger parameters (as
+    ``MultiheadAttention`` slices ``in_proj_weight`` into ``W^K``) equal ``F.linear``."""
+    x = randn(I, 5, seed=20)[:, 3]  # (I,) with stride 5, storage offset 3
+    packed_w, packed_b = randn(3 * O, I, seed=21), randn(3 * O, seed=22)
+    w, b = packed_w[O : 2 * O], packed_b[O : 2 * O]  # offsets O * I and O
+    assert x.stride() == (5,) and w.storage_offset() == O * I and b.storage_offset() == O
+    with torch.no_grad():
+        assert_close(linear(x, w, b), F.linear(x, w, b))
+        assert_close(linear(x[None], w, None), F.linear(x[None], w, None))
+
+
+@spec(kind="error")
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_an_input_of_the_right_size_but_not_one_row_is_refused_as_torch_does(
+    threads: int,
+) -> None:
+    """``x`` of shape ``(2, I/2)`` holds ``I`` numbers but its rows have ``I/2`` features:
+    ``F.linear`` raises its ``RuntimeError`` ("shapes cannot be multiplied"), and so must
+    ``linear``: the split must not take it for one row of ``I``."""
+    x, w = randn(2, I // 2, seed=23), randn(O, I, seed=24)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        F.linear(x, w)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        linear(x, w)
+
+
+@spec(kind="equivalence")
 @pytest.mark.parametrize("threads", [2], indirect=True)
 @pytest.mark.parametrize(
     "shape",

@@ -153,19 +153,28 @@ def available_kernels(
     priority. ``kernel=None`` runs the first name.
     """
     dev = torch.device("cpu" if device is None else device)
-    usable = [(entry.priority, name) for name, entry in _KERNELS.items() if entry.is_available(dev)]
-    by_priority = [name for _, name in sorted(usable, key=lambda pn: (-pn[0], pn[1]))]
-    candidates = [name for name in by_priority if _KERNELS[name].priority >= 0]
-    named_only = [name for name in by_priority if _KERNELS[name].priority < 0]
-    ranked = rank_by_speed(
-        candidates, dev.type, torch.get_default_dtype() if dtype is None else dtype
+    usable = sorted(
+        (-entry.priority, name) for name, entry in _KERNELS.items() if entry.is_available(dev)
     )
-    return ranked + named_only
+    named_only = [name for neg_priority, name in usable if neg_priority > 0]
+    return _ranked_candidates(dev, torch.get_default_dtype() if dtype is None else dtype) + (
+        named_only
+    )
+
+
+def _ranked_candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The candidates for ``kernel=None`` on ``device``, in the order it prefers them."""
+    by_priority = sorted(
+        (-entry.priority, name)
+        for name, entry in _KERNELS.items()
+        if entry.priority >= 0 and entry.is_available(device)
+    )
+    return rank_by_speed([name for _, name in by_priority], device.type, dtype)
 
 
 def _pick_kernel(kernel: str | None, device: torch.device, dtype: torch.dtype) -> AttentionKernel:
     if kernel is None:
-        best = [n for n in available_kernels(device, dtype) if _KERNELS[n].priority >= 0]
+        best = _ranked_candidates(device, dtype)
         if not best:  # pragma: no cover - "reference" is registered below
             raise RuntimeError(f"no attention kernel is available on {device}")
         return _KERNELS[best[0]].fn
@@ -446,6 +455,24 @@ def _allowed_rows(attn_mask: Tensor | None, L: int, S: int) -> Tensor | None:
 _CPU_NAN_SAFE_S = 64
 
 
+def _show_nan_rows(out: Tensor, query: Tensor, S: int) -> Tensor:
+    """``out`` ``(..., L, Ev)`` with NaN in the rows whose query ``(..., L, E)`` holds one.
+
+    torch's CPU flash kernel returns zeros for a row whose scores are all NaN (a NaN in
+    the query) when ``S`` is shorter than one SIMD vector, hiding the NaN; the math path
+    and every other kernel show it, so such rows are set to NaN. On the CPU that needs
+    checking only for short ``S``, and there one sum (NaN wherever any element is) first
+    rules it out for an all-finite query, so the row-wise pass runs only when it can
+    matter; elsewhere ``.item()`` would synchronise the device, so the row-wise pass
+    always runs there.
+    """
+    if query.device.type != "cpu" or (
+        S < _CPU_NAN_SAFE_S and not math.isfinite(query.detach().sum().item())
+    ):
+        return out.masked_fill(torch.isnan(query).any(dim=-1, keepdim=True), float("nan"))
+    return out
+
+
 def torch_attention(
     query: Tensor,
     key: Tensor,
@@ -470,6 +497,23 @@ def torch_attention(
     Shapes: query ``(..., L, E)``, key ``(..., S, E)``, value ``(..., S, Ev)``; returns
     ``(..., L, Ev)``.
     """
+    if (
+        attn_mask is None
+        and not enable_gqa
+        and scale is None
+        and query.shape[:-2] == key.shape[:-2] == value.shape[:-2]
+        and key.size(-2) > 0
+        and query.size(-2) > 0
+    ):
+        # The common case (a module's unmasked or causal call, a decoding step): none of
+        # the folds below applies and, with keys present, every row has one (top-left
+        # causal leaves key 0 to all), so only the NaN rule can need a pass. Skipping the
+        # general path's checks matters where a call is small: a decoding step makes two
+        # dozen of them.
+        out = F.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout_p, is_causal=is_causal
+        )
+        return _show_nan_rows(out, query, key.size(-2))
     if is_causal_bias(attn_mask):
         if causal_offset(attn_mask) == 0:
             attn_mask, is_causal = None, True
@@ -519,17 +563,7 @@ def torch_attention(
         is_causal=is_causal,
         scale=scale,
     )
-    if query.device.type != "cpu" or (
-        S < _CPU_NAN_SAFE_S and not math.isfinite(query.detach().sum().item())
-    ):
-        # torch's CPU flash kernel returns zeros for a row whose scores are all NaN (a
-        # NaN in the query) when S is shorter than one SIMD vector, hiding the NaN; the
-        # math path and every other kernel show it, so such rows are set to NaN. On the
-        # CPU that needs checking only for short S, and there one sum (NaN wherever any
-        # element is) first rules it out for an all-finite query, so the row-wise pass
-        # runs only when it can matter; elsewhere .item() would synchronise the device,
-        # so the row-wise pass always runs there.
-        out = out.masked_fill(torch.isnan(query).any(dim=-1, keepdim=True), float("nan"))
+    out = _show_nan_rows(out, query, S)
     if rows is not None:
         out = out.masked_fill(~rows, 0.0)
     return out
@@ -594,4 +628,39 @@ def scaled_dot_product_attention(
         is_causal=is_causal,
         scale=None if scale is None else float(scale),
         enable_gqa=enable_gqa,
+    )
+
+
+def attend_prechecked(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+) -> Tensor:
+    """``kernel=None`` attention for callers that built their arguments themselves.
+
+    Shapes: query ``(B, H, L, E)``, key ``(B, H, S, E)``, value ``(B, H, S, Ev)``, mask
+    broadcastable to ``(B, H, L, S)`` -> ``(B, H, L, Ev)``.
+
+    :class:`~transformer.multi_head_attention.MultiheadAttention` checks its inputs at its
+    own front door and then makes query, key, value and mask with consistent shapes and
+    dtypes by construction, so re-running :func:`scaled_dot_product_attention`'s
+    argument checks on them could never fail; a cached decoding step makes two dozen
+    such calls. The kernel is still chosen by the registry, as ``kernel=None`` does, and
+    a mask on another device than the query still raises ``ValueError``.
+    """
+    if attn_mask is not None and attn_mask.device != query.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+    fn = _pick_kernel(None, query.device, query.dtype)
+    return fn(
+        query,
+        key,
+        value,
+        attn_mask=attn_mask,
+        dropout_p=float(dropout_p),
+        is_causal=is_causal,
+        scale=None,
+        enable_gqa=False,
     )

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from transformer._checks import check_bool, check_int, check_module
 from transformer.feed_forward import Activation, get_activation, position_wise
 from transformer.layer_common import (
+    apply_dropout,
     check_hints,
     check_layer_args,
     check_tensors,
@@ -137,11 +138,12 @@ class TransformerEncoderLayer(nn.Module):
             need_weights=False,
             is_causal=is_causal,
         )[0]
-        return self.dropout1(out)
+        return apply_dropout(self.dropout1, out)
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        return self.dropout2(
-            position_wise(x, self.linear1, self.activation, self.dropout, self.linear2)
+        return apply_dropout(
+            self.dropout2,
+            position_wise(x, self.linear1, self.activation, self.dropout, self.linear2),
         )
 
 

@@ -99,11 +99,17 @@ def _check_args(
 
 @contextmanager
 def _inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) and no autograd for the duration; the mode is restored after."""
+    """Eval mode (no dropout) and inference mode for the duration; the mode is restored after.
+
+    ``torch.inference_mode`` rather than ``no_grad``: it also skips the version counters
+    and view tracking of every op, which a cached decoding step (hundreds of small ops)
+    pays for: about 0.8 ms of a 9 ms base-size step at 2 threads. Tensors made inside are
+    inference tensors, so what a search returns is made (or copied) outside it.
+    """
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             yield
     finally:
         model.train(was_training)
@@ -127,7 +133,7 @@ class FullDecoder:
     The executable spec of :class:`CachedDecoder`: ``step`` is
     :meth:`Seq2SeqTransformer.decode` of the prefix, last position. The source is encoded
     once, at construction. Use it (like :class:`CachedDecoder`) in eval mode under
-    ``torch.no_grad()``, as :func:`greedy_decode` and :func:`beam_search` do.
+    ``torch.inference_mode()``, as :func:`greedy_decode` and :func:`beam_search` do.
 
     Args:
         model: the model to decode with.
@@ -228,7 +234,7 @@ def _one_token_at_a_time(
             finished |= token == eos_id
             if bool(finished.all()):
                 break
-    return prefix[:, 1:]
+    return prefix[:, 1:].clone()  # a normal tensor: usable with autograd and in place
 
 
 def greedy_decode(

@@ -100,13 +100,13 @@ class KVCache:
         """The cached keys ``(N, H, T, D)``: a view of the buffer, valid until the next call."""
         if self._keys is None:
             raise RuntimeError("the cache is empty: no attention call has filled it yet")
-        return self._keys[:, :, : self._length]
+        return self._keys.narrow(2, 0, self._length)
 
     def values(self) -> Tensor:
         """The cached values ``(N, H, T, Dv)``: a view of the buffer, valid until the next call."""
         if self._values is None:
             raise RuntimeError("the cache is empty: no attention call has filled it yet")
-        return self._values[:, :, : self._length]
+        return self._values.narrow(2, 0, self._length)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add the keys ``k`` ``(N, H, T_new, D)`` and values ``v`` ``(N, H, T_new, Dv)``.
@@ -127,10 +127,12 @@ class KVCache:
                 grown_v[:, :, :t] = values[:, :, :t]
             self._keys, self._values = keys, values = grown_k, grown_v
             self.allocations += 1
-        keys[:, :, t : t + new] = k
-        values[:, :, t : t + new] = v
+        # narrow + copy_ rather than slice assignment: the same copy without the Python
+        # indexing machinery (a decoding step makes a dozen appends).
+        keys.narrow(2, t, new).copy_(k)
+        values.narrow(2, t, new).copy_(v)
         self._length = t + new
-        return keys[:, :, : t + new], values[:, :, : t + new]
+        return keys.narrow(2, 0, t + new), values.narrow(2, 0, t + new)
 
     def reorder(self, rows: Tensor) -> None:
         """Keep rows ``rows`` ``(N,)`` of the cache, in that order (beam search's re-ranking).

@@ -30,8 +30,11 @@ _SPLIT_DTYPES = (torch.float32, torch.float64)
 
 def _parts(x: Tensor, weight: Tensor) -> int:
     """How many row blocks ``x @ weight^T`` is cut into; 1 means use ``F.linear``."""
-    if x.device.type != "cpu" or weight.dim() != 2 or x.numel() != weight.size(1):
+    # Cheapest tests first: most calls (several rows) leave at the first line.
+    if weight.dim() != 2 or x.numel() != weight.size(1) or x.device.type != "cpu":
         return 1
+    if x.dim() == 0 or x.size(-1) != weight.size(1):
+        return 1  # e.g. (2, in/2): the right size but not one row; F.linear refuses it
     if x.dtype not in _SPLIT_DTYPES or weight.dtype != x.dtype or not weight.is_contiguous():
         return 1
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
@@ -56,12 +59,18 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if k == 1:
         return F.linear(x, weight, bias)
     out_features, in_features = weight.shape
-    rows = weight.view(k, out_features // k, in_features).transpose(1, 2)  # (k, in, out/k)
-    row = x.reshape(1, 1, in_features).expand(k, 1, in_features)  # (k, 1, in)
+    block = out_features // k
+    # One as_strided per operand instead of a view/transpose/reshape/expand chain: a
+    # decoding step makes three dozen of these calls, and each view op costs microseconds.
+    # weight (out, in) contiguous -> (k, in, out/k): block j holds rows j*block.., transposed.
+    rows = weight.as_strided((k, in_features, block), (block * in_features, 1, in_features))
+    # The one row, the same for every block (stride 0 over blocks).
+    row = x.as_strided((k, 1, in_features), (0, 0, x.stride(-1)))
     if bias is None:
         y = torch.bmm(row, rows)  # (k, 1, out/k)
     else:
-        y = torch.baddbmm(bias.view(k, 1, out_features // k), row, rows)
+        step = bias.stride(0)
+        y = torch.baddbmm(bias.as_strided((k, 1, block), (block * step, 0, step)), row, rows)
     return y.view(*x.shape[:-1], out_features)
 
 

@@ -34,7 +34,7 @@ from transformer._checks import (
     check_int,
     check_not_nested,
 )
-from transformer.attention import attention_weights, scaled_dot_product_attention
+from transformer.attention import attend_prechecked, attention_weights
 from transformer.kv_cache import KVCache
 from transformer.masks import merge_module_masks
 from transformer.matvec import Linear, linear
@@ -51,6 +51,10 @@ def _pad_one_key(mask: Tensor | None) -> Tensor | None:
     if mask is None:
         return None
     return torch.cat([mask, mask.new_zeros((*mask.shape[:-1], 1))], dim=-1)
+
+
+#: Compared by identity with the query in ``_check_inputs``: no argument is it.
+_NOTHING = object()
 
 
 def _check_mask_dtype(name: str, mask: Tensor | None) -> None:
@@ -259,7 +263,13 @@ class MultiheadAttention(nn.Module):
         attn_mask: Tensor | None,
     ) -> bool:
         """Validate shapes/dtypes like torch's ``_mha_shape_check``; return ``is_batched``."""
-        for name, t in (("query", query), ("key", key), ("value", value)):
+        for name, t, seen in (
+            ("query", query, _NOTHING),
+            ("key", key, query),
+            ("value", value, key),
+        ):
+            if t is seen and isinstance(t, Tensor):
+                continue  # self- or cross-attention passes one tensor twice: checked already
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             check_not_nested(name, t)
@@ -342,12 +352,9 @@ class MultiheadAttention(nn.Module):
             weights ``(B, L, S)`` (or ``(B, H, L, S)``), ``None`` if not ``need_weights``.
         """
         is_batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
-        for name, flag in (
-            ("need_weights", need_weights),
-            ("average_attn_weights", average_attn_weights),
-            ("is_causal", is_causal),
-        ):
-            check_bool(name, flag)
+        check_bool("need_weights", need_weights)
+        check_bool("average_attn_weights", average_attn_weights)
+        check_bool("is_causal", is_causal)
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
         if is_causal and attn_mask is None:
@@ -436,13 +443,14 @@ class MultiheadAttention(nn.Module):
             if dropout_p >= 1.0:
                 # Every weight dropped (torch allows dropout=1.0): the heads output zeros
                 # with zero gradients; the kernels take p in [0, 1) only.
-                out = scaled_dot_product_attention(q, k, v, mask, 0.0, use_causal) * 0.0
+                out = attend_prechecked(q, k, v, mask, 0.0, use_causal) * 0.0
             else:
-                out = scaled_dot_product_attention(q, k, v, mask, dropout_p, use_causal)
+                out = attend_prechecked(q, k, v, mask, dropout_p, use_causal)
             # out: (B, H, L, D)
         # Concat(head_1, ..., head_h): heads side by side along the feature axis.
         out = out.transpose(1, 2).reshape(B, L, H * D)  # (B, L, E)
-        out = self.out_proj(out)
+        # The weights directly, as torch's MHA does (it never calls the out_proj module).
+        out = linear(out, self.out_proj.weight, self.out_proj.bias)
 
         if not is_batched:
             out = out.squeeze(0)  # (L, E)
