@@ -230,8 +230,8 @@ def _broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
     """The broadcast of ``shapes`` by torch's rules, or ``None`` where they do not broadcast.
 
     ``torch.broadcast_shapes`` gives the same answer but goes through torch's symbolic-
-    shape reference implementation: 15 us per call against about 1 us here (a decoding
-    step validates two dozen attention calls).
+    shape reference implementation: 15 us per call against about 1 us here, paid by
+    every call through the front door.
     """
     out: list[int] = []
     for dims in itertools.zip_longest(*(reversed(s) for s in shapes), fillvalue=1):
@@ -508,8 +508,8 @@ def torch_attention(
         # The common case (a module's unmasked or causal call, a decoding step): none of
         # the folds below applies and, with keys present, every row has one (top-left
         # causal leaves key 0 to all), so only the NaN rule can need a pass. Skipping the
-        # general path's checks matters where a call is small: a decoding step makes two
-        # dozen of them.
+        # general path's checks matters where a call is small: a cached step of a 6-layer
+        # decoder makes a dozen of them.
         out = F.scaled_dot_product_attention(
             query, key, value, dropout_p=dropout_p, is_causal=is_causal
         )
@@ -647,7 +647,7 @@ def attend_prechecked(
     :class:`~transformer.multi_head_attention.MultiheadAttention` checks its inputs at its
     own front door and then makes query, key, value and mask with consistent shapes and
     dtypes by construction, so re-running :func:`scaled_dot_product_attention`'s
-    argument checks on them could never fail; a cached decoding step makes two dozen
+    argument checks on them could never fail; a cached step of a 6-layer decoder makes a dozen
     such calls. The kernel is still chosen by the registry, as ``kernel=None`` does, and
     a mask on another device than the query still raises ``ValueError``.
     """
