@@ -466,9 +466,7 @@ def _show_nan_rows(out: Tensor, query: Tensor, S: int) -> Tensor:
     matter; elsewhere ``.item()`` would synchronise the device, so the row-wise pass
     always runs there.
     """
-    if query.device.type != "cpu" or (
-        S < _CPU_NAN_SAFE_S and not math.isfinite(query.detach().sum().item())
-    ):
+    if not query.is_cpu or (S < _CPU_NAN_SAFE_S and not math.isfinite(query.detach().sum().item())):
         return out.masked_fill(torch.isnan(query).any(dim=-1, keepdim=True), float("nan"))
     return out
 

@@ -31,7 +31,7 @@ _SPLIT_DTYPES = (torch.float32, torch.float64)
 def _parts(x: Tensor, weight: Tensor) -> int:
     """How many row blocks ``x @ weight^T`` is cut into; 1 means use ``F.linear``."""
     # Cheapest tests first: most calls (several rows) leave at the first line.
-    if weight.dim() != 2 or x.numel() != weight.size(1) or x.device.type != "cpu":
+    if weight.dim() != 2 or x.numel() != weight.size(1) or not x.is_cpu:
         return 1
     if x.dim() == 0 or x.size(-1) != weight.size(1):
         return 1  # e.g. (2, in/2): the right size but not one row; F.linear refuses it

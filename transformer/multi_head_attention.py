@@ -278,7 +278,8 @@ class MultiheadAttention(nn.Module):
         # Under autocast the projections cast their inputs themselves, so mixed dtypes are
         # legal there; elsewhere a mismatch would fail deep inside F.linear.
         param_dtype = self.out_proj.weight.dtype
-        if not torch.is_autocast_enabled(query.device.type) and not (
+        device_type = "cpu" if query.is_cpu else query.device.type  # no device object
+        if not torch.is_autocast_enabled(device_type) and not (
             query.dtype == key.dtype == value.dtype == param_dtype
         ):
             raise ValueError(
