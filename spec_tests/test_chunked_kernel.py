@@ -252,6 +252,33 @@ def test_worker_threads_give_the_single_thread_result(
     assert torch.get_num_threads() == threads
 
 
+@spec(section="extra", kind="equivalence")
+@pytest.mark.parametrize("name", ["plain", "gqa"])
+def test_worker_threads_run_under_the_callers_inference_mode(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``torch.inference_mode`` the output buffers are inference tensors, which only code inside inference mode may write; inference mode is per thread, so the worker threads must enter it too. The forward split over 2 workers there gives the result computed in the calling thread."""
+    case = CASES[name]
+    q, k, v = (randn(*shape, seed=i) for i, shape in enumerate(case[:3]))
+
+    def forward() -> Tensor:
+        return chunked.chunked_attention(q, k, v, enable_gqa=case[5], block_l=8, block_s=8)
+
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 64)
+    with torch.inference_mode():
+        inline = forward()
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(chunked, "PARALLEL_MIN_SCORES", 0)
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            split = forward()
+    finally:
+        torch.set_num_threads(threads)
+    assert split.is_inference()
+    assert torch.equal(split, inline)
+
+
 @spec(section="extra", kind="property")
 def test_worker_threads_leave_torch_thread_count_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """Worker threads run their ops single-threaded without calling torch.set_num_threads (a process-wide setting): the caller and threads started afterwards keep torch's thread count."""

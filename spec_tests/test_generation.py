@@ -256,7 +256,10 @@ def test_generation_runs_in_eval_mode_without_autograd_and_restores_the_mode() -
     """A model in training mode with dropout decodes deterministically (eval mode inside), builds no autograd graph, and is back in training mode afterwards; the tokens returned are an ordinary tensor, not one of ``torch.inference_mode``'s inference tensors (which could not be changed in place or used by autograd later)."""
     model = make_model(13, dropout=0.5).train()
     src = sources(14, [5, 3])
+    grad_inside: list[bool] = []
+    model.output.register_forward_hook(lambda *_: grad_inside.append(torch.is_grad_enabled()))
     first = greedy_decode(model, src, 8, BOS, EOS)
+    assert grad_inside and not any(grad_inside), "a decoding step recorded autograd"
     assert model.training
     assert all(m.training for m in model.modules())
     second = beam_search(model, src, 8, BOS, EOS, beam_size=1)

@@ -959,3 +959,30 @@ def test_nested_tensor_inputs_raise_type_error_asking_for_padding_and_a_mask(kin
     }[kind]
     with pytest.raises(TypeError, match=r"is a NestedTensor.*padded tensor.*key padding mask"):
         call()
+
+
+@spec(section="torch", kind="property")
+@pytest.mark.parametrize("kind", ["encoder_layer", "decoder_layer"])
+def test_layers_call_their_dropout_modules_in_eval_mode_too_as_torch_does(kind: str) -> None:
+    """torch's layers call ``dropout``, ``dropout1``, ``dropout2`` (and ``dropout3``) on every forward, whatever the mode, so a forward hook on them fires and a replacement that stays active in eval mode (Monte Carlo dropout) is honoured; skipping them in eval mode would silently change both."""
+    fired: list[str] = []
+    for lib in (nn, layers):
+        model = build(kind, lib, batch_first=True, dropout=0.0).eval()
+        names = [n for n, m in model.named_children() if isinstance(m, nn.Dropout)]
+        for name in names:
+            getattr(model, name).register_forward_hook(
+                lambda *_, lib=lib, name=name: fired.append(f"{lib.__name__}.{name}")
+            )
+        x = randn(2, 4, E, seed=1, dtype=torch.float32)
+        args = (x,) if kind == "encoder_layer" else (x, randn(2, 3, E, seed=2, dtype=torch.float32))
+        with torch.no_grad():
+            plain = model(*args)
+            model.dropout1 = nn.Dropout(0.5).train()  # active although the layer is in eval
+            torch.manual_seed(0)
+            dropped = model(*args)
+        assert not torch.equal(plain, dropped), f"{lib.__name__}: the active dropout1 was skipped"
+    ours = sorted(f for f in fired if f.startswith("transformer"))
+    theirs = sorted(
+        f.replace("torch.nn", "transformer.layers") for f in fired if f.startswith("torch")
+    )
+    assert ours == theirs and ours, fired

@@ -107,6 +107,35 @@ def test_a_row_and_weights_that_are_views_into_larger_tensors_give_torch_linear(
         assert_close(linear(x[None], w, None), F.linear(x[None], w, None))
 
 
+@spec(kind="equivalence")
+@pytest.mark.parametrize("threads", [2], indirect=True)
+@pytest.mark.parametrize("case", ["(1, O) row of a matrix", "(O, 1)", "0-d", "float64"])
+def test_a_bias_that_is_not_one_vector_of_out_features_gets_torch_linears_answer(
+    threads: int, case: str
+) -> None:
+    """``F.linear`` broadcasts a ``(1, O)`` or 0-d bias, refuses an ``(O, 1)`` one and a bias of another dtype; ``linear`` on one row gives the same result, or raises the same error (type and message), in each case: the split takes only a 1-D bias of ``O`` numbers in the input's dtype."""
+    x, w = randn(1, I, seed=25), randn(O, I, seed=26)
+    b = {
+        "(1, O) row of a matrix": randn(4, O, seed=27)[2:3],
+        "(O, 1)": randn(O, 1, seed=27),
+        "0-d": randn(1, seed=27)[0],
+        "float64": randn(O, seed=27, dtype=torch.float64),
+    }[case]
+    try:
+        want: Tensor | str = F.linear(x, w, b)
+    except RuntimeError as err:
+        want = str(err)
+    try:
+        got: Tensor | str = linear(x, w, b)
+    except RuntimeError as err:
+        got = str(err)
+    if isinstance(want, str):
+        assert got == want
+    else:
+        assert isinstance(got, Tensor)
+        assert torch.equal(got, want)
+
+
 @spec(kind="error")
 @pytest.mark.parametrize("threads", [2], indirect=True)
 def test_an_input_of_the_right_size_but_not_one_row_is_refused_as_torch_does(

@@ -760,3 +760,54 @@ def test_causal_hint_with_an_appended_key_gives_the_result_of_its_mask(extra: st
     hinted = mha(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0]
     plain = mha(x, x, x, attn_mask=causal, need_weights=False)[0]
     assert_close(hinted, plain)
+
+
+@spec(section="extra", kind="property")
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "kv-cache"])
+def test_the_output_projection_runs_as_the_out_proj_module_so_its_hooks_fire(
+    cached: bool,
+) -> None:
+    """Each call applies ``out_proj`` by calling the module (torch's own MHA reads ``out_proj.weight`` instead), so a forward hook on it runs once per call, on the call's ``(B, L, E)`` input, cached decoding steps included. Module hooks are how ``torch.nn.utils.prune`` and wrappers such as LoRA act on a layer."""
+    from transformer.kv_cache import KVCache
+
+    mha = MultiheadAttention(8, 2, batch_first=True).eval()
+    calls: list[tuple[int, ...]] = []
+    mha.out_proj.register_forward_hook(lambda _m, args, _out: calls.append(tuple(args[0].shape)))
+    x = randn(1, 3, 8, seed=1, dtype=torch.float32)
+    cache = KVCache() if cached else None
+    with torch.no_grad():
+        for t in range(3):
+            step = x[:, t : t + 1] if cached else x
+            mha(step, step, step, need_weights=False, cache=cache)
+    assert calls == ([(1, 1, 8)] * 3 if cached else [(1, 3, 8)] * 3)
+
+
+@spec(section="extra", kind="error")
+@pytest.mark.parametrize("case", ["cache of another dtype", "cache of another head dim", "dropout"])
+def test_what_the_module_cannot_vouch_for_still_raises_the_front_doors_value_error(
+    case: str,
+) -> None:
+    """The module attends without re-running every check of ``scaled_dot_product_attention``, but what it does not build itself still gets that function's ``ValueError``: keys and values cached by another module (of another dtype, or another head dim with the same head count), and a ``dropout`` set outside ``[0, 1)`` after construction (in training mode, where it applies)."""
+    from transformer.kv_cache import KVCache
+
+    mha = MultiheadAttention(8, 2, batch_first=True).eval()
+    x = randn(1, 1, 8, seed=3, dtype=torch.float32)
+    cache: KVCache | None = None
+    if case == "dropout":
+        mha.train()
+        mha.dropout = float("nan")
+        match = r"dropout_p must be in \[0, 1\)"
+    else:
+        cache = KVCache(static=True)
+        other = (
+            MultiheadAttention(8, 2, batch_first=True).double()
+            if case == "cache of another dtype"
+            else MultiheadAttention(12, 2, batch_first=True)
+        )
+        memory = torch.randn(1, 5, other.embed_dim, dtype=other.in_proj_weight.dtype)
+        with torch.no_grad():
+            other(memory[:, :1], memory, memory, need_weights=False, cache=cache)
+        match = "must share a dtype" if case == "cache of another dtype" else "same head dim E"
+    key = x if cache is None else randn(1, 5, 8, seed=4, dtype=torch.float32)  # 5 cached
+    with pytest.raises(ValueError, match=match), torch.no_grad():
+        mha(x, key, key, need_weights=False, cache=cache)

@@ -245,19 +245,9 @@ def _broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
     return tuple(reversed(out))
 
 
-def _validate(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Tensor | CausalBias | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the argument and what was seen."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        _check_tensor(name, t)
+def _check_pairing(query: Tensor, key: Tensor, value: Tensor) -> None:
+    """Query, key and value fit together: one dtype and device, E shared by query and key,
+    S by key and value (shapes ``(..., L, E)``, ``(..., S, E)``, ``(..., S, Ev)``)."""
     if not (query.dtype == key.dtype == value.dtype):
         raise ValueError(
             "query, key and value must share a dtype, got "
@@ -278,6 +268,22 @@ def _validate(
             "key and value must have the same sequence length S: "
             f"key {_shape(key)} has S={key.size(-2)}, value {_shape(value)} has S={value.size(-2)}"
         )
+
+
+def _validate(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | CausalBias | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument and what was seen."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t)
+    _check_pairing(query, key, value)
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
     q_batch, k_batch, v_batch = query.shape[:-2], key.shape[:-2], value.shape[:-2]
@@ -643,14 +649,21 @@ def attend_prechecked(
     broadcastable to ``(B, H, L, S)`` -> ``(B, H, L, Ev)``.
 
     :class:`~transformer.multi_head_attention.MultiheadAttention` checks its inputs at its
-    own front door and then makes query, key, value and mask with consistent shapes and
-    dtypes by construction, so re-running :func:`scaled_dot_product_attention`'s
-    argument checks on them could never fail; a cached step of a 6-layer decoder makes a dozen
-    such calls. The kernel is still chosen by the registry, as ``kernel=None`` does, and
-    a mask on another device than the query still raises ``ValueError``.
+    own front door and then builds query, key, value and mask itself: they are tensors
+    of the right rank, the mask has the scores' shape and a bool or float dtype. What it
+    cannot vouch for is checked here as :func:`scaled_dot_product_attention` checks it,
+    with the same ``ValueError``: query, key and value sharing a dtype, device and head
+    dims (a cache filled by another module, ``add_bias_kv`` under autocast), the mask's
+    device, and ``dropout_p`` in ``[0, 1)`` (the module's ``dropout`` can be changed
+    after construction). The rest of the front door's checks (types, ranks, broadcast,
+    ``scale``, ``CausalBias``) are skipped: a cached step of a 6-layer decoder makes a
+    dozen such calls. The kernel is chosen by the registry, as ``kernel=None`` does.
     """
+    _check_pairing(query, key, value)
     if attn_mask is not None and attn_mask.device != query.device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     fn = _pick_kernel(None, query.device, query.dtype)
     return fn(
         query,

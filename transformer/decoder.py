@@ -22,7 +22,6 @@ from transformer._checks import check_int, check_module
 from transformer.feed_forward import Activation, get_activation, position_wise
 from transformer.kv_cache import DecoderCache, DecoderLayerCache, KVCache
 from transformer.layer_common import (
-    apply_dropout,
     check_hints,
     check_layer_args,
     check_tensors,
@@ -174,7 +173,7 @@ class TransformerDecoderLayer(nn.Module):
             need_weights=False,
             cache=cache,
         )[0]
-        return apply_dropout(self.dropout1, out)
+        return self.dropout1(out)
 
     def _mha_block(
         self,
@@ -195,12 +194,11 @@ class TransformerDecoderLayer(nn.Module):
             need_weights=False,
             cache=cache,
         )[0]
-        return apply_dropout(self.dropout2, out)
+        return self.dropout2(out)
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        return apply_dropout(
-            self.dropout3,
-            position_wise(x, self.linear1, self.activation, self.dropout, self.linear2),
+        return self.dropout3(
+            position_wise(x, self.linear1, self.activation, self.dropout, self.linear2)
         )
 
 

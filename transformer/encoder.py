@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from transformer._checks import check_bool, check_int, check_module
 from transformer.feed_forward import Activation, get_activation, position_wise
 from transformer.layer_common import (
-    apply_dropout,
     check_hints,
     check_layer_args,
     check_tensors,
@@ -138,12 +137,11 @@ class TransformerEncoderLayer(nn.Module):
             need_weights=False,
             is_causal=is_causal,
         )[0]
-        return apply_dropout(self.dropout1, out)
+        return self.dropout1(out)
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        return apply_dropout(
-            self.dropout2,
-            position_wise(x, self.linear1, self.activation, self.dropout, self.linear2),
+        return self.dropout2(
+            position_wise(x, self.linear1, self.activation, self.dropout, self.linear2)
         )
 
 

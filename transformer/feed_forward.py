@@ -26,7 +26,6 @@ from transformer._checks import (
     check_int,
     check_not_nested,
 )
-from transformer.layer_common import apply_dropout
 from transformer.matvec import Linear
 
 __all__ = ["Activation", "FeedForward", "get_activation", "position_wise"]
@@ -64,7 +63,7 @@ def position_wise(
     ``linear2`` as their own attributes (torch's ``state_dict`` keys).
     ``(..., E) -> (..., F) -> (..., E)``.
     """
-    out: Tensor = linear2(apply_dropout(dropout, activation(linear1(x))))
+    out: Tensor = linear2(dropout(activation(linear1(x))))
     return out
 
 

@@ -15,6 +15,11 @@ tokens. Results exclude BOS, keep the EOS where one was generated and are padded
 model's ``pad_id`` after it. ``pad_id`` itself is never generated (unless it doubles as
 ``eos_id``): it is not a token but the filler of the result.
 
+Every search runs the model in eval mode under ``torch.inference_mode`` (the model's own
+mode is restored after): the returned tokens are ordinary tensors, but anything a hook
+keeps from inside a search is an inference tensor (``Tensor.clone()`` it outside to use
+it with autograd or change it in place).
+
 The searches: :func:`greedy_decode` (the most probable token) and :func:`beam_search` (the
 paper's decoding, section 6.1). Sampling (:func:`~transformer.sampling.sample_decode`, a
 draw from the model's distribution reshaped by a temperature and cut to the top-k tokens

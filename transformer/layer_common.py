@@ -22,7 +22,6 @@ from transformer._checks import (
 from transformer.masks import square_subsequent_mask
 
 __all__ = [
-    "apply_dropout",
     "check_hints",
     "check_layer_args",
     "check_tensors",
@@ -58,19 +57,6 @@ def check_layer_args(
         check_bool(name, flag)
     check_device("device", device)
     check_dtype("dtype", dtype)
-
-
-def apply_dropout(dropout: nn.Module, x: Tensor) -> Tensor:
-    """``dropout(x)`` while ``dropout`` is training; ``x`` itself otherwise (``(...)``).
-
-    An ``nn.Dropout`` in eval mode returns its input unchanged, but the module call and
-    ``F.dropout`` still cost microseconds each, and a cached step of a 6-layer decoder passes
-    two dozen of them; skipping the call changes no result.
-    """
-    if dropout.training:
-        out: Tensor = dropout(x)
-        return out
-    return x
 
 
 def check_tensors(**tensors: object) -> None:

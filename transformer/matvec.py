@@ -28,13 +28,17 @@ __all__ = ["Linear", "linear"]
 _SPLIT_DTYPES = (torch.float32, torch.float64)
 
 
-def _parts(x: Tensor, weight: Tensor) -> int:
+def _parts(x: Tensor, weight: Tensor, bias: Tensor | None) -> int:
     """How many row blocks ``x @ weight^T`` is cut into; 1 means use ``F.linear``."""
     # Cheapest tests first: most calls (several rows) leave at the first line.
     if weight.dim() != 2 or x.numel() != weight.size(1) or not x.is_cpu:
         return 1
     if x.dim() == 0 or x.size(-1) != weight.size(1):
         return 1  # e.g. (2, in/2): the right size but not one row; F.linear refuses it
+    if bias is not None and (
+        bias.dim() != 1 or bias.size(0) != weight.size(0) or bias.dtype != x.dtype
+    ):
+        return 1  # a bias F.linear broadcasts, e.g. (1, out), or one it refuses
     if x.dtype not in _SPLIT_DTYPES or weight.dtype != x.dtype or not weight.is_contiguous():
         return 1
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
@@ -55,7 +59,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     docstring), ``weight`` is viewed as ``(k, out / k, in)`` blocks, one per thread, and
     the blocks are multiplied by the row as one batched matmul.
     """
-    k = _parts(x, weight)
+    k = _parts(x, weight, bias)
     if k == 1:
         return F.linear(x, weight, bias)
     out_features, in_features = weight.shape

@@ -450,8 +450,7 @@ class MultiheadAttention(nn.Module):
             # out: (B, H, L, D)
         # Concat(head_1, ..., head_h): heads side by side along the feature axis.
         out = out.transpose(1, 2).reshape(B, L, H * D)  # (B, L, E)
-        # The weights directly, as torch's MHA does (it never calls the out_proj module).
-        out = linear(out, self.out_proj.weight, self.out_proj.bias)
+        out = self.out_proj(out)
 
         if not is_batched:
             out = out.squeeze(0)  # (L, E)

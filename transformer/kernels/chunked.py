@@ -495,8 +495,13 @@ def _run(
     else:
         parts = _balanced_parts(units, workers, cost)
 
+    # Grad and inference mode are per thread: a worker builds no graph, and under the
+    # caller's torch.inference_mode it must be in it too, or writing into the buffers
+    # the caller made (inference tensors then) is refused.
+    inference = torch.is_inference_mode_enabled()
+
     def run_part(w: int) -> None:
-        with torch.no_grad():  # grad mode is per thread; the kernel builds no graph
+        with torch.no_grad(), torch.inference_mode(inference):
             work(parts[w], w)
 
     for future in [_pool(workers).submit(run_part, w) for w in range(workers)]:
