@@ -153,13 +153,13 @@ def available_kernels(
     priority. ``kernel=None`` runs the first name.
     """
     dev = torch.device("cpu" if device is None else device)
-    usable = sorted(
-        (-entry.priority, name) for name, entry in _KERNELS.items() if entry.is_available(dev)
+    named_only = sorted(
+        (-entry.priority, name)
+        for name, entry in _KERNELS.items()
+        if entry.priority < 0 and entry.is_available(dev)
     )
-    named_only = [name for neg_priority, name in usable if neg_priority > 0]
-    return _ranked_candidates(dev, torch.get_default_dtype() if dtype is None else dtype) + (
-        named_only
-    )
+    ranked = _ranked_candidates(dev, torch.get_default_dtype() if dtype is None else dtype)
+    return ranked + [name for _, name in named_only]
 
 
 def _ranked_candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -270,6 +270,16 @@ def _check_pairing(query: Tensor, key: Tensor, value: Tensor) -> None:
         )
 
 
+def _check_mask_device(attn_mask: Tensor, query: Tensor) -> None:
+    if attn_mask.device != query.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+
+
+def _check_dropout_range(dropout_p: float) -> None:
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
 def _validate(
     query: Tensor,
     key: Tensor,
@@ -327,8 +337,7 @@ def _validate(
                 "attn_mask must be bool (True = may attend) or floating point (added to the "
                 f"scores), got dtype {attn_mask.dtype}"
             )
-        if attn_mask.device != query.device:
-            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+        _check_mask_device(attn_mask, query)
         if _broadcast(tuple(attn_mask.shape), scores_shape) != scores_shape:
             raise ValueError(
                 f"attn_mask of shape {_shape(attn_mask)} does not broadcast to the attention "
@@ -336,8 +345,7 @@ def _validate(
             )
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_dropout_range(dropout_p)
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
@@ -660,10 +668,9 @@ def attend_prechecked(
     dozen such calls. The kernel is chosen by the registry, as ``kernel=None`` does.
     """
     _check_pairing(query, key, value)
-    if attn_mask is not None and attn_mask.device != query.device:
-        raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if attn_mask is not None:
+        _check_mask_device(attn_mask, query)
+    _check_dropout_range(dropout_p)
     fn = _pick_kernel(None, query.device, query.dtype)
     return fn(
         query,

@@ -12,9 +12,10 @@ equalled ``F.linear``'s bitwise there (``benchmarks/results/cpu-matvec.json``, f
 ``OMP_NUM_THREADS=2 python benchmarks/model_bench.py matvec``). Greedy decoding of the
 base-size model took 2.6 s instead of 3.4 s for 256 tokens at 2 threads.
 
-Only a row-major fp32/fp64 weight times one row, on CPU, outside autograd, autocast and
-``torch.compile``, with at least two threads and rows that split evenly takes the split;
-everything else is ``F.linear`` itself.
+Only a row-major fp32/fp64 weight times one row (its last dim ``in_features``), with no
+bias or a 1-D one of ``out_features`` in the input's dtype, on CPU, outside autograd,
+autocast and ``torch.compile``, with at least two threads and rows that split evenly
+takes the split; everything else is ``F.linear`` itself.
 """
 
 from __future__ import annotations

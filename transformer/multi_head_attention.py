@@ -268,7 +268,7 @@ class MultiheadAttention(nn.Module):
             ("key", key, query),
             ("value", value, key),
         ):
-            if t is seen and isinstance(t, Tensor):
+            if t is seen:
                 continue  # self- or cross-attention passes one tensor twice: checked already
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
