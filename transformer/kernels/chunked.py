@@ -497,11 +497,12 @@ def _run(
 
     # Grad and inference mode are per thread: a worker builds no graph, and under the
     # caller's torch.inference_mode it must be in it too, or writing into the buffers
-    # the caller made (inference tensors then) is refused.
+    # the caller made (inference tensors then) is refused. no_grad goes inside:
+    # inference_mode(False) turns grad mode back on.
     inference = torch.is_inference_mode_enabled()
 
     def run_part(w: int) -> None:
-        with torch.no_grad(), torch.inference_mode(inference):
+        with torch.inference_mode(inference), torch.no_grad():
             work(parts[w], w)
 
     for future in [_pool(workers).submit(run_part, w) for w in range(workers)]:
