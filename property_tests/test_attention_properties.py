@@ -54,6 +54,33 @@ KERNELS = [
 # --------------------------------------------------------------------------------------
 
 
+def plain_weights(
+    query: Tensor,
+    key: Tensor,
+    allowed: Tensor | None = None,
+    additive: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """``softmax(Q K^T * scale + additive)`` over the ``allowed`` keys, in float64: ``(..., L, S)``.
+
+    ``allowed`` (bool, True = may attend) and ``additive`` broadcast to ``(..., L, S)``;
+    rows with no allowed key are zeros.
+    """
+    q, k = query.double(), key.double()
+    factor = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-2, -1)) * factor  # (..., L, S)
+    if additive is not None:
+        scores = scores + additive.double()
+        finite = additive != NEG_INF
+        allowed = finite if allowed is None else allowed & finite
+    if allowed is None:
+        return torch.softmax(scores, dim=-1)
+    scores = scores.expand(torch.broadcast_shapes(scores.shape, allowed.shape))
+    has_key = allowed.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~allowed, NEG_INF).masked_fill(~has_key, 0.0)
+    return torch.softmax(scores, dim=-1) * has_key
+
+
 def plain_attention(
     query: Tensor,
     key: Tensor,
@@ -66,20 +93,8 @@ def plain_attention(
 
     ``allowed`` (bool, True = may attend) and ``additive`` broadcast to ``(..., L, S)``.
     """
-    q, k, v = query.double(), key.double(), value.double()
-    factor = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-2, -1)) * factor  # (..., L, S)
-    if additive is not None:
-        scores = scores + additive.double()
-        finite = additive != NEG_INF
-        allowed = finite if allowed is None else allowed & finite
-    if allowed is None:
-        return torch.matmul(torch.softmax(scores, dim=-1), v)
-    scores = scores.expand(torch.broadcast_shapes(scores.shape, allowed.shape))
-    has_key = allowed.any(dim=-1, keepdim=True)
-    scores = scores.masked_fill(~allowed, NEG_INF).masked_fill(~has_key, 0.0)
-    weights = torch.softmax(scores, dim=-1) * has_key
-    return torch.matmul(weights, v)  # (..., L, Ev)
+    weights = plain_weights(query, key, allowed, additive, scale)  # (..., L, S)
+    return torch.matmul(weights, value.double())  # (..., L, Ev)
 
 
 # --------------------------------------------------------------------------------------
@@ -274,14 +289,59 @@ def assert_results_close(
     expected: tuple[Tensor, Sequence[Tensor]],
     what: str,
     grad_scale: float = 1.0,
+    grad_slack: Sequence[Tensor | None] = (),
 ) -> None:
-    """Compare output and gradients (q, k, v, mask), gradients with tolerance x ``grad_scale``."""
+    """Compare output and gradients (q, k, v, mask), gradients with tolerance x ``grad_scale``.
+
+    ``grad_slack``: per gradient, an elementwise bound of rounding error that the shared
+    tolerance does not model (``None``: none); each difference is first reduced by it.
+    """
     names = ["query", "key", "value", "attn_mask"]
     assert_close(actual[0], expected[0], msg=f"output differs from {what}")
-    for name, grad, grad_ref in zip(names, actual[1], expected[1], strict=False):
+    slack = [*grad_slack, *[None] * (len(names) - len(grad_slack))]
+    for name, grad, grad_ref, bound in zip(names, actual[1], expected[1], slack, strict=False):
+        if bound is not None:
+            diff = grad.double() - grad_ref.double()
+            grad = grad_ref.double() + diff.sign() * (diff.abs() - bound).clamp(min=0.0)
+            grad = grad.to(actual[1][0].dtype)
         assert_close(
             grad, grad_ref, scale=grad_scale, msg=f"gradient of {name} differs from {what}"
         )
+
+
+#: The unit roundoff of fp32 (half the distance from 1 to the next float).
+FP32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def cancellation_bounds(p: Problem, upstream: Tensor) -> list[Tensor | None]:
+    """Rounding bounds of the q, k, (v,) and mask gradients from the cancellation in ``dS``.
+
+    ``dS = P * (dP - D)`` with ``dP = dO V^T`` and ``D = rowsum(dP * P)``, which
+    FlashAttention-2 computes as ``rowsum(dO * O)``: two fp32 dot products over the
+    ``Ev`` value features that cancel wherever ``P`` is nearly one-hot (with one key,
+    ``dS`` is exactly 0). A correct fp32 kernel leaves each such difference off by about
+    ``u * sqrt(Ev)`` times the sum of the magnitudes of the terms,
+    ``P * (|dO| |V|^T + |dO| . (P |V|))``; a key's (or query's) gradient sums those
+    over query rows (over keys), broadcast batch rows included, and independent
+    roundings add root-sum-square. The shared fixed tolerance does not see this:
+    a key shared by 3 x 140 query rows with a gradient of exactly 0 took 2.6e-5 from
+    the chunked kernel against an atol of 2e-5. No slack for the value gradient
+    (``P^T dO`` cancels nothing).
+    """
+    q, k, v = p.query.double(), p.key.double(), p.value.double()
+    additive = p.attn_mask if p.attn_mask is not None and p.attn_mask.is_floating_point() else None
+    weights = plain_weights(q, k, p.allowed(), additive, p.scale)  # (..., L, S)
+    scale = 1.0 / math.sqrt(q.size(-1)) if p.scale is None else p.scale
+    d_out, v_abs = upstream.double().abs(), v.abs()  # (..., L, Ev), (..., S, Ev)
+    terms = d_out @ v_abs.transpose(-2, -1) + (d_out * (weights @ v_abs)).sum(-1, keepdim=True)
+    per_ds = FP32_UNIT_ROUNDOFF * math.sqrt(v.size(-1)) * weights * terms  # (..., L, S)
+    sq = per_ds.square()
+    dq = (scale**2 * sq @ k.square()).sum_to_size(q.shape).sqrt()  # (..., L, E)
+    dk = (scale**2 * sq.transpose(-2, -1) @ q.square()).sum_to_size(k.shape).sqrt()  # (..., S, E)
+    bounds: list[Tensor | None] = [dq, dk, None]
+    if additive is not None:
+        bounds.append(sq.sum_to_size(additive.shape).sqrt())  # (mask shape)
+    return bounds
 
 
 # --------------------------------------------------------------------------------------
@@ -293,7 +353,7 @@ def assert_results_close(
 @pytest.mark.parametrize("kernel", KERNELS)
 @given(p=problems())
 def test_every_kernel_equals_float64_math_and_torch_sdpa(kernel: str, p: Problem) -> None:
-    """Every kernel gives equation 1's output and gradients (q, k, v, float mask) in fp32 within the shared tolerances of a float64 plain-math reference and of torch's SDPA, for any sizes, broadcast batch dims, masks, causal flag and scale (§3.2.1)."""
+    """Every kernel gives equation 1's output and gradients (q, k, v, float mask) in fp32 within the shared tolerances of a float64 plain-math reference and of torch's SDPA (gradients also within fp32's rounding bound of the cancellation in dS), for any sizes, broadcast batch dims, masks, causal flag and scale (§3.2.1)."""
     p = sized_for(kernel, p)
     upstream = randn((*p.batch, p.L, p.value.size(-1)), 99)
     allowed = p.allowed()
@@ -307,8 +367,10 @@ def test_every_kernel_equals_float64_math_and_torch_sdpa(kernel: str, p: Problem
     f64 = [t.double() for t in differentiable(p)]
     exact = forward_backward(reference, f64, upstream.double())
     # Gradients x2: the gradient of a key or value shared through broadcast batch dims sums
-    # over up to 9 x 300 query rows, one fp32 rounding each (the output sums over S only).
-    assert_results_close(got, exact, "float64 math", grad_scale=2.0)
+    # over up to 9 x 300 query rows, one fp32 rounding each (the output sums over S only);
+    # plus the rounding of dS's cancellation, which grows with the values' magnitudes.
+    slack = cancellation_bounds(p, upstream)
+    assert_results_close(got, exact, "float64 math", grad_scale=2.0, grad_slack=slack)
 
     # torch's SDPA run in float64, on every torch version: causal folded into the mask, the
     # mask made full-shape (torch rejects 1-D masks), empty rows given every key and then
@@ -328,7 +390,9 @@ def test_every_kernel_equals_float64_math_and_torch_sdpa(kernel: str, p: Problem
         return out * has_key
 
     torch_result = forward_backward(torch_sdpa, f64, upstream.double())
-    assert_results_close(got, torch_result, "torch SDPA (float64)", grad_scale=2.0)
+    assert_results_close(
+        got, torch_result, "torch SDPA (float64)", grad_scale=2.0, grad_slack=slack
+    )
 
 
 @spec()
