@@ -14,6 +14,7 @@ all reached through ``transformer.specification``, which re-exports the
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
 import subprocess
@@ -610,6 +611,38 @@ def test_run_spec_runs_pytest_and_writes_markdown_and_html(
     markdown = (pytester.path / "picked" / "specification.md").read_text(encoding="utf-8")
     assert "| pytest arguments | `-p no:cacheprovider -p no:hypothesispytest -mslow` |" in markdown
     assert "8 tests (8 NOT RUN); 10 cases (10 not run)" in markdown
+
+
+@spec(kind="equivalence")
+def test_run_spec_draws_under_the_ci_profile_unless_hypothesis_profile_names_one(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run_spec` runs the tests with HYPOTHESIS_PROFILE=ci (the default suite's derandomized profile) when the variable is unset, and with the named profile when it is set; the document names the profile and the variable is as before afterwards."""
+    seen = pytester.path / "seen.txt"
+    pytester.makepyfile(
+        test_profile=textwrap.dedent(
+            f'''
+            import os
+            import pytest
+
+            @pytest.mark.spec(component="attention", section="3.2.1", kind="shape")
+            def test_records_profile():
+                """Records the profile."""
+                with open({str(seen)!r}, "a") as f:
+                    f.write(os.environ.get("HYPOTHESIS_PROFILE", "<unset>") + " ")
+            '''
+        )
+    )
+    monkeypatch.delenv("HYPOTHESIS_PROFILE", raising=False)
+    assert sp.run_spec(_spec_args(), pytester.path / "a") == pytest.ExitCode.OK
+    assert "HYPOTHESIS_PROFILE" not in os.environ
+    monkeypatch.setenv("HYPOTHESIS_PROFILE", "thorough")
+    assert sp.run_spec(_spec_args(), pytester.path / "b") == pytest.ExitCode.OK
+    assert os.environ["HYPOTHESIS_PROFILE"] == "thorough"
+    assert seen.read_text().split() == ["ci", "thorough"]
+    for out, profile in (("a", "ci"), ("b", "thorough")):
+        markdown = (pytester.path / out / "specification.md").read_text(encoding="utf-8")
+        assert f"| hypothesis profile | `{profile}` |" in markdown
 
 
 @spec(kind="error")

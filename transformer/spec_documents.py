@@ -37,6 +37,8 @@ class RunInfo:
     date: str
     commit: str
     pytest_args: str
+    #: The Hypothesis profile the property tests drew their examples under ("" = not known).
+    hypothesis_profile: str = ""
 
 
 # The document is built once as blocks, then written as Markdown and as HTML, so the
@@ -184,6 +186,10 @@ def build_document(
                 (
                     Cell("pytest arguments"),
                     Cell(f"`{info.pytest_args}`" if info.pytest_args else ""),
+                ),
+                (
+                    Cell("hypothesis profile"),
+                    Cell(f"`{info.hypothesis_profile}`" if info.hypothesis_profile else ""),
                 ),
                 (
                     Cell("tests"),

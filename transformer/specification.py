@@ -190,7 +190,10 @@ class SpecRecorder:
 
 
 def collect_run_info(
-    pytest_args: Sequence[str], root: Path, outputs: Sequence[Path] = ()
+    pytest_args: Sequence[str],
+    root: Path,
+    outputs: Sequence[Path] = (),
+    hypothesis_profile: str = "",
 ) -> RunInfo:
     """torch and Python versions, the UTC time and the git commit of ``root`` (if any).
 
@@ -206,6 +209,7 @@ def collect_run_info(
         date=now,
         commit=git_commit(root, outputs),
         pytest_args=shlex.join(pytest_args),
+        hypothesis_profile=hypothesis_profile,
     )
 
 
@@ -237,6 +241,10 @@ def git_commit(root: Path, outputs: Sequence[Path] = ()) -> str:
 
 # The default selection of `transformer spec`, the default suite's (see tox.ini).
 DEFAULT_MARK_EXPRESSION = "not slow and not triton and not triton_offline"
+# The Hypothesis profile of `transformer spec` unless HYPOTHESIS_PROFILE names one: the
+# derandomized one the default suite runs under (tox.ini), so that a document rendered
+# twice from one commit states the same results.
+DEFAULT_HYPOTHESIS_PROFILE = "ci"
 
 
 def run_spec(pytest_args: Sequence[str], out_dir: Path) -> int:
@@ -244,7 +252,10 @@ def run_spec(pytest_args: Sequence[str], out_dir: Path) -> int:
 
     Without a ``-m`` among ``pytest_args`` the default suite's selection
     (:data:`DEFAULT_MARK_EXPRESSION`) is used; deselected tests are listed as not run.
-    The documents are written even when tests fail, showing which.
+    Property tests draw their examples under the Hypothesis profile that
+    ``HYPOTHESIS_PROFILE`` names, by default :data:`DEFAULT_HYPOTHESIS_PROFILE` (set
+    for the run only); the document names it. The documents are written even when
+    tests fail, showing which.
     """
     try:
         import pytest
@@ -259,15 +270,24 @@ def run_spec(pytest_args: Sequence[str], out_dir: Path) -> int:
     if not any(a == "-m" or (a.startswith("-m") and len(a) > 2) for a in args):
         args = ["-m", DEFAULT_MARK_EXPRESSION, *args]
     recorder = SpecRecorder()
-    # pytest.main prepends the ini's addopts to the list it is given: give it a copy.
-    status = int(pytest.main(list(args), plugins=[recorder]))
+    chosen = os.environ.get("HYPOTHESIS_PROFILE")
+    profile = chosen or DEFAULT_HYPOTHESIS_PROFILE
+    os.environ["HYPOTHESIS_PROFILE"] = profile
+    try:
+        # pytest.main prepends the ini's addopts to the list it is given: give it a copy.
+        status = int(pytest.main(list(args), plugins=[recorder]))
+    finally:
+        if chosen is None:
+            del os.environ["HYPOTHESIS_PROFILE"]
+        else:
+            os.environ["HYPOTHESIS_PROFILE"] = chosen
     records = recorder.records()
     if not records:
         print("transformer spec: no test collected; nothing rendered", file=sys.stderr)
         return status or 1
     root = recorder.rootpath or Path.cwd()
     outputs = [out_dir / "specification.md", out_dir / "specification.html"]
-    info = collect_run_info(args, root, outputs)
+    info = collect_run_info(args, root, outputs, hypothesis_profile=profile)
     markdown, page = write_documents(records, info, out_dir, root)
     missing = missing_kinds(coverage_counts(records))
     if missing:
