@@ -5,7 +5,7 @@ SDPA. This file pins what makes it *chunked*: the result does not depend on the 
 sizes (online softmax, Milakov & Gimelshein 2018; FlashAttention), the backward pass
 keeps no ``(L, S)`` tensor, causal tiles above the diagonal are never computed, dropout
 is regenerated exactly in the backward pass, the worker threads change nothing (nor
-torch's process-wide thread count), a lower-right causal bias is applied as a shifted
+torch's process-wide thread count, nor what autocast or a dispatch mode sees), a lower-right causal bias is applied as a shifted
 diagonal without any ``(L, S)`` tensor, and the peak memory is a small fraction of the
 reference kernel's.
 
@@ -277,6 +277,66 @@ def test_worker_threads_run_under_the_callers_inference_mode(
         torch.set_num_threads(threads)
     assert split.is_inference()
     assert torch.equal(split, inline)
+
+
+@spec(section="extra", kind="equivalence")
+@pytest.mark.parametrize("where", ["calling thread", "worker threads"])
+def test_cpu_autocast_changes_nothing_inside_the_kernel(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel does its own precision (fp16/bf16 computed in fp32) and autocast is per thread: under CPU bf16 autocast, fp32 inputs give exactly the output and gradients they give without it, whether the tiles run in the calling thread (where autocast's bf16 products used to meet fp32 accumulators and fail) or in worker threads."""
+    case = CASES["plain"]
+    q, k, v = (randn(*shape, seed=i, dtype=torch.float32) for i, shape in enumerate(case[:3]))
+
+    def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return chunked.chunked_attention(q, k, v, block_l=8, block_s=8)  # several key blocks
+
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 64)
+    if where == "worker threads":
+        monkeypatch.setattr(chunked, "PARALLEL_MIN_SCORES", 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        plain = forward_backward(fn, q, k, v)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = forward_backward(fn, q, k, v)
+    finally:
+        torch.set_num_threads(threads)
+    assert autocast[0].dtype == torch.float32
+    assert torch.equal(autocast[0], plain[0])
+    for got, expected in zip(autocast[1], plain[1], strict=True):
+        assert torch.equal(got, expected)
+
+
+@spec(section="extra", kind="property")
+def test_a_dispatch_mode_sees_the_tile_ops_of_problems_large_enough_for_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Dispatch modes are per thread, so under one (torch's ``FlopCounterMode`` here) a problem large enough for worker threads runs in the calling thread: the mode counts the same nonzero flops, forward and backward, as for the problem kept in the calling thread."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    case = CASES["plain"]
+    q, k, v = (randn(*shape, seed=i, dtype=torch.float32) for i, shape in enumerate(case[:3]))
+
+    def flops() -> int:
+        with FlopCounterMode(display=False) as counter:
+            forward_backward(
+                lambda *t: chunked.chunked_attention(*t, block_l=8, block_s=8), q, k, v
+            )
+        return counter.get_total_flops()
+
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 64)
+    monkeypatch.setattr(chunked, "PARALLEL_MIN_SCORES", 1 << 62)
+    inline = flops()
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(chunked, "PARALLEL_MIN_SCORES", 0)
+    try:
+        torch.set_num_threads(2)
+        large = flops()
+    finally:
+        torch.set_num_threads(threads)
+    assert inline > 0
+    assert large == inline
 
 
 @spec(section="extra", kind="property")

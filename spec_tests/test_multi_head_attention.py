@@ -18,6 +18,7 @@ D head_dim = E / H.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import itertools
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 
 from transformer import MultiheadAttention
 from transformer.masks import module_mask_to_sdpa
-from transformer.testing import assert_close
+from transformer.testing import assert_close, assert_error_within_reference
 
 spec = functools.partial(pytest.mark.spec, component="multi_head_attention")
 
@@ -734,6 +735,20 @@ def test_dropout_one_drops_every_weight_like_torch(need_weights: bool) -> None:
     assert_close(out, ours.out_proj.bias.expand_as(out))
 
 
+@spec(section="torch", kind="equivalence")
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_add_bias_kv_under_cpu_autocast_works_like_torch(need_weights: bool) -> None:
+    """Under CPU bf16 autocast the projected keys are bf16 while ``bias_k``/``bias_v`` stay fp32: the appended key takes the keys' dtype (torch's SDPA casts it there), so the call gives a bf16 output within twice torch's own autocast error of the fp64 result, with or without weights."""
+    ours, theirs = make_pair(torch.float32, add_bias_kv=True)
+    q, k, v = inputs(torch.float32)
+    exact = copy.deepcopy(theirs).double()(q.double(), k.double(), v.double())[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(q, k, v, need_weights=need_weights)[0]
+        expected = theirs(q, k, v, need_weights=need_weights)[0]
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert_error_within_reference(out, expected, exact.detach())
+
+
 @spec(section="torch", kind="masking")
 def test_module_masks_convert_to_the_sdpa_convention() -> None:
     """A module-convention bool mask (True = masked out) flips to SDPA's (True = may attend), a float mask stays additive and takes the scores' dtype, and no mask stays None."""
@@ -783,19 +798,21 @@ def test_the_output_projection_runs_as_the_out_proj_module_so_its_hooks_fire(
 
 
 @spec(section="extra", kind="error")
-@pytest.mark.parametrize("case", ["cache of another dtype", "cache of another head dim", "dropout"])
+@pytest.mark.parametrize(
+    "case", ["cache of another dtype", "cache of another head dim", "dropout NaN", "dropout 1.5"]
+)
 def test_what_the_module_cannot_vouch_for_still_raises_the_front_doors_value_error(
     case: str,
 ) -> None:
-    """The module attends without re-running every check of ``scaled_dot_product_attention``, but what it does not build itself still gets that function's ``ValueError``: keys and values cached by another module (of another dtype, or another head dim with the same head count), and a ``dropout`` set outside ``[0, 1)`` after construction (in training mode, where it applies)."""
+    """The module attends without re-running every check of ``scaled_dot_product_attention``, but what it does not build itself still gets that function's ``ValueError``: keys and values cached by another module (of another dtype, or another head dim with the same head count), and a ``dropout`` set outside ``[0, 1]`` after construction (in training mode, where it applies; 1 drops every weight, as torch allows)."""
     from transformer.kv_cache import KVCache
 
     mha = MultiheadAttention(8, 2, batch_first=True).eval()
     x = randn(1, 1, 8, seed=3, dtype=torch.float32)
     cache: KVCache | None = None
-    if case == "dropout":
+    if case.startswith("dropout"):
         mha.train()
-        mha.dropout = float("nan")
+        mha.dropout = float("nan") if case == "dropout NaN" else 1.5
         match = r"dropout_p must be in \[0, 1\)"
     else:
         cache = KVCache(static=True)

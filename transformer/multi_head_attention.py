@@ -406,8 +406,11 @@ class MultiheadAttention(nn.Module):
                 k, v = cache.append(k, v)  # (B, H, S, D): cached positions, then the new
         q = q.view(B, L, H, D).transpose(1, 2)  # (B, H, L, D)
         if self.bias_k is not None and self.bias_v is not None:
-            k = torch.cat([k, self.bias_k.view(1, H, 1, D).expand(B, -1, -1, -1)], dim=2)
-            v = torch.cat([v, self.bias_v.view(1, H, 1, D).expand(B, -1, -1, -1)], dim=2)
+            # In k's dtype: under autocast k is already low precision while the parameter
+            # is not, and cat would promote k back (torch's SDPA then casts it down again).
+            bias_k = self.bias_k.to(k.dtype).view(1, H, 1, D).expand(B, -1, -1, -1)
+            bias_v = self.bias_v.to(v.dtype).view(1, H, 1, D).expand(B, -1, -1, -1)
+            k, v = torch.cat([k, bias_k], dim=2), torch.cat([v, bias_v], dim=2)
             attn_mask, key_padding_mask = _pad_one_key(attn_mask), _pad_one_key(key_padding_mask)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros((B, H, 1, D))], dim=2)  # (B, H, S'+1, D)
@@ -441,7 +444,7 @@ class MultiheadAttention(nn.Module):
                 if use_causal
                 else merge_module_masks(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
             )
-            if dropout_p >= 1.0:
+            if dropout_p == 1.0:
                 # Every weight dropped (torch allows dropout=1.0): the heads output zeros
                 # with zero gradients; the kernels take p in [0, 1) only.
                 out = attend_prechecked(q, k, v, mask, 0.0, use_causal) * 0.0

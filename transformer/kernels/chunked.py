@@ -53,6 +53,7 @@ matmul rows of a query block of ``n`` rows, w key columns of a tile.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -476,7 +477,8 @@ def _run(
 ) -> int:
     """Run ``work(units_of_worker, worker_index)`` on every unit; return the worker count.
 
-    Small problems run in the calling thread. Large ones are split over one worker
+    Small problems, and any problem under a ``TorchDispatchMode``, run in the calling
+    thread. Large ones are split over one worker
     thread per torch thread, each running its ops single-threaded (without touching
     process-wide settings: see :func:`_openmp_set_num_threads`); with ``by_chunk`` a
     chunk of slices never straddles two workers (so they never add into the same rows),
@@ -487,7 +489,14 @@ def _run(
     chunks = len({u.chunk for u in units})
     if by_chunk:
         workers = min(workers, chunks)
-    if workers <= 1 or scores < PARALLEL_MIN_SCORES or len(units) < 2:
+    # Dispatch modes are per thread too: under one (FlopCounterMode, a tracer) every op
+    # runs in the calling thread, where the mode sees it.
+    if (
+        workers <= 1
+        or scores < PARALLEL_MIN_SCORES
+        or len(units) < 2
+        or torch._C._len_torch_dispatch_stack() > 0
+    ):
         work(units, 0)
         return 1
     if by_chunk:
@@ -517,6 +526,19 @@ def _split_by_chunk(units: list[_Unit]) -> bool:
     return chunks % workers == 0 or chunks >= 4 * workers
 
 
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast disabled on ``device`` while the tiles run.
+
+    Autocast is per thread: left on, the tile gemms of a call in the calling thread
+    would run in low precision (and the in-place accumulations refuse their mixed
+    dtypes), while the same call split over worker threads would not. The kernel does
+    its own precision: fp16/bf16 inputs are computed in fp32.
+    """
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _forward(
     q: Tensor,
     k: Tensor,
@@ -541,7 +563,10 @@ def _forward(
     out = q.new_empty(N, g, L, Ev)
     lse = q.new_empty(N, g, L)
     units = _units(N, g, L, S, block_l, block_s)
-    _run(units, N * g * L * S, lambda part, w: _forward_units(pb, part, out, lse), False, pb.cost)
+    with _autocast_off(q.device):
+        _run(
+            units, N * g * L * S, lambda part, w: _forward_units(pb, part, out, lse), False, pb.cost
+        )
     return out, lse
 
 
@@ -580,7 +605,8 @@ def _backward(
     def work(part: list[_Unit], w: int) -> None:
         _backward_units(pb, part, d_out, delta, lse, grads[w])
 
-    used = _run(units, N * g * L * S, work, by_chunk, pb.cost)
+    with _autocast_off(pb.q.device):
+        used = _run(units, N * g * L * S, work, by_chunk, pb.cost)
     total = grads[0]
     for extra in grads[1:used]:
         if not by_chunk:
