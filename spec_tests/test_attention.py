@@ -29,7 +29,7 @@ from torch import Tensor
 import transformer
 from transformer import attention as attention_module
 from transformer.conformance.plugin import ConformanceSuite, KernelUnderTest
-from transformer.testing import assert_close
+from transformer.testing import assert_close, assert_error_within_reference
 
 spec = functools.partial(pytest.mark.spec, component="attention")
 
@@ -129,6 +129,31 @@ def test_causal_output_ignores_later_keys_and_values(
         assert_close(out[..., :t, :], base[..., :t, :], msg=f"rows before {t} saw key {t}")
         if t < L:
             assert not torch.allclose(out[..., t, :], base[..., t, :]), f"row {t} ignores key {t}"
+
+
+# --------------------------------------------------------------------------------------
+# Autocast.
+# --------------------------------------------------------------------------------------
+
+
+@spec(section="torch", kind="equivalence")
+@pytest.mark.parametrize("mixed", [False, True], ids=["fp32", "fp32-query-bf16-keys"])
+def test_autocast_casts_the_inputs_as_it_does_for_torch_sdpa(
+    kernel: str, device: torch.device, mixed: bool
+) -> None:
+    """Under ``torch.autocast`` (bf16) torch's SDPA casts query, key and value to bf16, so fp32 inputs, or an fp32 query with bf16 keys and values, give a bf16 output; every kernel does the same, within twice torch's own autocast error of the float64 result, with a float mask."""
+    q, k, v = qkv((2, 2, 9, 8), (2, 2, 13, 8), (2, 2, 13, 8), device, seed=21)
+    mask = randn(9, 13, seed=24, device=device)
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask.double()
+    )
+    if mixed:
+        k, v = k.bfloat16(), v.bfloat16()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = transformer.scaled_dot_product_attention(q, k, v, mask, kernel=kernel)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert_error_within_reference(out, expected, exact)
 
 
 # --------------------------------------------------------------------------------------

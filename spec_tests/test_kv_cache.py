@@ -132,6 +132,22 @@ def test_static_cache_is_projected_on_the_first_call_and_reused_after() -> None:
 
 
 @spec(kind="equivalence")
+def test_a_cache_filled_outside_autocast_serves_steps_under_it() -> None:
+    """Keys cached in fp32 (the memory projected outside autocast) meet a bf16 query under ``torch.autocast``: attention casts them as torch's SDPA casts its inputs, so the step gives the bf16 output of the same step without a cache under autocast."""
+    mha = make_mha(5, batch_first=True).float()
+    memory = torch.randn(2, 7, E)
+    cache = KVCache(static=True)
+    with torch.no_grad():
+        mha(torch.randn(2, 1, E), memory, memory, cache=cache)  # projects the memory in fp32
+        q = torch.randn(2, 1, E)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = mha(q, memory, memory, need_weights=False, cache=cache)[0]
+            want = mha(q, memory, memory, need_weights=False)[0]
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert_close(got, want)
+
+
+@spec(kind="equivalence")
 @pytest.mark.parametrize("extra", ["add_bias_kv", "add_zero_attn"])
 def test_extra_keys_are_appended_at_each_call_not_cached(extra: str) -> None:
     """With ``add_bias_kv``/``add_zero_attn`` the extra key/value is appended after the cached and new keys at every call (torch appends it after the real keys), so chunked calls with a cache equal one call; the cache holds real positions only."""

@@ -270,6 +270,25 @@ def _check_pairing(query: Tensor, key: Tensor, value: Tensor) -> None:
         )
 
 
+def _autocast_inputs(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Query, key and value in autocast's dtype where autocast is on for their device.
+
+    torch's SDPA is on autocast's lower-precision list, so under ``torch.autocast`` it
+    casts its fp32/fp16/bf16 inputs (not fp64) to the autocast dtype; doing the same
+    here gives every kernel torch's inputs, output dtype included. The mask keeps its
+    dtype: the kernels convert a float mask to their compute dtype themselves.
+    """
+    device_type = "cpu" if query.is_cpu else query.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return query, key, value
+    low = torch.get_autocast_dtype(device_type)
+
+    def cast(t: Tensor) -> Tensor:
+        return t.to(low) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+    return cast(query), cast(key), cast(value)
+
+
 def _check_mask_device(attn_mask: Tensor, query: Tensor) -> None:
     if attn_mask.device != query.device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
@@ -628,7 +647,12 @@ def scaled_dot_product_attention(
         ValueError: shapes/dtypes do not fit, ``dropout_p`` is outside ``[0, 1)``, a
             ``CausalBias`` has other sizes than ``(L, S)`` or comes with
             ``is_causal=True``, or the kernel name is unknown or unavailable on the device.
+
+    Under ``torch.autocast`` query, key and value are first cast to the autocast dtype
+    (fp64 excepted), as torch's SDPA is.
     """
+    if isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor):
+        query, key, value = _autocast_inputs(query, key, value)
     _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     fn = _pick_kernel(kernel, query.device, query.dtype)
     return fn(
@@ -665,8 +689,10 @@ def attend_prechecked(
     device, and ``dropout_p`` in ``[0, 1)`` (the module's ``dropout`` can be changed
     after construction). The rest of the front door's checks (types, ranks, broadcast,
     ``scale``, ``CausalBias``) are skipped: a cached step of a 6-layer decoder makes a
-    dozen such calls. The kernel is chosen by the registry, as ``kernel=None`` does.
+    dozen such calls. The kernel is chosen by the registry, as ``kernel=None`` does, and
+    autocast casts the inputs as at the front door.
     """
+    query, key, value = _autocast_inputs(query, key, value)
     _check_pairing(query, key, value)
     if attn_mask is not None:
         _check_mask_device(attn_mask, query)
