@@ -89,6 +89,34 @@ def materialises_scores(*args: Any, **kwargs: Any) -> Tensor:
     return plain(*args, **kwargs)
 
 
+def keeps_score_blocks(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    **kwargs: Any,
+) -> Tensor:
+    """Right answers from 8 blocks of query rows, none of whose tensors holds ``L x S``
+    elements; but autograd keeps every block's scores for the backward, and together
+    they hold the score matrix several times over."""
+    L = query.size(-2)
+    if isinstance(attn_mask, CausalBias) or L < 8:
+        return plain(query, key, value, attn_mask, dropout_p, is_causal, **kwargs)
+    step = -(-L // 8)
+    blocks = []
+    for r0 in range(0, L, step):
+        mask = attn_mask
+        if isinstance(mask, Tensor) and mask.dim() >= 2 and mask.size(-2) > 1:
+            mask = mask[..., r0 : r0 + step, :]
+        rows = query[..., r0 : r0 + step, :]
+        blocks.append(
+            plain(rows, key, value, mask, dropout_p, is_causal, causal_diagonal=r0, **kwargs)
+        )
+    return torch.cat(blocks, dim=-2)  # (..., L, Ev)
+
+
 def forgets_scale(*args: Any, **kwargs: Any) -> Tensor:
     """Bug: ``scale=None`` multiplies the scores by 1 instead of ``1/sqrt(E)``."""
     return plain(*args, default_scale=False, **kwargs)
@@ -195,6 +223,7 @@ CAUGHT_BY: dict[str, str] = {
     "ignores_is_causal": "causal-top-left",
     "top_left_for_bottom_right": "causal-bias-objects",
     "materialises_scores": "no-score-matrix",
+    "keeps_score_blocks": "no-score-matrix",
     "causal_off_by_one": "causal-top-left",
     "gqa_heads_tiled": "gqa",
     "mask_polarity_inverted": "bool-mask",

@@ -114,15 +114,91 @@ def _refuses_everything(*args: object, **kwargs: object) -> torch.Tensor:
     raise NotImplementedError("this kernel only prints")
 
 
+def _refuses_masks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: object = None,
+    **kw: object,
+) -> torch.Tensor:
+    if attn_mask is not None:
+        raise NotImplementedError("no masks here")
+    return F.scaled_dot_product_attention(query, key, value, **kw)  # type: ignore[arg-type]
+
+
 @spec(section="extra", kind="error")
-def test_a_refusing_kernel_is_unsupported_and_fails_only_under_strict() -> None:
-    """A kernel that raises NotImplementedError is UNSUPPORTED (not FAIL) everywhere but the errors section; the exit status is 0, and 1 with ``--strict``."""
-    report = run(_refuses_everything, Settings("quick", (torch.float32,)))
-    statuses = {p.prop.section: set() for p in report.properties}
-    for p in report.properties:
-        statuses[p.prop.section].add(p.status)
-    assert statuses["core"] == {"UNSUPPORTED"} and statuses["extensions"] == {"UNSUPPORTED"}
+def test_a_refused_feature_is_unsupported_and_fails_only_under_strict() -> None:
+    """A kernel that raises NotImplementedError for a feature (here any ``attn_mask``) is UNSUPPORTED there, not FAIL: the exit status is 0, and 1 with ``--strict``."""
+    report = run(_refuses_masks, Settings("quick", (torch.float32,)))
+    status = {p.prop.name: p.status for p in report.properties}
+    assert status["bool-mask"] == status["float-mask"] == "UNSUPPORTED"
+    assert status["accepts-plain-call"] == status["forward"] == "PASS"
     assert report.exit_code() == 0 and report.exit_code(strict=True) == 1
+
+
+@spec(section="extra", kind="error")
+def test_a_kernel_refusing_the_plain_call_fails_instead_of_being_unsupported_everywhere() -> None:
+    """A kernel that refuses every call (a bug such as a TypeError in its first line looks the same) is not let off as UNSUPPORTED: the core property ``accepts-plain-call`` FAILs with the kernel's error, it leads the report, and the exit status is 1."""
+    report = run(_refuses_everything, Settings("quick", (torch.float32,)))
+    (plain,) = [p for p in report.properties if p.prop.name == "accepts-plain-call"]
+    assert plain.status == "FAIL"
+    assert "refused the plain call: NotImplementedError: this kernel only prints" in (
+        plain.first("FAIL").detail  # type: ignore[union-attr]
+    )
+    assert report.failures()[0] is plain
+    assert report.exit_code() == 1
+
+
+@spec(section="extra", kind="shape")
+def test_a_property_line_shows_how_many_cases_were_refused_and_why(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The command's line for a property that passed on some cases and was refused on others says how many of each, and the first refusal's reason; an all-refused one gives the reason too."""
+    target = "torch.nn.functional:scaled_dot_product_attention"
+    assert main(["conform", target, "--dtypes", "fp32", "--properties", "forward"]) == 0
+    plain_line = capsys.readouterr().out
+    assert "refused" not in plain_line
+    code = main(
+        [
+            "conform",
+            f"{__name__}:_refuses_masks",
+            "--dtypes",
+            "fp32",
+            "--properties",
+            "forward",
+            "bool-mask",
+        ]
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    (mask_line,) = [line for line in lines if "bool-mask" in line]
+    assert "UNSUPPORTED" in mask_line and "refused: NotImplementedError: no masks here" in mask_line
+
+
+@spec(section="extra", kind="error")
+@pytest.mark.parametrize("under", ["a file", "a missing folder under a file"])
+def test_conform_refuses_a_report_folder_it_could_not_write_before_running(
+    under: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--report`` naming a file, or a folder that cannot be made because a file stands in its path, is refused before any case runs: exit status 2 and a message naming ``--report``."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    report = blocker if under == "a file" else blocker / "sub" / "dir"
+    target = "torch.nn.functional:scaled_dot_product_attention"
+    assert main(["conform", target, "--report", str(report), "--properties", "forward"]) == 2
+    captured = capsys.readouterr()
+    assert "--report" in captured.err and "conformance of" not in captured.out
+    assert blocker.read_text() == "mine"
+
+
+@spec(section="extra", kind="property")
+def test_every_case_of_a_property_has_its_own_id() -> None:
+    """No two cases of one property share a pytest id in any tier, so ``-k`` and the report name one case each (cases that differ only in broadcast batch dims or in a mismatched dimension included)."""
+    for tier in ("quick", "full", "thorough"):
+        settings = Settings(tier, (torch.float64, torch.float32, torch.float16, torch.bfloat16))
+        for prop in PROPERTIES.values():
+            ids = [case.id for case in prop.cases(settings)]
+            assert len(ids) == len(set(ids)), (tier, prop.name, ids)
 
 
 @spec(section="extra", kind="error")

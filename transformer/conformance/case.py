@@ -147,8 +147,26 @@ class Case:
 
     @property
     def id(self) -> str:
-        """A short id for pytest: ``L97-S130-E59-fp32-bool-causal``."""
-        bits = [f"L{self.L}", f"S{self.S}", f"E{self.q[-1]}"]
+        """A short id for pytest: ``b2x3-L97-S130-E59-fp32-bool-causal``.
+
+        ``b`` is the query's batch dims (``b-`` for none); ``kb``/``vb`` follow when the
+        key's or the value's differ from the query's, so cases that differ only in their
+        (broadcast) batch dims get different ids.
+        """
+
+        def dims(shape: tuple[int, ...]) -> str:
+            return "x".join(map(str, shape[:-2])) or "-"
+
+        bits = [f"b{dims(self.q)}"]
+        if self.k[:-2] != self.q[:-2]:
+            bits.append(f"kb{dims(self.k)}")
+        if self.v[:-2] != self.k[:-2]:
+            bits.append(f"vb{dims(self.v)}")
+        bits += [f"L{self.L}", f"S{self.S}", f"E{self.q[-1]}"]
+        if self.k[-1] != self.q[-1]:
+            bits.append(f"Ek{self.k[-1]}")  # mismatched head dims (a bad input)
+        if self.v[-2] != self.S:
+            bits.append(f"Sv{self.v[-2]}")  # mismatched key/value lengths (a bad input)
         if self.v[-1] != self.q[-1]:
             bits.append(f"Ev{self.v[-1]}")
         bits.append(_SHORT[self.dtype])

@@ -1,8 +1,8 @@
 """``transformer conform``: run the conformance suite against a kernel and write the report.
 
 Every argument is checked before the first case runs: the kernel must load, the device
-exist, the dtypes be known, and the report folder must not hold an earlier report
-(``--force`` replaces it).
+exist, the dtypes be known, and the report folder must be one that can be made and
+written and must not hold an earlier report (``--force`` replaces it).
 """
 
 from __future__ import annotations
@@ -18,7 +18,15 @@ import torch
 
 from transformer.conformance.case import DTYPES, Kernel, Settings
 from transformer.conformance.report import summary, write_report
-from transformer.conformance.runner import FAIL, PropertyResult, load_kernel, run, selected
+from transformer.conformance.runner import (
+    FAIL,
+    FORWARD_ONLY,
+    UNSUPPORTED,
+    PropertyResult,
+    load_kernel,
+    run,
+    selected,
+)
 
 __all__ = ["DEFAULT_DTYPES", "add_conform_parser"]
 
@@ -63,6 +71,14 @@ def _check_report_dir(report: str | None, force: bool) -> Path | None:
     out = Path(report)
     if out.exists() and not out.is_dir():
         raise ConformUsageError(f"--report: {out} exists and is not a directory")
+    # The report is written after the run: refuse now a folder that cannot be made there.
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConformUsageError(f"--report: {out} cannot be made: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConformUsageError(f"--report: {out} cannot be written: {existing} is not writable")
     old = [p.name for p in (out / "conformance.md", out / "conformance.json") if p.exists()]
     if old and not force:
         raise ConformUsageError(
@@ -74,9 +90,15 @@ def _check_report_dir(report: str | None, force: bool) -> Path | None:
 def _progress(result: PropertyResult) -> None:
     line = f"  {result.prop.section:<10} {result.prop.name:<26} {result.status:<11}"
     line += f" {len(result.results):>3} cases"
+    refused = result.count(UNSUPPORTED) + result.count(FORWARD_ONLY)
+    if refused and refused < len(result.results):
+        line += f" ({len(result.results) - refused} answered, {refused} refused)"
     bad = result.first(FAIL)
+    why = result.first(UNSUPPORTED) or result.first(FORWARD_ONLY)
     if bad is not None:
         line += f"  {bad.detail.splitlines()[0][:110]}"
+    elif why is not None and why.detail:
+        line += f"  refused: {why.detail.splitlines()[0][:100]}"
     print(line, flush=True)
 
 

@@ -25,6 +25,7 @@ from transformer.conformance.case import (
     Failure,
     Kernel,
     Settings,
+    Unsupported,
     build_inputs,
     call_kernel,
 )
@@ -67,6 +68,28 @@ def _lengths(settings: Settings) -> list[tuple[int, int, int]]:
 
 
 # ------------------------------------------------------------------------- the basics
+
+
+def _plain_cases(settings: Settings) -> list[Case]:
+    dtype = torch.float32 if torch.float32 in settings.dtypes else settings.dtypes[0]
+    return [bhle(1, 2, 16, 16, 8, dtype=dtype, grads=False)]
+
+
+@conformance_property(
+    "accepts-plain-call", section="core", rank=0, source=_SDPA, kind="shape", cases=_plain_cases
+)
+def accepts_plain_call(kernel: Kernel, case: Case, device: str) -> str | None:
+    """The plain call, ``kernel(query, key, value)`` with no optional argument, in fp32 (or the run's first dtype without fp32), is answered, not refused: a kernel may refuse features, but refusing this one means every other case says nothing."""
+    try:
+        out = call_kernel(kernel, case, build_inputs(case, device))
+    except Unsupported as refusal:
+        raise Failure(
+            f"the kernel refused the plain call: {refusal}\n    case: {case.describe()}"
+        ) from None
+    want = (*case.q[:-1], case.v[-1])
+    if tuple(out.shape) != want:
+        raise Failure(f"output is {tuple(out.shape)}, expected {want}\n    case: {case.describe()}")
+    return None
 
 
 def _shape_cases(settings: Settings) -> list[Case]:

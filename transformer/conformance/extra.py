@@ -5,8 +5,11 @@
   ``is_causal``, a 1-D mask, batch dims of key/value that broadcast against the query's.
   A kernel that refuses one (raises anything) is UNSUPPORTED there, never FAIL.
 * Memory is FlashAttention's promise: no op creates a tensor of ``L * S`` elements, in the
-  forward or the backward (seen op by op, :mod:`~transformer.conformance.memory`), and
-  on CUDA the peak extra memory grows linearly with the length.
+  forward or the backward (seen op by op, :mod:`~transformer.conformance.memory`); on
+  the CPU the peak memory torch's allocator holds meanwhile stays below what the score
+  matrices of all ``(batch, head)`` pairs would take (many smaller pieces kept for the
+  backward add up to it too); on CUDA the peak extra memory grows linearly with the
+  length.
 * Errors: bad input a kernel should refuse (mismatched head dims, a mask of the wrong
   shape). Informational: a kernel that answers anyway is reported SILENT.
 
@@ -15,8 +18,11 @@ Notation: B batch, H heads, L query length, S key length, E head dim, Ev value h
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from transformer.bench_memory import cpu_peak_bytes
 from transformer.conformance.case import (
     Case,
     Failure,
@@ -169,20 +175,26 @@ def _memory_cases(settings: Settings) -> list[Case]:
     cases=_memory_cases,
 )
 def no_score_matrix(kernel: Kernel, case: Case, device: str) -> str | None:
-    """No op dispatched in the forward or the backward creates a tensor of ``L * S`` elements or more: the score matrix is never held."""
+    """No op dispatched in the forward or the backward creates a tensor of ``L * S`` elements or more, and on the CPU torch's allocator never holds as much as the score matrices of all ``(batch, head)`` pairs meanwhile: the score matrix is never held."""
     inputs = build_inputs(case, device)
     log = AllocationLog()
-    # One torch thread, so a kernel that splits work over threads by torch's thread count
-    # (as the chunked kernel does) runs it where the tracker sees it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+
+    def forward_backward() -> None:
         with track_allocations(log, "forward"):
             out = call_kernel(kernel, case, inputs)
         if out.requires_grad:
             upstream = upstream_for(out, case.seed)
             with track_allocations(log, "backward"):
                 kernel_gradients(out, inputs, upstream)
+
+    # One torch thread, so a kernel that splits work over threads by torch's thread count
+    # (as the chunked kernel does) runs it where the tracker sees it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        peak = cpu_peak_bytes(forward_backward) if device == "cpu" else None
+        if peak is None:
+            forward_backward()
     finally:
         torch.set_num_threads(threads)
     limit = case.L * case.S
@@ -198,6 +210,18 @@ def no_score_matrix(kernel: Kernel, case: Case, device: str) -> str | None:
     seen = (
         f"largest tensor created: {largest.op} {largest.shape}" if largest else "no tensor created"
     )
+    if peak is not None:
+        # The score matrices of every (batch, head) pair of the query, in the case's dtype.
+        heads = math.prod(case.q[:-2])
+        matrices = heads * limit * torch.empty((), dtype=case.dtype).element_size()
+        if peak >= matrices:
+            raise Failure(
+                f"torch's CPU allocator held {peak / 2**20:.1f} MiB at the peak of the forward "
+                f"and backward, at least the {matrices / 2**20:.1f} MiB of the {heads} "
+                f"(batch, head) score matrices of L*S elements, although no single tensor "
+                f"was that large ({seen})\n    case: {case.describe()}"
+            )
+        seen += f"; peak {peak / 2**20:.1f} MiB < {matrices / 2**20:.1f} MiB of score matrices"
     return f"{seen}; cannot see: {LIMITS}"
 
 

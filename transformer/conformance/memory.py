@@ -31,11 +31,13 @@ from torch.utils._pytree import tree_flatten
 
 __all__ = ["LIMITS", "Allocation", "AllocationLog", "track_allocations"]
 
-#: What :func:`track_allocations` cannot see, for reports.
+#: What the memory property cannot see, for reports.
 LIMITS = (
-    "buffers allocated inside one compiled op (C++/CUDA/Triton scratch) are not seen; "
-    "ops run on threads the kernel starts itself are not seen (the check runs with one "
-    "torch thread)"
+    "buffers allocated inside one compiled op (C++/CUDA/Triton scratch) are not seen op "
+    "by op; ops run on threads the kernel starts itself are not seen op by op (the check "
+    "runs with one torch thread); the CPU peak counts torch's allocator on every thread "
+    "but not memory taken outside it (BLAS/oneDNN workspaces, a Triton interpreter's "
+    "NumPy arrays)"
 )
 
 

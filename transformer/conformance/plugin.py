@@ -16,6 +16,7 @@ errors section is informational) and a failure where the suite says ``strict_err
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,11 @@ def pytest_configure(config: pytest.Config) -> None:
     spec = config.getoption("--attention-kernel")
     if not spec:
         return
+    # As `transformer conform` and `python -m pytest` do: a module in the folder pytest
+    # was started from is importable.
+    here = str(config.invocation_params.dir)
+    if here not in sys.path:
+        sys.path.insert(0, here)
     try:
         kernel = load_kernel(spec)
     except ValueError as err:
