@@ -643,6 +643,9 @@ def test_demo_at_a_tiny_size_runs_its_four_stages_and_reports_unmet_goals(
     )
     heldout = make_task("numbers", seed=0).heldout
     assert [src for src, _ in shown] == [src for src, _ in heldout[:3]]
+    # Run again into the same folder: an earlier demo's run is replaced without asking.
+    assert main([*argv, "--no-progress"]) == 1
+    assert "[4/4]" in capsys.readouterr().out
     model, meta = load_checkpoint(out / "checkpoint")
     # The shrink reached the command (a patch of the wrong module would run full size).
     assert model.d_model == 16
@@ -774,6 +777,46 @@ def test_new_run_into_a_directory_holding_a_run_is_refused_unless_forced(
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
     _, meta = load_checkpoint(run / "checkpoint")
     assert meta["training"]["step"] == 3
+
+
+@spec(kind="error")
+@pytest.mark.parametrize(
+    "bad",
+    [["--data", "no-such-file.tsv"], ["--device", "cuda"]],
+    ids=["missing data", "cuda without a GPU"],
+)
+def test_forced_run_refused_by_a_later_check_leaves_the_old_run_intact(
+    trained_run: Path,
+    tmp_path: Path,
+    bad: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`train --force` replaces a run only once every argument has been checked and the data read: refused by a later check (a missing --data file, --device cuda with no GPU) it exits 1 with one error line, and the old run's files are all still there, unchanged."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = tmp_path / "run"
+    _copy_tree(trained_run, run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    tiny = [a for a in TINY_RUN if a not in ("--task", "copy")] if "--data" in bad else TINY_RUN
+    assert main(["train", *tiny, *bad, "--steps", "3", "--out", str(run), "--force"]) == 1
+    _one_line_error(capsys)
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+@spec(kind="error")
+def test_demo_refuses_a_training_run_in_its_out_folder_unless_forced(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`demo --out DIR` where DIR holds a run that no demo wrote (a `train` run) exits 1 before any work, naming --force, and leaves the run as it was (a folder an earlier demo wrote is replaced without asking: see the tiny demo test)."""
+    run = tmp_path / "run"
+    _copy_tree(trained_run, run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["demo", "--out", str(run), "--no-progress"]) == 1
+    line = _one_line_error(capsys)
+    assert "--force" in line and str(run) in line
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
 
 
 @spec(kind="error")

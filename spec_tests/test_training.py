@@ -1104,6 +1104,28 @@ def test_keep_last_keeps_the_newest_step_checkpoints_beside_the_checkpoint(tmp_p
     assert step_checkpoints(tmp_path / "none") == []
 
 
+@spec(section="extra", kind="equivalence")
+def test_keep_last_after_a_shorter_run_is_extended_keeps_what_one_long_run_keeps(
+    tmp_path: Path,
+) -> None:
+    """A run of 7 steps (saving every 3, keep_last=3) extended by resume to 12 keeps the step checkpoints of one uninterrupted 12-step run (6, 9, 12): the old last step 7, off the grid, leaves the rotation instead of pushing out step 6."""
+    _run(tmp_path / "once", 12, checkpoint_every=3, keep_last=3)
+    _run(tmp_path / "twice", 7, checkpoint_every=3, keep_last=3)
+    assert [p.name for p in step_checkpoints(tmp_path / "twice")][-1] == "step-00000007"
+    _run(tmp_path / "twice", 12, resume=True, checkpoint_every=3, keep_last=3)
+    names = [p.name for p in step_checkpoints(tmp_path / "twice")]
+    assert names == [p.name for p in step_checkpoints(tmp_path / "once")]
+    assert names == ["step-00000006", "step-00000009", "step-00000012"]
+
+
+@spec(section="extra", kind="property")
+def test_resuming_with_another_log_every_keeps_the_records_already_logged(tmp_path: Path) -> None:
+    """The records a run logged before its checkpoint stay in metrics.jsonl when the resumed run logs on another grid (every 2 steps, then every 3): steps 2 and 4, then 6 and 9 after the resume at 4."""
+    _run(tmp_path, 4, log_every=2)
+    _run(tmp_path, 9, resume=True, log_every=3)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [2, 4, 6, 9]
+
+
 # --------------------------------------------------------------------------- accumulation
 
 

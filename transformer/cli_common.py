@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -84,6 +85,25 @@ def check_out_dir(path: str, flag: str = "--out") -> Path:
     if out.exists() and not out.is_dir():
         raise CLIError(f"{flag} {path}: a file is in the way (expected a directory)")
     return out
+
+
+#: The files of a run directory, as ``train`` (and ``demo``) write them.
+RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoints", "metrics.jsonl", "loss.png")
+
+
+def held_run_files(out: Path) -> list[str]:
+    """The names of :data:`RUN_FILES` present in ``out``."""
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def remove_run_files(out: Path, names: list[str]) -> None:
+    """Delete ``names`` (run files or folders) from ``out``; call only once every check passed."""
+    for name in names:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def resolve_checkpoint(path: str) -> Path:

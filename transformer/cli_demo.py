@@ -10,12 +10,15 @@ import time
 from typing import Any
 
 from transformer.cli_common import (
+    CLIError,
     check_out_dir,
+    held_run_files,
     n_params,
     non_negative_int,
     positive_float,
     positive_int,
     print_by_length,
+    remove_run_files,
 )
 from transformer.cli_config import DEFAULT_TASK, DEFAULT_TRAIN, DEFAULT_VOCAB, model_config
 
@@ -25,6 +28,8 @@ TINY_WARMUP = 20
 TINY_LR_SCALE = 0.5
 TINY_GOAL = 0.05
 HELDOUT_GOAL = 0.9
+#: Marks a folder the demo wrote: a later demo may replace the run in it without --force.
+DEMO_MARK = ".transformer-demo"
 # Hand-picked short inputs the demo decodes at the end: what a person types first.
 DEMO_SHORT_INPUTS = ("0", "7", "42")
 
@@ -36,6 +41,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from transformer.training import TrainConfig, build_model, evaluate, train, translate
 
     out = check_out_dir(args.out)
+    held = held_run_files(out)
+    if held and not (out / DEMO_MARK).exists() and not args.force:
+        raise CLIError(
+            f"--out {out} already holds a run ({', '.join(held)}) that no earlier demo wrote: "
+            "choose another --out, or replace it with --force"
+        )
     seed = args.seed
     task = TASKS[DEFAULT_TASK]
     split = make_task(task.name, seed=seed)
@@ -59,6 +70,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"feed-forward {config.dim_feedforward}, {n_params(model) / 1e6:.2f}M parameters"
     )
     progress = not args.no_progress
+    # Every check has passed: clear what this run replaces, and mark the folder as a demo's.
+    remove_run_files(out, held)
+    remove_run_files(out / "tiny", held_run_files(out / "tiny"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).write_text("written by `transformer demo`; a later demo replaces the run\n")
 
     # Goal 1: memorise a tiny set. Smoothing would put a floor under the loss (§5.4),
     # and dropout would keep it noisy, so both are off for this check only.
@@ -185,7 +201,14 @@ def add_demo_parser(subparsers: Any) -> None:
         "2 CPU cores), plot the loss, save, reload from disk, generate token by token and "
         "compare with the untrained baseline; exits 0 when all three goals are met.",
     )
-    p.add_argument("--out", default="runs/demo", metavar="DIR", help="default %(default)s")
+    p.add_argument(
+        "--out",
+        default="runs/demo",
+        metavar="DIR",
+        help="default %(default)s; an earlier demo's folder is replaced, a training run "
+        "only with --force",
+    )
+    p.add_argument("--force", action="store_true", help="replace a training run already in --out")
     p.add_argument(
         "--steps",
         type=positive_int,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -18,12 +17,14 @@ from transformer.cli_common import (
     check_out_dir,
     describe_data,
     fraction,
+    held_run_files,
     load_run,
     n_params,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
+    remove_run_files,
     split_for,
 )
 from transformer.cli_config import (
@@ -45,8 +46,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from transformer.training import TrainConfig, build_model, train
 
     out = check_out_dir(args.out)
+    device = _device(args.device)  # before any work
     saved: dict[str, Any] | None = None
     done = 0
+    replaced: list[str] = []
     # torchrun --max-restarts starts every worker again after one fails: with the same
     # command line, but TORCHELASTIC_RESTART_COUNT > 0, so it goes on from the checkpoint.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -55,7 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     if not resume:
         check_heads_divide_d_model(args)
-        _check_fresh_run_dir(out, force=args.force, restarted=restarted)
+        replaced = _check_fresh_run_dir(out, force=args.force, restarted=restarted)
     if resume:
         model, tokenizer, meta = load_run(str(out / "checkpoint"))
         check_same_architecture(model.config, args)
@@ -111,9 +114,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         **{name: train_setting(args, name, saved) for name in TRAIN_SETTINGS},
         max_seconds=args.max_seconds,
     )
-    device = _device(args.device)
     rank, world_size = init_distributed(device)
     lead = rank == 0
+    if lead:  # rank 0 alone writes the run, so it alone clears what --force replaces
+        remove_run_files(out, replaced)
     if lead and resume:
         print(f"resuming from step {done} of {train_config.steps}", file=sys.stderr)
     if lead:
@@ -147,30 +151,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# The files of a run directory, as ``train`` writes them.
-_RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoints", "metrics.jsonl", "loss.png")
-
-
-def _check_fresh_run_dir(out: Path, *, force: bool, restarted: bool) -> None:
+def _check_fresh_run_dir(out: Path, *, force: bool, restarted: bool) -> list[str]:
     """A new run refuses a directory holding another run, unless ``--force`` replaces it.
 
+    Returns the run files ``--force`` replaces; they are deleted only once every other
+    argument has been checked and the data read, so a refused command loses nothing.
     A torchrun restart is exempt: the failed first attempt may have logged metrics
     before its first checkpoint, and the restart starts that run again.
     """
-    held = [name for name in _RUN_FILES if (out / name).exists()]
+    held = held_run_files(out)
     if not held or restarted:
-        return
+        return []
     if not force:
         raise CLIError(
             f"--out {out} already holds a run ({', '.join(held)}): continue it with "
             "--resume or replace it with --force"
         )
-    for name in held:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink()
+    return held
 
 
 def _device(name: str) -> Any:

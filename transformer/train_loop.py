@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -218,18 +219,27 @@ def _restore_run(
     )
     step, elapsed_before = int(state["step"]), float(state["elapsed"])
     window = {**_new_window(), **state["window"]}
-    # Drop records written after the checkpoint and an off-grid record of the stop,
-    # which a run going on past it would not have; a run with no step left to take
-    # ends there, so it keeps that final record as an uninterrupted run would.
+    # Drop records written after the checkpoint and an off-grid record of the stop (at
+    # the checkpoint's step, off the grid it was logged on), which a run going on past it
+    # would not have; a run with no step left to take ends there, so it keeps that final
+    # record as an uninterrupted run would. Earlier records stay whatever --log-every
+    # the resumed run asks for.
     finished = step >= config.steps
+    logged_every = int(state.get("config", {}).get("log_every", config.log_every))
     previous = [
         r
         for r in read_metrics_until_torn(metrics_path)
-        if r["step"] <= step and (r["step"] % config.log_every == 0 or finished)
+        if r["step"] < step or (r["step"] == step and (step % logged_every == 0 or finished))
     ]
     if world()[0] == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_atomically(metrics_path, "".join(_json_line(r) for r in previous))
+        # A run extended past its old last step (off the grid) would not have kept that
+        # step's checkpoint: drop it, so the rotation holds what the longer run keeps.
+        for kept in step_checkpoints(out):
+            saved_at = int(kept.name.removeprefix("step-"))
+            if saved_at % config.checkpoint_every and saved_at < config.steps:
+                shutil.rmtree(kept)
     return step, elapsed_before, window, previous
 
 
@@ -342,13 +352,16 @@ def train(
                 "window": window,
                 "grad_scaler": scaler.state_dict(),
             }
+            # Only the saves an uninterrupted run makes (the grid and the last step) join
+            # the step checkpoints: the off-grid save of a stop is for resuming alone.
+            on_grid = step % config.checkpoint_every == 0 or step == config.steps
             save_training_state(
                 out,
                 model,
                 optimizer,
                 scheduler,
                 training_state,
-                keep_last=config.keep_last,
+                keep_last=config.keep_last if on_grid else 0,
                 meta=run_meta,
             )
         barrier(device)
