@@ -1075,6 +1075,25 @@ def test_averaging_checkpoints_of_another_architecture_is_refused_naming_the_fir
 
 
 @spec(section="extra", kind="error")
+def test_averaging_checkpoints_whose_tokenizers_differ_is_refused(tmp_path: Path) -> None:
+    """Two checkpoints of one architecture whose tokenizers differ (the same tokens, but those of "a" and "b" under each other's ids) raise CheckpointError naming the second: averaging would mix the embedding rows of different tokens (§6.1 averages checkpoints of one run)."""
+    tokenizer, _, _ = _copy_data()
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    token = {i: t for t, i in vocab.items()}
+    first, second = token[tokenizer.encode("a")[0]], token[tokenizer.encode("b")[0]]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    other = Tokenizer.from_str(json.dumps(spec))
+    assert other.vocab_size == tokenizer.vocab_size and other.encode("a") != tokenizer.encode("a")
+    _saved_tiny_model(tmp_path / "a", seed=1)
+    model = build_model(_tiny_config(other.vocab_size), 2)
+    save_checkpoint(tmp_path / "b", model, tokenizer=other.to_str())
+    with pytest.raises(CheckpointError, match=r"\S*b has another tokenizer than \S*a"):
+        average_checkpoints([tmp_path / "a", tmp_path / "b"], tmp_path / "mean")
+    assert not (tmp_path / "mean").exists()
+
+
+@spec(section="extra", kind="error")
 def test_averaging_refuses_an_existing_output_unless_forced_and_an_empty_list(
     tmp_path: Path,
 ) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from transformer.checkpoint import load_checkpoint, save_checkpoint
+from transformer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from transformer.model import Seq2SeqTransformer
 
 __all__ = ["average_checkpoints"]
@@ -42,8 +42,9 @@ def average_checkpoints(
     Raises:
         ValueError: no paths.
         FileExistsError: ``out`` exists and ``force`` is false.
-        CheckpointError: a checkpoint is missing or damaged, or its architecture differs
-            from the first one's (the message names the first mismatching checkpoint).
+        CheckpointError: a checkpoint is missing or damaged, or its architecture or its
+            tokenizer differs from the first one's (the message names the first
+            mismatching checkpoint).
     """
     if not paths:
         raise ValueError("average_checkpoints: got no checkpoints to average")
@@ -56,8 +57,17 @@ def average_checkpoints(
     }
     # A scratch model of the first architecture: loading into it refuses another one.
     scratch = Seq2SeqTransformer.from_config(model.config)
+    tokenizer = meta.get("tokenizer")
     for path in paths[1:]:
         _, meta = load_checkpoint(path, scratch)
+        if meta.get("tokenizer") != tokenizer:
+            # Same shapes, but token id i may be another token there: the embedding and
+            # output rows of different tokens would be averaged together.
+            raise CheckpointError(
+                f"average_checkpoints: {path} has another tokenizer than {paths[0]}: its "
+                "token ids mean other tokens, so averaging the weights would mix them; "
+                "average checkpoints of one run"
+            )
         for name, tensor in scratch.state_dict().items():
             if name in sums:
                 sums[name] += tensor.double()
