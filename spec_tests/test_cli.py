@@ -514,6 +514,32 @@ def test_evaluate_without_examples_to_score_is_a_one_line_error(
 
 
 @spec(kind="error")
+def test_evaluate_refuses_another_seed_for_the_runs_own_task(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evaluate --task T --seed N` where the run trained on task T with another seed exits 1 naming --seed: that seed's held-out examples may be ones the run trained on, and silently scoring the run's own split instead would not be what was asked."""
+    capsys.readouterr()
+    argv = ["evaluate", "--checkpoint", str(trained_run), "--task", "copy", "--seed", "7"]
+    assert main(argv) == 1
+    line = _one_line_error(capsys)
+    assert "--seed 7" in line and "seed 0" in line
+
+
+@spec(kind="error")
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_max_len_beyond_the_positional_table_is_refused_naming_the_flag(
+    trained_run: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--max-len` larger than the model's positional table exits 1 with one line naming --max-len and the table's size, before any decoding."""
+    capsys.readouterr()
+    table = load_checkpoint(trained_run / "checkpoint")[0].config.max_len
+    argv = [command, "--checkpoint", str(trained_run), "--max-len", str(table + 1)]
+    assert main([*argv, *(["a b"] if command == "generate" else [])]) == 1
+    line = _one_line_error(capsys)
+    assert f"--max-len {table + 1}" in line and f"{table} positions" in line
+
+
+@spec(kind="error")
 def test_checkpoint_without_a_tokenizer_is_a_one_line_error(
     trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

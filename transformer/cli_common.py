@@ -159,12 +159,21 @@ def describe_data(data: dict[str, Any]) -> str:
     return f"{data['tsv']}, seed {data['seed']}"
 
 
-def max_len_of(args: argparse.Namespace, meta: dict[str, Any]) -> int:
-    """``--max-len`` if given, else a bound derived from the checkpoint's training targets."""
+def max_len_of(args: argparse.Namespace, meta: dict[str, Any], table: int) -> int:
+    """``--max-len`` if given, else a bound derived from the checkpoint's training targets.
+
+    ``table`` is the model's positional table size: a ``--max-len`` beyond it is refused
+    naming the flag; the derived bound is capped by it.
+    """
     if args.max_len is not None:
+        if args.max_len > table:
+            raise CLIError(
+                f"--max-len {args.max_len} exceeds the model's positional table of {table} "
+                "positions (max_len in its config)"
+            )
         return int(args.max_len)
     # Room beyond the longest training target, so a model that goes on past it shows.
-    return int(meta.get("max_target_len", 64)) + 8
+    return min(int(meta.get("max_target_len", 64)) + 8, table)
 
 
 def n_params(model: Any) -> int:

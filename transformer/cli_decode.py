@@ -35,7 +35,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         # Checked before the checkpoint is read: beam search does not sample.
         raise CLIError("--beam-size cannot be combined with --temperature, --top-k or --top-p")
     model, tokenizer, meta = load_run(args.checkpoint)
-    max_len = max_len_of(args, meta)
+    max_len = max_len_of(args, meta, model.config.max_len)
     _warn_unknown_input(tokenizer, args.text)
     if not sampling:
         from transformer.training import translate
@@ -130,9 +130,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         pairs = read_tsv(args.data)
         where = f"all {len(pairs)} pairs of {args.data}"
     elif args.task is not None and args.task != data.get("task"):
-        pairs = list(make_task(args.task, seed=args.seed).heldout)
+        seed = 0 if args.seed is None else args.seed
+        pairs = list(make_task(args.task, seed=seed).heldout)
         where = f"{len(pairs)} held-out examples of task {args.task!r}"
     elif data:
+        if args.seed is not None and args.seed != data.get("seed"):
+            # Another seed splits the task otherwise: its held-out examples may be ones
+            # this run trained on.
+            raise CLIError(
+                f"--seed {args.seed}: the run trained on {describe_data(data)}, and its "
+                "held-out examples are that seed's; drop --seed"
+            )
         pairs = list(split_for(data).heldout)
         where = f"{len(pairs)} held-out examples ({describe_data(data)})"
     else:
@@ -143,7 +151,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         # The header names what was scored, not what was available.
         pairs = pairs[: args.limit]
         where = f"the first {args.limit} of {where}"
-    max_len = max_len_of(args, meta)
+    max_len = max_len_of(args, meta, model.config.max_len)
     seed = int(meta.get("training", {}).get("config", {}).get("seed", 0))
     baseline = build_model(model.config, seed)
     trained = evaluate(model, tokenizer, pairs, max_len=max_len, beam_size=args.beam_size)
@@ -169,7 +177,13 @@ def add_evaluate_parser(subparsers: Any) -> None:
     )
     p.add_argument("--checkpoint", required=True, metavar="DIR", help=CHECKPOINT_HELP)
     add_data_args(p, required=False)
-    p.add_argument("--seed", type=non_negative_int, default=0, help="split seed for --task")
+    p.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=None,
+        help="split seed for --task of another task than the run's (default 0); the run's "
+        "own task is split by the run's seed",
+    )
     p.add_argument("--beam-size", type=positive_int, default=1, help="1 = greedy (default)")
     p.add_argument("--max-len", type=positive_int, default=None, help=MAX_LEN_HELP)
     p.add_argument("--limit", type=positive_int, default=None, help="score the first N only")
