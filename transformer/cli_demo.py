@@ -42,7 +42,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     out = check_out_dir(args.out)
     held = held_run_files(out)
-    if held and not (out / DEMO_MARK).exists() and not args.force:
+    # tiny/ is only ever written by a demo: folders of demos from before the mark count.
+    by_a_demo = (out / DEMO_MARK).exists() or (out / "tiny").is_dir()
+    if held and not by_a_demo and not args.force:
         raise CLIError(
             f"--out {out} already holds a run ({', '.join(held)}) that no earlier demo wrote: "
             "choose another --out, or replace it with --force"
