@@ -174,6 +174,30 @@ def test_train_reads_a_tsv_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert f"4 held-out examples ({corpus.resolve()}, seed 0)" in capsys.readouterr().out
 
 
+@spec(kind="error")
+@pytest.mark.parametrize("command", ["evaluate", "resume"])
+def test_a_tsv_changed_since_training_is_refused_by_evaluate_and_resume(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run stores its TSV's SHA-256: once a line is added to the file, `evaluate` and `train --resume` exit 1 with one line saying the file changed, instead of splitting the new file, whose held-out pairs would include pairs the run trained on."""
+    corpus = tmp_path / "corpus.tsv"
+    pairs = make_task("reverse", seed=1, n_train=40, n_heldout=0).train
+    corpus.write_text("".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(corpus), "--steps", "2", "--batch-size", "8", *TINY]
+    assert main([*argv, "--out", str(out)]) == 0
+    with corpus.open("a", encoding="utf-8") as f:
+        f.write("one more\terom eno\n")
+    capsys.readouterr()
+    again = (
+        ["evaluate", "--checkpoint", str(out)]
+        if command == "evaluate"
+        else ["train", "--out", str(out), "--resume", "--steps", "3"]
+    )
+    assert main(again) == 1
+    assert "has changed since the run trained on it" in _one_line_error(capsys)
+
+
 @spec(kind="shape")
 def test_python_dash_m_transformer_runs_the_cli() -> None:
     """`python -m transformer --help` lists the documented subcommands and exits 0."""

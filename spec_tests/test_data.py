@@ -272,6 +272,14 @@ def test_read_tsv_reads_pairs_and_skips_blank_lines(tmp_path: pytest.TempPathFac
     ]
 
 
+@spec(kind="equivalence")
+def test_read_tsv_drops_a_leading_byte_order_mark(tmp_path: pytest.TempPathFactory) -> None:
+    """A file saved as "UTF-8 with BOM" reads as the same pairs as without it: the mark is not part of the first source (which would make it a source of its own in the held-out split)."""
+    path = tmp_path / "bom.tsv"  # type: ignore[operator]
+    path.write_bytes("\ufeffhello\tbonjour\nhello\tsalut\n".encode())
+    assert read_tsv(path) == [("hello", "bonjour"), ("hello", "salut")]
+
+
 @spec(kind="error")
 @pytest.mark.parametrize(
     "bad_line",

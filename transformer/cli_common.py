@@ -9,7 +9,9 @@ rule and each message.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -139,13 +141,34 @@ def load_run(path: str) -> tuple[Any, Any, dict[str, Any]]:
     return model, tokenizer, meta
 
 
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes, hex: what a run stores of the TSV it trained on."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def split_for(data: dict[str, Any]) -> Any:
-    """The train/held-out split a run trained on, from its stored data description."""
+    """The train/held-out split a run trained on, from its stored data description.
+
+    A TSV is split again from the file; if the run stored the file's digest and the file
+    has changed since, ``CLIError``: the split of another file would put pairs the run
+    trained on among the held-out ones.
+    """
     from transformer.data import make_task, read_tsv, split_heldout
 
     if "task" in data:
         return make_task(
             data["task"], seed=data["seed"], n_train=data["n_train"], n_heldout=data["n_heldout"]
+        )
+    stored = data.get("sha256")
+    if stored is not None and os.path.exists(data["tsv"]) and file_digest(data["tsv"]) != stored:
+        raise CLIError(
+            f"{data['tsv']} has changed since the run trained on it: split again, its "
+            "held-out pairs would include pairs the run trained on; restore the file, or "
+            "train a new run on it"
         )
     return split_heldout(
         read_tsv(data["tsv"]), heldout_fraction=data["heldout_fraction"], seed=data["seed"]

@@ -16,6 +16,7 @@ from transformer.cli_common import (
     add_data_args,
     check_out_dir,
     describe_data,
+    file_digest,
     fraction,
     held_run_files,
     load_run,
@@ -95,6 +96,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
             data = {
                 "tsv": os.path.abspath(args.data),
+                "sha256": file_digest(args.data),
                 "seed": seed,
                 "heldout_fraction": args.heldout_fraction,
             }

@@ -27,7 +27,8 @@ class Split:
 
 
 def read_tsv(path: str | os.PathLike[str]) -> list[Pair]:
-    """Read a parallel corpus: one ``source<TAB>target`` pair per line, UTF-8.
+    """Read a parallel corpus: one ``source<TAB>target`` pair per line, UTF-8 (a leading
+    byte-order mark, as some editors write, is dropped).
 
     Blank lines (no tab, only whitespace) are skipped. Any other line must hold exactly
     one tab with text on both sides; otherwise ``ValueError`` names the file and the
@@ -35,7 +36,7 @@ def read_tsv(path: str | os.PathLike[str]) -> list[Pair]:
     A missing file raises ``FileNotFoundError``.
     """
     try:
-        with open(path, encoding="utf-8", newline=None) as f:
+        with open(path, encoding="utf-8-sig", newline=None) as f:
             lines = f.read().split("\n")
     except UnicodeDecodeError as err:
         raise ValueError(f"{os.fspath(path)}: not valid UTF-8 ({err.reason})") from err
