@@ -42,7 +42,7 @@ timeout "$TEST_LIMIT" "$PY" -m pytest -m "triton or cuda" -q -p no:cacheprovider
 echo "== 2. offline compile report for this GPU's arch"
 arch=$("$PY" -c "import torch; a, b = torch.cuda.get_device_capability(); print(10 * a + b)")
 "$PY" -m transformer bench compile --arch "$arch" --dtypes bf16 --head-dims $HEAD_DIMS \
-    --out "$OUT" > "$OUT/gpu-compile.log" 2>&1 || status=1
+    --out "$OUT" --force > "$OUT/gpu-compile.log" 2>&1 || status=1
 tail -n 3 "$OUT/gpu-compile.log"
 
 echo "== 3. flash attention benchmark (limit ${BENCH_LIMIT}s)"

@@ -101,7 +101,7 @@ def test_bench_rejects_unknown_kernel_naming_it() -> None:
         (["--kernels", "no-such"], "unknown kernel"),
         (["--dtypes", "fp8"], "unknown dtype"),
         (["--modes", "backward"], "unknown mode"),
-        (["--batch", "0"], "batch=0"),
+        (["--batch", "0"], "--batch 0"),
     ],
 )
 def test_bench_cli_bad_arguments_exit_2_with_one_line_error(
@@ -112,6 +112,57 @@ def test_bench_cli_bad_arguments_exit_2_with_one_line_error(
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+@spec(kind="error")
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch", "0"], "--batch 0"),
+        (["--heads", "-1"], "--heads -1"),
+        (["--head-dim", "0"], "--head-dim 0"),
+        (["--rounds", "0"], "--rounds 0"),
+        (["--min-run-time", "-1"], "--min-run-time must be > 0"),
+        (["--seq-lens", ""], "--seq-lens: no length given"),
+    ],
+)
+def test_bench_torch_wrapper_bad_arguments_exit_2_naming_the_flag(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``transformer bench torch-wrapper`` refuses sizes below 1, a non-positive ``--min-run-time`` and an empty ``--seq-lens`` with one error line naming the flag and exit code 2, before any timing (it used to time empty tensors, or fail inside torch)."""
+    code = main(["bench", "torch-wrapper", "--seq-lens", "8", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+@spec(kind="error")
+@pytest.mark.parametrize("command", ["attention", "torch-wrapper"])
+def test_bench_out_is_checked_before_timing_and_never_overwritten_without_force(
+    command: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--out`` that cannot be made (a file in its path), or that holds the report of an earlier run, is refused with one line naming ``--out`` (and ``--force``) and exit code 2 before any timing; the earlier report is left as it was, and ``--force`` replaces it."""
+    import transformer.bench as bench
+
+    calls: list[str] = []
+    monkeypatch.setattr(bench, "run_attention_bench", lambda **kw: calls.append("attention"))
+    monkeypatch.setattr(bench, "run_wrapper_bench", lambda **kw: calls.append("torch-wrapper"))
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    argv = ["bench", command, "--seq-lens", "8"]
+    assert main([*argv, "--out", str(blocker / "sub")]) == 2
+    assert "--out" in capsys.readouterr().err
+    name = "attention-cpu.json" if command == "attention" else "torch-wrapper-cpu.json"
+    (tmp_path / name).write_text("earlier")
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--force" in err and name in err and len(err.strip().splitlines()) == 1
+    assert calls == [] and (tmp_path / name).read_text() == "earlier"
+    assert main([*argv, "--out", str(tmp_path), "--force"]) == 0
+    assert calls == [command]
 
 
 @spec(kind="error")
@@ -220,7 +271,7 @@ def test_a_kernel_failing_on_some_combinations_is_skipped_there_and_measured_els
         ({"device": "tpu"}, "--device must be cpu or cuda, got 'tpu'"),
         (
             {"seq_lens": (16, 0), "head_dim": -1},
-            "sizes must be >= 1, got head_dim=-1, seq_len 0=0",
+            "sizes must be >= 1, got --head-dim -1, --seq-lens 0",
         ),
     ],
     ids=["device", "sizes"],

@@ -172,9 +172,22 @@ def _check(cfg: BenchConfig) -> None:
             raise BenchError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
     if cfg.peak_tflops is not None and not cfg.peak_tflops > 0:
         raise BenchError(f"--peak-tflops must be > 0, got {cfg.peak_tflops}")
-    sizes = {"batch": cfg.batch, "heads": cfg.heads, "head_dim": cfg.head_dim}
-    sizes.update({"repeats": cfg.repeats, **{f"seq_len {n}": n for n in cfg.seq_lens}})
-    bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+    check_sizes(
+        {"--batch": cfg.batch, "--heads": cfg.heads, "--head-dim": cfg.head_dim},
+        repeats=("--repeats", cfg.repeats),
+        seq_lens=cfg.seq_lens,
+    )
+
+
+def check_sizes(
+    sizes: dict[str, int], *, repeats: tuple[str, int], seq_lens: Sequence[int]
+) -> None:
+    """``BenchError`` naming each flag whose size is below 1, and an empty ``--seq-lens``."""
+    if not seq_lens:
+        raise BenchError("--seq-lens: no length given")
+    named = {**sizes, repeats[0]: repeats[1]}
+    bad = [f"{flag} {value}" for flag, value in named.items() if value < 1]
+    bad += [f"--seq-lens {n}" for n in seq_lens if n < 1]
     if bad:
         raise BenchError(f"sizes must be >= 1, got {', '.join(bad)}")
 

@@ -67,6 +67,7 @@ def add_bench_parser(subparsers: Any) -> None:
         help="peak TFLOP/s for the %% peak column (default on CUDA: the GPU's bf16 peak)",
     )
     p.add_argument("--out", default=None, metavar="DIR", help="write JSON and PNG here")
+    p.add_argument("--force", action="store_true", help="replace files of an earlier run in --out")
     p.set_defaults(func=_cmd_bench_attention)
 
     w = sub.add_parser(
@@ -84,6 +85,7 @@ def add_bench_parser(subparsers: Any) -> None:
     w.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     w.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing")
     w.add_argument("--out", default=None, metavar="DIR", help="write JSON here")
+    w.add_argument("--force", action="store_true", help="replace files of an earlier run in --out")
     w.set_defaults(func=_cmd_bench_wrapper)
 
     c = sub.add_parser(
@@ -114,18 +116,35 @@ def add_bench_parser(subparsers: Any) -> None:
         help="every autotune config, or only the smallest tile (default all)",
     )
     c.add_argument("--out", default=None, metavar="DIR", help="write JSON here")
+    c.add_argument("--force", action="store_true", help="replace files of an earlier run in --out")
     c.set_defaults(func=_cmd_bench_compile)
 
 
-def _out_in_the_way(args: argparse.Namespace, command: str) -> bool:
-    """True, after one error line, when --out names a file: checked before any work."""
-    if args.out is None or not Path(args.out).exists() or Path(args.out).is_dir():
+def _out_refused(args: argparse.Namespace, command: str, written: list[str]) -> bool:
+    """True, after one error line, when ``--out`` cannot take the files ``written`` (glob
+    patterns): a file in the way, a folder that cannot be made, or files of an earlier
+    run there without ``--force``. Checked before any work."""
+    if args.out is None:
         return False
-    print(
-        f"transformer bench {command}: error: --out {args.out}: a file is in the way "
-        "(expected a directory)",
-        file=sys.stderr,
-    )
+    out = Path(args.out)
+    problem = None
+    if out.exists() and not out.is_dir():
+        problem = f"--out {args.out}: a file is in the way (expected a directory)"
+    else:
+        existing = out
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            problem = f"--out {args.out}: cannot be made, {existing} is a file"
+        elif out.is_dir() and not args.force:
+            old = sorted({p.name for pattern in written for p in out.glob(pattern)})
+            if old:
+                problem = (
+                    f"--out {args.out} already holds {', '.join(old)}; pass --force to replace them"
+                )
+    if problem is None:
+        return False
+    print(f"transformer bench {command}: error: {problem}", file=sys.stderr)
     return True
 
 
@@ -134,14 +153,15 @@ def _cmd_bench_attention(args: argparse.Namespace) -> int:
     # for add_bench_parser, and the function it exports is the one that runs.
     from transformer import bench
 
-    if _out_in_the_way(args, "attention"):
+    written = [f"attention-{args.device}.json", f"attention-{args.device}.png"]
+    if _out_refused(args, "attention", written):
         return 2
     causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     try:
         bench.run_attention_bench(
             device=args.device,
             kernels=_flatten(args.kernels),
-            seq_lens=_flatten(args.seq_lens) or bench.DEFAULT_SEQ_LENS,
+            seq_lens=bench.DEFAULT_SEQ_LENS if args.seq_lens is None else _flatten(args.seq_lens),
             dtypes=_flatten(args.dtypes),
             batch=args.batch,
             heads=args.heads,
@@ -161,11 +181,11 @@ def _cmd_bench_attention(args: argparse.Namespace) -> int:
 def _cmd_bench_wrapper(args: argparse.Namespace) -> int:
     from transformer import bench  # at run time, as in _cmd_bench_attention
 
-    if _out_in_the_way(args, "torch-wrapper"):
+    if _out_refused(args, "torch-wrapper", ["torch-wrapper-cpu.json"]):
         return 2
     try:
         bench.run_wrapper_bench(
-            seq_lens=_flatten(args.seq_lens) or (256, 2048),
+            seq_lens=(256, 2048) if args.seq_lens is None else (_flatten(args.seq_lens) or ()),
             batch=args.batch,
             heads=args.heads,
             head_dim=args.head_dim,
@@ -180,7 +200,7 @@ def _cmd_bench_wrapper(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_compile(args: argparse.Namespace) -> int:
-    if _out_in_the_way(args, "compile"):
+    if _out_refused(args, "compile", [f"compile-sm{args.arch}-triton*.json"]):
         return 2
     from transformer.kernels.triton_offline import OfflineCompileError, compile_report
 

@@ -57,9 +57,17 @@ def run_wrapper_bench(
     from torch.utils import benchmark
 
     from transformer.attention import scaled_dot_product_attention, torch_attention
+    from transformer.bench import check_sizes
 
-    if rounds < 1 or min(seq_lens, default=1) < 1:
-        raise BenchError(f"rounds and seq_lens must be >= 1, got {rounds} and {seq_lens}")
+    check_sizes(
+        {"--batch": batch, "--heads": heads, "--head-dim": head_dim},
+        repeats=("--rounds", rounds),
+        seq_lens=seq_lens,
+    )
+    if not min_run_time > 0:
+        raise BenchError(f"--min-run-time must be > 0 seconds, got {min_run_time}")
+    if dtype not in _DTYPES:
+        raise BenchError(f"unknown dtype {dtype!r}; known: {', '.join(_DTYPES)}")
     rows: list[dict[str, Any]] = []
     for L in seq_lens:
         gen = torch.Generator().manual_seed(0)
