@@ -1145,6 +1145,22 @@ def test_resuming_with_another_log_every_keeps_the_records_already_logged(tmp_pa
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [2, 4, 6, 9]
 
 
+@spec(section="extra", kind="error")
+def test_an_example_longer_than_the_positional_table_is_refused_before_the_first_step(
+    tmp_path: Path,
+) -> None:
+    """An example whose target (plus BOS) needs more positions than the model's positional table raises ValueError naming the example, before any step is taken or any file written (it used to stop the run at the step that drew it)."""
+    tokenizer, train_pairs, _ = _copy_data()
+    model = build_model(_tiny_config(tokenizer.vocab_size, max_len=12), 0)
+    long_pair = ("a b", " ".join(["a"] * 40))
+    config = TrainConfig(steps=3, batch_size=4, warmup=1, log_every=1, checkpoint_every=1)
+    with pytest.raises(
+        ValueError, match=r"example 3 \(target 'a a a.*beyond the model's positional table of 12"
+    ):
+        train(model, tokenizer, [*train_pairs[:2], long_pair], tmp_path, config, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
 # --------------------------------------------------------------------------- accumulation
 
 

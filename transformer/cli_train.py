@@ -44,6 +44,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from transformer.data import make_task, read_tsv, split_heldout
     from transformer.distributed import init_distributed
     from transformer.tokenizer import Tokenizer
+    from transformer.train_loop import check_examples_fit
     from transformer.training import TrainConfig, build_model, train
 
     out = check_out_dir(args.out)
@@ -118,7 +119,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     rank, world_size = init_distributed(device)
     lead = rank == 0
-    if lead:  # rank 0 alone writes the run, so it alone clears what --force replaces
+    if lead and replaced:  # rank 0 alone writes the run, so it alone clears what it replaces
+        # train() checks this again before its first step; here it must hold before the
+        # old run is deleted.
+        encoded = [(tokenizer.encode(s), tokenizer.encode(t)) for s, t in split.train]
+        check_examples_fit(encoded, split.train, model.config.max_len)
         remove_run_files(out, replaced)
     if lead and resume:
         print(f"resuming from step {done} of {train_config.steps}", file=sys.stderr)

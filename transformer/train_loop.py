@@ -243,6 +243,30 @@ def _restore_run(
     return step, elapsed_before, window, previous
 
 
+def check_examples_fit(
+    encoded: Sequence[tuple[Sequence[int], Sequence[int]]],
+    examples: Sequence[Pair],
+    max_len: int,
+) -> None:
+    """``ValueError`` naming the first example longer than the positional table ``max_len``.
+
+    ``encoded`` holds the token ids of ``examples``; a target gains BOS (or EOS), so it
+    needs one position more than its ids. Checked before the first step: such an example
+    would otherwise stop the run at the step that draws it, maybe hours in.
+    """
+    for i, (src_ids, tgt_ids) in enumerate(encoded):
+        side, length = max(
+            ("source", len(src_ids)), ("target", len(tgt_ids) + 1), key=lambda x: x[1]
+        )
+        if length > max_len:
+            text = examples[i][0 if side == "source" else 1]
+            raise ValueError(
+                f"train: example {i + 1} ({side} {text[:40]!r}...) needs {length} positions, "
+                f"beyond the model's positional table of {max_len} (max_len); shorten or "
+                "drop it"
+            )
+
+
 def train(
     model: Seq2SeqTransformer,
     tokenizer: Tokenizer,
@@ -298,6 +322,7 @@ def train(
     encoded = [(tokenizer.encode(s), tokenizer.encode(t)) for s, t in examples]
     if not encoded:
         raise ValueError("train: got no training examples")
+    check_examples_fit(encoded, examples, model_config.max_len)
     batcher = BucketBatcher(
         encoded,
         config.batch_size,
