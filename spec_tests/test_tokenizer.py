@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models, trainers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from transformer.data import make_task
 from transformer.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -157,3 +157,31 @@ def test_repr_shows_the_vocabulary_size() -> None:
     """``repr`` of a tokenizer states its vocabulary size, the number the model's embeddings must match."""
     tok = Tokenizer.train(["a b", "b a"], vocab_size=1000)  # 4 specials, a b ▁, ▁a ▁b
     assert repr(tok) == "Tokenizer(vocab_size=9)"
+
+
+@spec(kind="equivalence")
+@pytest.mark.parametrize("special", SPECIAL_TOKENS)
+def test_text_spelling_a_special_token_stays_text_even_when_bpe_learned_to_merge_it(
+    special: str,
+) -> None:
+    """Training texts that contain ``<eos>`` (or another special token's spelling) teach BPE to merge those characters; encoding such text still gives no special id, and decoding gives the text back (before, "qux<eos> bar" encoded to ``<eos>``'s id and decoded as "qux"). A tokenizer rebuilt with ``from_str`` from JSON that holds such a merge behaves the same."""
+    texts = [f"foo{special}", f"bar{special}", f"baz {special} qux"]
+    tokenizer = Tokenizer.train(texts, vocab_size=100)
+    text = f"qux{special} bar"
+    ids = tokenizer.encode(text)
+    assert not set(ids) & {0, 1, 2, 3}, ids
+    assert tokenizer.decode(ids) == text
+    # The same training without the filter, as a tokenizer saved before it would hold.
+    raw = HFTokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    raw.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=100, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+    )
+    raw.train_from_iterator(texts, trainer)
+    raw.encode_special_tokens = True  # as the package reads text: no special matching
+    merged = raw.encode(text, add_special_tokens=False).ids
+    assert SPECIAL_TOKENS.index(special) in merged  # its merges rebuild the special token
+    assert Tokenizer.from_str(raw.to_str()).encode(text) == ids

@@ -13,6 +13,7 @@ The whole tokenizer serialises to one JSON string, stored inside the checkpoint.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -23,6 +24,29 @@ __all__ = ["SPECIAL_TOKENS", "Tokenizer"]
 
 #: Special tokens, in id order: the padding id is 0, as ``Seq2SeqTransformer`` defaults to.
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+
+def _without_special_merges(backend: _HFTokenizer) -> _HFTokenizer:
+    """``backend`` without the BPE merges whose result spells a special token.
+
+    BPE learns such merges from text that contains, say, ``<eos>`` (a TSV line may), and
+    the merged piece then looks up the special token's id: the text would end a target
+    early or turn into padding. Without the merge the same characters stay ordinary
+    pieces (``<eos`` and ``>``).
+    """
+    spec = json.loads(backend.to_str())
+    merges = spec.get("model", {}).get("merges")
+    if not merges:
+        return backend
+
+    def result(merge: list[str] | str) -> str:
+        return "".join(merge) if isinstance(merge, list) else merge.replace(" ", "", 1)
+
+    kept = [m for m in merges if result(m) not in SPECIAL_TOKENS]
+    if len(kept) == len(merges):
+        return backend
+    spec["model"]["merges"] = kept
+    return _HFTokenizer.from_str(json.dumps(spec))
 
 
 class Tokenizer:
@@ -40,7 +64,9 @@ class Tokenizer:
                 raise ValueError(
                     f"tokenizer: special token {token} must have id {expected_id}, got {found}"
                 )
-        # Text that happens to spell "<eos>" must stay text, never end a sequence early.
+        # Text that happens to spell "<eos>" must stay text, never end a sequence early:
+        # the special strings are not matched in the text, and no merge may build one.
+        backend = _without_special_merges(backend)
         backend.encode_special_tokens = True
         self._backend = backend
 
