@@ -417,6 +417,11 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path: Path) -> None:
     assert done.stderr.startswith("transformer: error: ")
 
 
+def _file_bytes(root: Path) -> dict[Path, bytes]:
+    """Every file under ``root`` (relative path -> contents): to show nothing changed."""
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
 def _copy_tree(src: Path, dst: Path) -> None:
     for path in src.rglob("*"):
         target = dst / path.relative_to(src)
@@ -846,11 +851,11 @@ def test_forced_run_refused_by_a_later_check_leaves_the_old_run_intact(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     run = tmp_path / "run"
     _copy_tree(trained_run, run)
-    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    before = _file_bytes(run)
     tiny = [a for a in TINY_RUN if a not in ("--task", "copy")] if "--data" in bad else TINY_RUN
     assert main(["train", *tiny, *bad, "--steps", "3", "--out", str(run), "--force"]) == 1
     _one_line_error(capsys)
-    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    after = _file_bytes(run)
     assert after == before
 
 
@@ -861,11 +866,11 @@ def test_demo_refuses_a_training_run_in_its_out_folder_unless_forced(
     """`demo --out DIR` where DIR holds a run that no demo wrote (a `train` run) exits 1 before any work, naming --force, and leaves the run as it was (a folder an earlier demo wrote is replaced without asking: see the tiny demo test)."""
     run = tmp_path / "run"
     _copy_tree(trained_run, run)
-    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    before = _file_bytes(run)
     assert main(["demo", "--out", str(run), "--no-progress"]) == 1
     line = _one_line_error(capsys)
     assert "--force" in line and str(run) in line
-    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    after = _file_bytes(run)
     assert after == before
 
 

@@ -685,7 +685,7 @@ def attend_prechecked(
     of the right rank, the mask has the scores' shape and a bool or float dtype. What it
     cannot vouch for is checked here as :func:`scaled_dot_product_attention` checks it,
     with the same ``ValueError``: query, key and value sharing a dtype, device and head
-    dims (a cache filled by another module, ``add_bias_kv`` under autocast), the mask's
+    dims (a cache filled by another module of another dtype or head dim), the mask's
     device, and ``dropout_p`` in ``[0, 1)`` (the module's ``dropout`` can be changed
     after construction). The rest of the front door's checks (types, ranks, broadcast,
     ``scale``, ``CausalBias``) are skipped: a cached step of a 6-layer decoder makes a

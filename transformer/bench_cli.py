@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from transformer.bench_candidates import MODES, BenchError
+from transformer.cli_common import nearest_existing
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -131,9 +132,7 @@ def _out_refused(args: argparse.Namespace, command: str, written: list[str]) -> 
     if out.exists() and not out.is_dir():
         problem = f"--out {args.out}: a file is in the way (expected a directory)"
     else:
-        existing = out
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
+        existing = nearest_existing(out)
         if not existing.is_dir():
             problem = f"--out {args.out}: cannot be made, {existing} is a file"
         elif out.is_dir() and not args.force:

@@ -89,6 +89,18 @@ def check_out_dir(path: str, flag: str = "--out") -> Path:
     return out
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself if it exists, else its closest ancestor that does.
+
+    An output folder can be made only when that ancestor is a directory: a file there
+    (``notes.txt/sub``) would fail the write at the end of a run, so commands check
+    this before any work.
+    """
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 #: The files of a run directory, as ``train`` (and ``demo``) write them.
 RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoints", "metrics.jsonl", "loss.png")
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from transformer.cli_common import nearest_existing
 from transformer.conformance.case import DTYPES, Kernel, Settings
 from transformer.conformance.report import summary, write_report
 from transformer.conformance.runner import (
@@ -72,9 +73,7 @@ def _check_report_dir(report: str | None, force: bool) -> Path | None:
     if out.exists() and not out.is_dir():
         raise ConformUsageError(f"--report: {out} exists and is not a directory")
     # The report is written after the run: refuse now a folder that cannot be made there.
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(out)
     if not existing.is_dir():
         raise ConformUsageError(f"--report: {out} cannot be made: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
