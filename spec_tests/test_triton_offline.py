@@ -453,11 +453,14 @@ def test_bench_compile_prints_a_table_and_writes_json(
 def test_bench_compile_bad_arguments_exit_2_with_one_line_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """An unknown dtype, an unknown arch or a head dim above 256 exits with status 2 and a one-line error naming it."""
+    """An unknown dtype, an unknown arch, a head dim above 256 or a size below 1 exits with status 2 and a one-line error naming the flag and the value."""
     for argv, message in (
-        (["--dtypes", "fp8"], "unknown dtype(s) ['fp8']"),
-        (["--arch", "70"], "got 70"),
-        (["--head-dims", "512"], "head dims must be within 1..256, got [512]"),
+        (["--dtypes", "fp8"], "--dtypes: unknown dtype(s) ['fp8']"),
+        (["--arch", "70"], "--arch must be one of [80, 86, 87, 89, 90], got 70"),
+        (["--head-dims", "512"], "--head-dims must be within 1..256, got [512]"),
+        (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),
+        (["--batch", "0"], "--batch must be >= 1, got 0"),
+        (["--heads", "-1"], "--heads must be >= 1, got -1"),
     ):
         assert main(["bench", "compile", *argv]) == 2
         err = capsys.readouterr().err

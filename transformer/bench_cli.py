@@ -198,7 +198,37 @@ def _cmd_bench_wrapper(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compile_flags_error(
+    args: argparse.Namespace, dtypes: tuple[str, ...], head_dims: tuple[int, ...]
+) -> str:
+    """What is wrong with the flags of ``bench compile``, naming each flag ("" if nothing)."""
+    from transformer.kernels import triton_flash, triton_offline
+
+    known = sorted(triton_offline._REPORT_DTYPES)
+    targets = sorted(triton_offline.SHARED_MEMORY_PER_BLOCK)
+    problems = []
+    if args.arch not in targets:
+        problems.append(f"--arch must be one of {targets}, got {args.arch}")
+    unknown = [d for d in dtypes if d not in known]
+    if unknown:
+        problems.append(f"--dtypes: unknown dtype(s) {unknown}; choose from {known}")
+    bad_dims = [e for e in head_dims if not 1 <= e <= triton_flash.MAX_HEAD_DIM]
+    if bad_dims:
+        problems.append(
+            f"--head-dims must be within 1..{triton_flash.MAX_HEAD_DIM}, got {bad_dims}"
+        )
+    sizes = {"--seq-len": args.seq_len, "--batch": args.batch, "--heads": args.heads}
+    problems += [f"{flag} must be >= 1, got {value}" for flag, value in sizes.items() if value < 1]
+    return "; ".join(problems)
+
+
 def _cmd_bench_compile(args: argparse.Namespace) -> int:
+    dtypes = _flatten(args.dtypes) or ("bf16",)
+    head_dims = _flatten(args.head_dims) or (64, 128)
+    problem = _compile_flags_error(args, dtypes, head_dims)
+    if problem:
+        print(f"transformer bench compile: error: {problem}", file=sys.stderr)
+        return 2
     if _out_refused(args, "compile", [f"compile-sm{args.arch}-triton*.json"]):
         return 2
     from transformer.kernels.triton_offline import OfflineCompileError, compile_report
@@ -207,8 +237,8 @@ def _cmd_bench_compile(args: argparse.Namespace) -> int:
     try:
         compile_report(
             arch=args.arch,
-            dtypes=_flatten(args.dtypes) or ("bf16",),
-            head_dims=_flatten(args.head_dims) or (64, 128),
+            dtypes=dtypes,
+            head_dims=head_dims,
             causal=causal,
             seq_len=args.seq_len,
             batch=args.batch,
