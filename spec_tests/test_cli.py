@@ -718,7 +718,7 @@ def test_demo_at_a_tiny_size_runs_its_four_stages_and_reports_unmet_goals(
 def test_generate_samples_what_sample_decode_draws_with_the_seeded_generator(
     trained_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`generate --temperature T --top-k K --top-p P --seed N` prints what ``sample_decode`` draws with ``torch.Generator().manual_seed(N)``; the same seed prints the same lines, and ``--temperature 0`` prints the greedy lines."""
+    """`generate --temperature T --top-k K --top-p P --seed N` prints, for each input, what ``sample_decode`` draws for that input alone with ``torch.Generator().manual_seed(N)``, so an input's line does not depend on the other inputs; the same seed prints the same lines, and ``--temperature 0`` prints the greedy lines."""
     from transformer.data import pad_sequences
     from transformer.generate import sample_decode
 
@@ -733,13 +733,19 @@ def test_generate_samples_what_sample_decode_draws_with_the_seeded_generator(
 
     model, meta = load_checkpoint(trained_run / "checkpoint")
     tokenizer = Tokenizer.from_str(meta["tokenizer"])
-    src = pad_sequences([tokenizer.encode(t) for t in texts], tokenizer.pad_id)
-    gen = torch.Generator().manual_seed(3)
-    out = sample_decode(
-        model, src, 9, tokenizer.bos_id, tokenizer.eos_id,
-        temperature=1.7, top_k=5, top_p=0.9, generator=gen,
-    )  # fmt: skip
-    assert printed == [tokenizer.decode(row) for row in out]
+    expected = []
+    for text in texts:
+        src = pad_sequences([tokenizer.encode(text)], tokenizer.pad_id)
+        gen = torch.Generator().manual_seed(3)
+        (row,) = sample_decode(
+            model, src, 9, tokenizer.bos_id, tokenizer.eos_id,
+            temperature=1.7, top_k=5, top_p=0.9, generator=gen,
+        )  # fmt: skip
+        expected.append(tokenizer.decode(row))
+    assert printed == expected
+    # The last input alone prints the line it printed after the two others.
+    assert main([*run[:3], texts[-1], *run[-2:], *flags]) == 0
+    assert capsys.readouterr().out.splitlines() == printed[-1:]
 
     assert main([*run, "--temperature", "0"]) == 0
     greedy = capsys.readouterr().out.splitlines()

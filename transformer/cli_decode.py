@@ -49,21 +49,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from transformer.data import pad_sequences
     from transformer.sampling import sample_decode
 
-    src = pad_sequences(
-        [tokenizer.encode(text) or [tokenizer.unk_id] for text in args.text], tokenizer.pad_id
-    )
-    out = sample_decode(
-        model,
-        src,
-        max_len,
-        tokenizer.bos_id,
-        tokenizer.eos_id,
-        temperature=1.0 if args.temperature is None else args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    for row in out:
+    for text in args.text:
+        # One input at a time, each with its own generator: in one batch every row's
+        # draws would come from one stream, so an input's output would depend on the
+        # inputs beside it in the command.
+        src = pad_sequences([tokenizer.encode(text) or [tokenizer.unk_id]], tokenizer.pad_id)
+        (row,) = sample_decode(
+            model,
+            src,
+            max_len,
+            tokenizer.bos_id,
+            tokenizer.eos_id,
+            temperature=1.0 if args.temperature is None else args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
         print(tokenizer.decode(row))
     return 0
 
@@ -115,7 +116,8 @@ def add_generate_parser(subparsers: Any) -> None:
         "--seed",
         type=non_negative_int,
         default=0,
-        help="seed of the sampler's generator (default %(default)s): same seed, same output",
+        help="seed of the sampler's generator (default %(default)s), one generator per input: "
+        "the same input and seed print the same line, whatever the other inputs",
     )
     p.set_defaults(func=_cmd_generate)
 
