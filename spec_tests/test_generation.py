@@ -340,6 +340,7 @@ def test_wide_beam_finds_the_best_sequence_under_the_length_penalty(alpha: float
 def test_length_penalty_changes_which_length_wins() -> None:
     """The length penalty takes part in the ranking: across alphas 0 and 3 the exhaustive beam's choice follows the brute-force optimum, which differs in length between them (§6.1)."""
     vocab, max_len = 6, 3
+    candidates = every_hypothesis(vocab, max_len)
     chosen: dict[float, list[int]] = {}
     for seed in range(40, 60):
         model = make_model(seed, vocab=vocab, dtype=torch.float64)
@@ -347,12 +348,17 @@ def test_length_penalty_changes_which_length_wins() -> None:
             model.output.bias[EOS] += 1.0
         src = sources(seed, [3], vocab=vocab)
         for alpha in (0.0, 3.0):
-            out = beam_search(model, src, max_len, BOS, EOS, beam_size=64, length_penalty=alpha)
+            out = beam_search(
+                model, src, max_len, BOS, EOS, beam_size=len(candidates), length_penalty=alpha
+            )
             chosen[alpha] = [t for t in out[0].tolist() if t != PAD]
         if len(chosen[0.0]) != len(chosen[3.0]):
             break
     else:
         raise AssertionError("no seed made the length penalty matter")
+    for alpha, found in chosen.items():
+        scores = [objective(model, src, h, alpha) for h in candidates]
+        assert found == candidates[max(range(len(candidates)), key=scores.__getitem__)], alpha
     assert len(chosen[3.0]) > len(chosen[0.0]), "a larger alpha favours longer outputs"
 
 

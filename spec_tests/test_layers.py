@@ -657,19 +657,24 @@ def _per_row_reference(
         if kind == "encoder":
             outs.append(model(src[b, :s]))
         else:
-            mask = causal(t, torch.float64)
+            mask = causal(t, torch.float64) if kind == "transformer" else None
             outs.append(model(src[b, :s], tgt[b, :t], tgt_mask=mask))
     return outs
 
 
 @spec(section="torch", kind="masking")
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
-@pytest.mark.parametrize("kind", ("encoder", "transformer"))
+@pytest.mark.parametrize("kind", ("encoder", "transformer", "transformer-no-tgt-mask"))
 def test_padded_positions_change_no_real_output(kind: str, norm_first: bool) -> None:
-    """Extra padded source/target positions, whatever their values, marked in the key padding masks leave every real position's output equal to the unpadded run of that sequence alone."""
+    """Extra padded source/target positions, whatever their values, marked in the key padding masks leave every real position's output equal to the unpadded run of that sequence alone. Without a causal ``tgt_mask`` only the target key padding mask hides the target's padded positions (with one, the causal mask already hides right padding)."""
     torch.manual_seed(0)
     model = build(
-        kind, layers, batch_first=True, norm_first=norm_first, dropout=0.0, dtype=torch.float64
+        "encoder" if kind == "encoder" else "transformer",
+        layers,
+        batch_first=True,
+        norm_first=norm_first,
+        dropout=0.0,
+        dtype=torch.float64,
     )
     s_real, t_real = [S_LEN, 4, 1], [T_LEN, 2, 1]
     src, tgt = randn(BATCH, S_LEN, E, seed=1), randn(BATCH, T_LEN, E, seed=2)
@@ -685,7 +690,7 @@ def test_padded_positions_change_no_real_output(kind: str, norm_first: bool) -> 
         out = model(
             src,
             tgt,
-            tgt_mask=causal(T_LEN, torch.float64),
+            tgt_mask=causal(T_LEN, torch.float64) if kind == "transformer" else None,
             src_key_padding_mask=src_pad,
             tgt_key_padding_mask=tgt_pad,
             memory_key_padding_mask=src_pad,

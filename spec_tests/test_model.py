@@ -264,7 +264,7 @@ def test_padding_appended_to_the_source_changes_no_logit(extra: int) -> None:
 
 
 @spec(kind="masking")
-@pytest.mark.parametrize("t", [0, 3, 6])
+@pytest.mark.parametrize("t", [0, 3, 5])  # T = 7: position 6 follows each of them
 def test_logits_at_t_ignore_target_tokens_after_t(t: int) -> None:
     """Logits at position ``t`` depend on ``tgt_in[:, :t+1]`` only: changing later target tokens leaves them unchanged, changing an earlier one does not (§3.2.3 masking of illegal connections)."""
     model = make_model()
@@ -303,6 +303,19 @@ def test_padding_inside_the_target_changes_no_earlier_logit() -> None:
     tgt = token_batch(16, [3, 6], TGT_V, width=6)
     logits = model(src, tgt)
     assert_close(logits[0, :3], model(src[:1], tgt[:1, :3])[0])
+
+
+@spec(kind="masking")
+def test_target_padding_before_real_positions_is_masked_like_torch() -> None:
+    """``pad_id`` in the target before real positions (left padding, or one between real tokens), which the causal mask alone would let later positions see, is masked by the target key padding mask built from ``pad_id``: every real position's logits equal those of the ``torch.nn.Transformer`` assembly given ``tgt_key_padding_mask = tgt_in == pad_id`` (§3.2.3)."""
+    model = make_model(seed=21)
+    reference = TorchReference(model)
+    src = token_batch(22, [5, 4], SRC_V)
+    tgt = token_batch(23, [6, 6], TGT_V)
+    tgt[0, :2] = PAD  # left padding
+    tgt[1, 3] = PAD  # a pad between real tokens
+    real = tgt != PAD
+    assert_close(model(src, tgt)[real], reference(src, tgt)[real])
 
 
 # --------------------------------------------------------------------------------------

@@ -276,11 +276,15 @@ def test_extra_key_of_bias_kv_or_zero_attn_adds_a_weight_column(options: dict[st
 @spec(section="torch", kind="equivalence")
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq-first", "batch-first"])
 def test_unbatched_input_equals_batch_of_one(batch_first: bool) -> None:
-    """An unbatched (L, E) input gives the batch-of-one result without its batch dim, as torch does."""
-    ours, _ = make_pair(batch_first=batch_first)
+    """An unbatched (L, E) input gives the batch-of-one result without its batch dim, and both equal torch.nn.MultiheadAttention's unbatched output and weights."""
+    ours, theirs = make_pair(batch_first=batch_first)
     q, k, v = inputs(torch.float64, batched=False)
     kpm = bool_module_mask(S, seed=3)
     out, weights = ours(q, k, v, key_padding_mask=kpm)
+    expected, expected_weights = theirs(q, k, v, key_padding_mask=kpm)
+    assert expected_weights is not None
+    assert_close(out, expected)
+    assert_close(weights, expected_weights)
     bdim = 0 if batch_first else 1
     out1, weights1 = ours(
         q.unsqueeze(bdim), k.unsqueeze(bdim), v.unsqueeze(bdim), key_padding_mask=kpm[None]
@@ -727,7 +731,9 @@ def test_dropout_one_drops_every_weight_like_torch(need_weights: bool) -> None:
     torch.manual_seed(0)
     ours = MultiheadAttention(8, 2, dropout=1.0, batch_first=True).train()
     theirs = nn.MultiheadAttention(8, 2, dropout=1.0, batch_first=True).train()
+    randomize_(ours, seed=3)  # a non-zero out_proj bias: torch's init would make it 0
     theirs.load_state_dict(ours.state_dict())
+    assert ours.out_proj.bias.abs().min() > 0
     x = torch.randn(2, 3, 8)
     out, _ = ours(x, x, x, need_weights=need_weights)
     expected, _ = theirs(x, x, x, need_weights=need_weights)

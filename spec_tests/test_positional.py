@@ -163,12 +163,14 @@ def test_module_accepts_unbatched_sequences() -> None:
 
 
 @spec(kind="equivalence")
-def test_module_output_keeps_the_input_dtype() -> None:
-    """A float64 input gives a float64 output (the table is cast to the input's dtype)."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_module_output_keeps_the_input_dtype(dtype: torch.dtype) -> None:
+    """A float64, bfloat16 or float16 input gives an output of its own dtype, holding the table in that dtype (the float32 table is cast to the input's dtype, not the input promoted)."""
     pe = SinusoidalPositionalEncoding(8, max_len=16, dropout=0.0)
-    out = pe(torch.zeros(2, 16, 8, dtype=torch.float64))
-    assert out.dtype == torch.float64
-    assert_close(out[1], paper_table(16, 8), scale=1e2)  # scale: the stored table is float32
+    out = pe(torch.zeros(2, 16, 8, dtype=dtype))
+    assert out.dtype == dtype
+    # scale: the stored table is float32, one rounding away from float64's.
+    assert_close(out[1], paper_table(16, 8).to(dtype), scale=1e2 if dtype == torch.float64 else 1)
 
 
 @spec(kind="equivalence")
