@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from transformer.kernel_choice import rank_by_speed
 from transformer.masks import causal_bias_mask, causal_mask, causal_offset, is_causal_bias
@@ -488,20 +489,37 @@ def _allowed_rows(attn_mask: Tensor | None, L: int, S: int) -> Tensor | None:
 _CPU_NAN_SAFE_S = 64
 
 
+def _values_readable(t: Tensor) -> bool:
+    """May the wrapper read a value of ``t`` (``.item()``, ``bool()``) to skip a pass?
+
+    Only for a real CPU tensor in eager mode: on a GPU the read would synchronise the
+    device, and under ``torch.compile``/``torch.export``, a functorch transform
+    (``vmap``, ``grad``) or a ``FakeTensorMode`` it is data-dependent control flow,
+    which they refuse. There the pass runs unconditionally instead.
+    """
+    return (
+        t.is_cpu
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and not isinstance(t, FakeTensor)
+    )
+
+
 def _show_nan_rows(out: Tensor, query: Tensor, S: int) -> Tensor:
     """``out`` ``(..., L, Ev)`` with NaN in the rows whose query ``(..., L, E)`` holds one.
 
     torch's CPU flash kernel returns zeros for a row whose scores are all NaN (a NaN in
     the query) when ``S`` is shorter than one SIMD vector, hiding the NaN; the math path
     and every other kernel show it, so such rows are set to NaN. On the CPU that needs
-    checking only for short ``S``, and there one sum (NaN wherever any element is) first
-    rules it out for an all-finite query, so the row-wise pass runs only when it can
-    matter; elsewhere ``.item()`` would synchronise the device, so the row-wise pass
-    always runs there.
+    checking only for short ``S``, and there, where values can be read
+    (:func:`_values_readable`), one sum (NaN wherever any element is) first rules it out
+    for an all-finite query, so the row-wise pass runs only when it can matter.
     """
-    if not query.is_cpu or (S < _CPU_NAN_SAFE_S and not math.isfinite(query.detach().sum().item())):
-        return out.masked_fill(torch.isnan(query).any(dim=-1, keepdim=True), float("nan"))
-    return out
+    if query.is_cpu and S >= _CPU_NAN_SAFE_S:
+        return out
+    if _values_readable(query) and math.isfinite(query.detach().sum().item()):
+        return out
+    return out.masked_fill(torch.isnan(query).any(dim=-1, keepdim=True), float("nan"))
 
 
 def torch_attention(
@@ -578,7 +596,7 @@ def torch_attention(
     if S == 0 or L == 0:
         return reference_attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
     rows = _allowed_rows(attn_mask, L, S)  # is_causal is folded into attn_mask above
-    if rows is not None and query.device.type == "cpu" and bool(rows.all()):
+    if rows is not None and _values_readable(rows) and bool(rows.all()):
         # No key-less row: nothing to patch (on the CPU this check costs no sync).
         rows = None
     if rows is not None and attn_mask is not None:

@@ -27,6 +27,7 @@ from transformer._checks import (
     check_not_nested,
 )
 from transformer.matvec import Linear
+from transformer.precision import autocast_enabled
 
 __all__ = ["Activation", "FeedForward", "get_activation", "position_wise"]
 
@@ -121,7 +122,7 @@ class FeedForward(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
         weight = self.linear1.weight
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != weight.dtype and not autocast_enabled(x.device.type):
             raise TypeError(
                 f"x has dtype {x.dtype} but the parameters are {weight.dtype}; "
                 f"convert one of them (e.g. module.to({x.dtype}))"

@@ -38,6 +38,7 @@ from transformer.attention import attend_prechecked, attention_weights
 from transformer.kv_cache import KVCache
 from transformer.masks import merge_module_masks
 from transformer.matvec import Linear, linear
+from transformer.precision import autocast_enabled
 
 __all__ = ["MultiheadAttention"]
 
@@ -279,7 +280,7 @@ class MultiheadAttention(nn.Module):
         # legal there; elsewhere a mismatch would fail deep inside F.linear.
         param_dtype = self.out_proj.weight.dtype
         device_type = "cpu" if query.is_cpu else query.device.type  # no device object
-        if not torch.is_autocast_enabled(device_type) and not (
+        if not autocast_enabled(device_type) and not (
             query.dtype == key.dtype == value.dtype == param_dtype
         ):
             raise ValueError(

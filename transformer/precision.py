@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["AUTOCAST_DTYPES", "autocast", "make_grad_scaler", "optimizer_step"]
+__all__ = [
+    "AUTOCAST_DTYPES",
+    "autocast",
+    "autocast_enabled",
+    "make_grad_scaler",
+    "optimizer_step",
+]
 
 #: The ``TrainConfig.autocast`` names and their dtypes.
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -27,6 +33,18 @@ def autocast(device: torch.device, name: str | None) -> Any:
     if name is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[name])
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``; False on a device autocast does not know.
+
+    torch raises there (``meta``: "unknown device type for autocast"), and a module's
+    forward on the meta device (shape inference, ``to_empty`` initialisation) asks.
+    """
+    available = getattr(torch.amp, "is_autocast_available", None)
+    if available is not None and not available(device_type):
+        return False
+    return bool(torch.is_autocast_enabled(device_type))
 
 
 def make_grad_scaler(device: torch.device, name: str | None) -> torch.amp.GradScaler:

@@ -121,6 +121,7 @@ COMPONENTS: tuple[Component, ...] = (
             "spec_tests/test_compile.py",
             "spec_tests/test_multi_head_attention.py",
             "spec_tests/test_numerical_robustness.py",
+            "spec_tests/test_transforms.py",
         ),
     ),
     Component(
@@ -154,6 +155,7 @@ COMPONENTS: tuple[Component, ...] = (
             "property_tests/test_layers_properties.py",
             "spec_tests/test_layers.py",
             "spec_tests/test_numerical_robustness.py",
+            "spec_tests/test_transforms.py",
         ),
     ),
     Component(

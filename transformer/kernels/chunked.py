@@ -778,7 +778,8 @@ _forward_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 def _draw_seed(dropout_p: float) -> int:
     """The call's dropout seed: one draw from the global generator (``torch.manual_seed``)."""
-    return int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
+    # On the CPU whatever the default device (a meta tensor holds no value to read).
+    return int(torch.randint(0, 2**62, (1,), device="cpu").item()) if dropout_p > 0.0 else 0
 
 
 def _layout(
@@ -906,4 +907,9 @@ def chunked_attention(
     return out.reshape(*batch, query.size(-2), value.size(-1)).to(dtype)  # (..., L, Ev)
 
 
-register_kernel("chunked", chunked_attention, priority=10)
+def _available(device: torch.device) -> bool:
+    """Every device with values: on ``meta`` the per-tile dropout generators cannot exist."""
+    return device.type != "meta"
+
+
+register_kernel("chunked", chunked_attention, is_available=_available, priority=10)
