@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import transformer as transformer_package
-from transformer import cli, cli_config, cli_decode, cli_demo
+from transformer import cli, cli_common, cli_config, cli_decode, cli_demo
 from transformer.checkpoint import load_checkpoint, save_checkpoint
 from transformer.cli import build_parser, main
 from transformer.data import TASKS, make_task
@@ -882,6 +882,47 @@ def test_demo_refuses_a_training_run_in_its_out_folder_unless_forced(
 
 @spec(kind="error")
 @pytest.mark.parametrize(
+    "case",
+    ["train-run-beside-a-tiny-folder", "demo-folder-holding-checkpoints", "train-force-into-demo"],
+)
+def test_demo_replaces_without_force_only_what_an_earlier_demo_wrote(
+    case: str,
+    trained_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Only the demo's mark file says a demo wrote a folder, and even there only the files a demo writes are replaced without --force: a train run beside a folder named tiny/ (no mark), a checkpoints/ folder (which no demo writes) in a marked folder, and a run that `train --force` wrote into a marked folder (train removes the mark) make `demo --out DIR` exit 1 naming --force, before any work, with every file left as it was."""
+    import transformer.training as training
+
+    run = tmp_path / "run"
+    _copy_tree(trained_run, run)
+    if case == "train-run-beside-a-tiny-folder":
+        (run / "tiny").mkdir()
+    elif case == "demo-folder-holding-checkpoints":
+        (run / cli_common.DEMO_MARK).write_text("a demo", encoding="utf-8")
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "keep.txt").write_text("mine", encoding="utf-8")
+    else:
+        (run / cli_common.DEMO_MARK).write_text("a demo", encoding="utf-8")
+        assert main(["train", *TINY_RUN, "--steps", "2", "--out", str(run), "--force"]) == 0
+        assert not (run / cli_common.DEMO_MARK).exists()
+    capsys.readouterr()
+    before = _file_bytes(run)
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the demo started training")
+
+    monkeypatch.setattr(training, "train", no_work)
+    assert main(["demo", "--out", str(run), "--no-progress"]) == 1
+    line = _one_line_error(capsys)
+    assert "--force" in line and str(run) in line
+    assert _file_bytes(run) == before
+
+
+@spec(kind="error")
+@pytest.mark.parametrize("where", ["file", "under-a-file"])
+@pytest.mark.parametrize(
     "argv",
     [
         ["train", *TINY_RUN, "--out"],
@@ -891,13 +932,14 @@ def test_demo_refuses_a_training_run_in_its_out_folder_unless_forced(
     ],
     ids=["train", "demo", "bench-attention", "bench-torch-wrapper"],
 )
-def test_output_directory_that_is_a_file_is_refused_before_any_work(
+def test_output_directory_that_cannot_be_one_is_refused_before_any_work(
     argv: list[str],
+    where: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`--out FILE` (a file where the command writes a directory) is one error line naming --out, before any training or timing starts."""
+    """`--out FILE` (a file where the command writes a directory) or `--out FILE/sub` (a folder that cannot be made under a file) is one error line naming --out and the file, before any training or timing starts."""
     import transformer.bench as bench
     import transformer.training as training
 
@@ -907,11 +949,12 @@ def test_output_directory_that_is_a_file_is_refused_before_any_work(
     for module, name in [(training, "train"), (bench, "run_attention_bench")]:
         monkeypatch.setattr(module, name, no_work)
     monkeypatch.setattr(bench, "run_wrapper_bench", no_work)
-    target = tmp_path / "a-file"
-    target.write_text("in the way", encoding="utf-8")
+    file = tmp_path / "a-file"
+    file.write_text("in the way", encoding="utf-8")
+    target = file if where == "file" else file / "sub"
     assert main([*argv, str(target)]) != 0
     err = capsys.readouterr().err.strip()
-    assert f"--out {target}: a file is in the way" in err and len(err.splitlines()) == 1
+    assert f"--out {target}" in err and str(file) in err and len(err.splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- averaging

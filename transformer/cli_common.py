@@ -82,10 +82,18 @@ def add_data_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def check_out_dir(path: str, flag: str = "--out") -> Path:
-    """``path`` as an output directory: refused up front if a file (not a directory) is there."""
+    """``path`` as an output directory, refused up front if it cannot be one.
+
+    Refused: a file (not a directory) at ``path``, or, for a folder still to be made,
+    a file where one of its parents should be (``loss.png/sub``), which would otherwise
+    fail the first write, after the work.
+    """
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise CLIError(f"{flag} {path}: a file is in the way (expected a directory)")
+    base = nearest_existing(out)
+    if not base.is_dir():
+        raise CLIError(f"{flag} {path}: cannot be made, {base} is a file")
     return out
 
 
@@ -103,6 +111,11 @@ def nearest_existing(path: Path) -> Path:
 
 #: The files of a run directory, as ``train`` (and ``demo``) write them.
 RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoints", "metrics.jsonl", "loss.png")
+#: Marks a folder the demo wrote: a later demo may replace its files without --force.
+#: ``train`` removes it from a folder it writes a run into: the run is then the user's.
+DEMO_MARK = ".transformer-demo"
+#: What a demo writes into its folder besides the mark (``tiny`` holds its tiny-set run).
+DEMO_FILES = ("checkpoint", "checkpoint.old", "metrics.jsonl", "loss.png", "tiny")
 
 
 def held_run_files(out: Path) -> list[str]:

@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 from transformer.cli_common import (
+    DEMO_FILES,
+    DEMO_MARK,
     CLIError,
     check_out_dir,
     held_run_files,
@@ -28,8 +30,6 @@ TINY_WARMUP = 20
 TINY_LR_SCALE = 0.5
 TINY_GOAL = 0.05
 HELDOUT_GOAL = 0.9
-#: Marks a folder the demo wrote: a later demo may replace the run in it without --force.
-DEMO_MARK = ".transformer-demo"
 # Hand-picked short inputs the demo decodes at the end: what a person types first.
 DEMO_SHORT_INPUTS = ("0", "7", "42")
 
@@ -41,13 +41,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from transformer.training import TrainConfig, build_model, evaluate, train, translate
 
     out = check_out_dir(args.out)
-    held = held_run_files(out)
-    # tiny/ is only ever written by a demo: folders of demos from before the mark count.
-    by_a_demo = (out / DEMO_MARK).exists() or (out / "tiny").is_dir()
-    if held and not by_a_demo and not args.force:
+    held, tiny_held = held_run_files(out), held_run_files(out / "tiny")
+    # Only the mark says a demo wrote the folder; even then, run files a demo never
+    # writes (checkpoints/ of a train run) are someone else's.
+    by_a_demo = (out / DEMO_MARK).exists()
+    foreign = [name for name in held if not (by_a_demo and name in DEMO_FILES)]
+    foreign += [f"tiny/{name}" for name in tiny_held if not by_a_demo]
+    if foreign and not args.force:
         raise CLIError(
-            f"--out {out} already holds a run ({', '.join(held)}) that no earlier demo wrote: "
-            "choose another --out, or replace it with --force"
+            f"--out {out} already holds run files that no earlier demo wrote "
+            f"({', '.join(foreign)}): choose another --out, or replace them with --force"
         )
     seed = args.seed
     task = TASKS[DEFAULT_TASK]
@@ -74,7 +77,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     # Every check has passed: clear what this run replaces, and mark the folder as a demo's.
     remove_run_files(out, held)
-    remove_run_files(out / "tiny", held_run_files(out / "tiny"))
+    remove_run_files(out / "tiny", tiny_held)
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARK).write_text("written by `transformer demo`; a later demo replaces the run\n")
 

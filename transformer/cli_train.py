@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from transformer.cli_common import (
+    DEMO_MARK,
     CLIError,
     add_data_args,
     check_out_dir,
@@ -125,6 +126,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         encoded = [(tokenizer.encode(s), tokenizer.encode(t)) for s, t in split.train]
         check_examples_fit(encoded, split.train, model.config.max_len)
         remove_run_files(out, replaced)
+    if lead:
+        # The run written here is the user's: a later demo must ask before replacing it.
+        (out / DEMO_MARK).unlink(missing_ok=True)
     if lead and resume:
         print(f"resuming from step {done} of {train_config.steps}", file=sys.stderr)
     if lead:
