@@ -1013,6 +1013,35 @@ def test_average_refuses_an_existing_out_unless_forced_and_another_architecture(
     assert not (tmp_path / "mixed").exists()
 
 
+@spec(kind="error")
+@pytest.mark.parametrize("out", ["the-run-dir", "a-folder-of-notes"])
+def test_average_force_replaces_only_a_checkpoint_and_never_its_inputs(
+    out: str,
+    kept_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`average --force --out DIR` where DIR holds the input checkpoints (their run directory) or holds files but no checkpoint exits 1 naming --out and deletes nothing; `--out .` in an empty folder writes the checkpoint there."""
+    run = tmp_path / "run"
+    _copy_tree(kept_run, run)
+    kept = [str(p) for p in sorted((run / "checkpoints").iterdir())]
+    target = run
+    if out == "a-folder-of-notes":
+        target = tmp_path / "notes"
+        target.mkdir()
+        (target / "notes.txt").write_text("mine", encoding="utf-8")
+    before = _file_bytes(target)
+    assert main(["average", *kept, "--out", str(target), "--force"]) == 1
+    assert f"--out {target}" in _one_line_error(capsys)
+    assert _file_bytes(target) == before
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["average", *kept, "--out", ".", "--force"]) == 0
+    load_checkpoint(here)
+
+
 @spec(kind="shape")
 def test_train_accumulates_and_batches_by_tokens_when_asked(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -17,6 +17,18 @@ def _cmd_average(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise CLIError(f"--out {out} already exists: replace it with --force")
     paths = [resolve_checkpoint(path) for path in args.checkpoints]
+    # --force replaces a checkpoint directory, nothing else: not a run directory (its
+    # checkpoints/, metrics and the user's files would go), never one holding an input.
+    target = out.resolve()
+    for path in paths:
+        if target == path.resolve() or target in path.resolve().parents:
+            raise CLIError(f"--out {args.out} holds the input checkpoint {path}: choose another")
+    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise CLIError(
+            f"--out {args.out} holds files but no checkpoint (no manifest.json), so --force "
+            "does not replace it: choose a new or empty folder, or a checkpoint"
+        )
+    out = target  # a name such as "." becomes one the checkpoint writer can swap in place
     average_checkpoints(paths, out, force=args.force)
     print(f"averaged {len(paths)} checkpoints into {out}")
     return 0
