@@ -198,6 +198,23 @@ def test_a_tsv_changed_since_training_is_refused_by_evaluate_and_resume(
     assert "has changed since the run trained on it" in _one_line_error(capsys)
 
 
+@spec(kind="error")
+def test_output_into_a_closed_pipe_stops_quietly_with_sigpipes_status(trained_run: Path) -> None:
+    """`transformer generate ... | head -1`: when the reader of stdout has gone, the command stops without an error message (no "BrokenPipeError") and exits 141, the status of a program ended by SIGPIPE, as shell tools do."""
+    argv = ["generate", "--checkpoint", str(trained_run), *("ab" for _ in range(20))]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "transformer", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    process.stdout.close()  # the reader is gone before the first line is written
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 141, err
+    assert err == "", err
+
+
 @spec(kind="shape")
 def test_python_dash_m_transformer_runs_the_cli() -> None:
     """`python -m transformer --help` lists the documented subcommands and exits 0."""

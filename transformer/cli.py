@@ -153,6 +153,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt as err:
         return _report_interrupt(err)
+    except BrokenPipeError:
+        # The reader went away (`transformer generate ... | head -1`): stop quietly, as a
+        # program killed by SIGPIPE does; stdout goes to devnull so that the flush at
+        # exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
     except Exception as err:
         if os.environ.get("TRANSFORMER_DEBUG"):
             raise
