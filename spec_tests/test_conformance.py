@@ -220,6 +220,26 @@ def test_conform_refuses_bad_arguments_before_running(
 
 
 @spec(section="extra", kind="error")
+def test_conform_refuses_a_registered_kernel_not_available_on_the_device(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``conform --kernel NAME`` for a kernel registered but not available on the run's device (``triton`` where it is not installed) exits 2 before any case runs, naming --kernel and the kernels available, instead of reporting a FAIL for every refused call."""
+    from transformer import attention
+
+    def never_called(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a case ran")
+
+    monkeypatch.setitem(
+        attention._KERNELS,
+        "elsewhere",
+        attention._Entry(never_called, lambda device: False, -1),
+    )
+    assert main(["conform", "--kernel", "elsewhere", "--tier", "quick"]) == 2
+    err = capsys.readouterr().err
+    assert "--kernel elsewhere: not available on cpu" in err and "reference" in err
+
+
+@spec(section="extra", kind="error")
 def test_conform_never_overwrites_a_report_without_force(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -43,12 +43,19 @@ class ConformUsageError(ValueError):
     """A bad argument of ``transformer conform``, named by its flag."""
 
 
-def _registered(name: str) -> Kernel:
-    """The package's front door with ``kernel=name`` (a kernel of ``available_kernels``)."""
-    from transformer.attention import _KERNELS, scaled_dot_product_attention
+def _registered(name: str, device: str) -> Kernel:
+    """The package's front door with ``kernel=name``, a kernel usable on ``device``."""
+    from transformer.attention import _KERNELS, available_kernels, scaled_dot_product_attention
 
     if name not in _KERNELS:
         raise ConformUsageError(f"--kernel: unknown kernel {name!r}; known: {sorted(_KERNELS)}")
+    usable = available_kernels(device)
+    if name not in usable:
+        # Every case would be refused: a report of that kernel would say nothing of it.
+        raise ConformUsageError(
+            f"--kernel {name}: not available on {device} here (e.g. triton not installed); "
+            f"available: {usable}"
+        )
     return functools.partial(scaled_dot_product_attention, kernel=name)
 
 
@@ -114,7 +121,8 @@ def cmd_conform(args: argparse.Namespace) -> int:
         if unknown:
             raise ConformUsageError(f"--properties: unknown {unknown}; known: {list(PROPERTIES)}")
     if args.kernel is not None:
-        kernel, target = _registered(args.kernel), f"transformer (kernel={args.kernel!r})"
+        kernel = _registered(args.kernel, settings.device)
+        target = f"transformer (kernel={args.kernel!r})"
     else:
         # As `python -m` and pytest do: a module in the current folder is importable.
         if os.getcwd() not in sys.path:
