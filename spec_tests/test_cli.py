@@ -325,6 +325,25 @@ def test_bad_arguments_end_with_one_line_and_status_2(
 
 
 @spec(kind="error")
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--vocab-size", "2"], "--vocab-size must be at least 5"),
+        (["--batch-tokens", "60", "--batch-size", "8"], "--batch-tokens 60 and --batch-size 8"),
+    ],
+    ids=["vocab-too-small", "tokens-and-pairs"],
+)
+def test_train_refuses_flags_it_cannot_honour_naming_them_before_any_work(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train --vocab-size 2` (below the special tokens plus one) and `--batch-tokens` together with `--batch-size` (one would be ignored) exit 1 with one line naming the flags, before the tokenizer is trained or --out is made."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY_RUN, *flags, "--out", str(out)]) == 1
+    assert message in _one_line_error(capsys)
+    assert not out.exists()
+
+
+@spec(kind="error")
 def test_missing_data_file_is_a_one_line_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1065,7 +1084,9 @@ def test_train_accumulates_and_batches_by_tokens_when_asked(
 ) -> None:
     """`train --accumulate 2 --batch-tokens 60` runs, stores both settings, and a `--resume` keeps them."""
     out = tmp_path / "run"
-    argv = ["train", *TINY_RUN, "--steps", "3", "--log-every", "1", "--out", str(out)]
+    by_pairs = TINY_RUN.index("--batch-size")
+    tiny = TINY_RUN[:by_pairs] + TINY_RUN[by_pairs + 2 :]  # batches counted in tokens instead
+    argv = ["train", *tiny, "--steps", "3", "--log-every", "1", "--out", str(out)]
     assert main([*argv, "--accumulate", "2", "--batch-tokens", "60"]) == 0
     _, meta = load_checkpoint(out / "checkpoint")
     saved = meta["training"]["config"]

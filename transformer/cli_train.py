@@ -44,12 +44,23 @@ from transformer.cli_config import (
 def _cmd_train(args: argparse.Namespace) -> int:
     from transformer.data import make_task, read_tsv, split_heldout
     from transformer.distributed import init_distributed
-    from transformer.tokenizer import Tokenizer
+    from transformer.tokenizer import SPECIAL_TOKENS, Tokenizer
     from transformer.train_loop import check_examples_fit
     from transformer.training import TrainConfig, build_model, train
 
     out = check_out_dir(args.out)
     device = _device(args.device)  # before any work
+    if args.batch_tokens is not None and args.batch_size is not None:
+        raise CLIError(
+            f"--batch-tokens {args.batch_tokens} and --batch-size {args.batch_size}: a batch "
+            "is counted in tokens or in pairs, give one of them"
+        )
+    smallest = len(SPECIAL_TOKENS) + 1
+    if args.vocab_size < smallest:
+        raise CLIError(
+            f"--vocab-size must be at least {smallest} (the special tokens and one more), "
+            f"got {args.vocab_size}"
+        )
     saved: dict[str, Any] | None = None
     done = 0
     replaced: list[str] = []
