@@ -722,7 +722,7 @@ def test_the_same_generator_seed_gives_the_same_tokens_and_another_seed_differs(
 
 @spec(kind="error")
 def test_bad_sampling_arguments_raise_errors_naming_them() -> None:
-    """A temperature that is negative, NaN or not a number, a top_k that is not a positive int, a top_p outside (0, 1], a generator that is not a ``torch.Generator`` and logits that are not ``(N, V)`` floats with a finite entry per row raise ``ValueError``/``TypeError`` naming the argument and the value seen."""
+    """A temperature that is negative, NaN or not a number, a top_k that is not a positive int, a top_p outside (0, 1], a generator that is not a ``torch.Generator`` and logits that are not ``(N, V)`` floats with a finite entry per row (NaN or ``+inf`` anywhere, for ``filter_logits`` too) raise ``ValueError``/``TypeError`` naming the argument and the value seen."""
     model = make_model(49)
     src = sources(50, [3])
     bad: list[tuple[dict[str, object], type[Exception], str]] = [
@@ -733,7 +733,7 @@ def test_bad_sampling_arguments_raise_errors_naming_them() -> None:
         ({"top_k": 2.0}, TypeError, "top_k must be an int, got float 2.0"),
         ({"top_p": 0.0}, ValueError, r"top_p must be in \(0, 1\], got 0.0"),
         ({"top_p": 1.5}, ValueError, r"top_p must be in \(0, 1\], got 1.5"),
-        ({"top_p": "0.9"}, TypeError, r"top_p must be a real number in \(0, 1\], got str"),
+        ({"top_p": "0.9"}, TypeError, r"top_p must be a real number in \(0, 1\], got str '0.9'"),
         ({"generator": 123}, TypeError, "generator must be a torch.Generator or None, got int"),
     ]
     for kw, error, match in bad:
@@ -750,3 +750,7 @@ def test_bad_sampling_arguments_raise_errors_naming_them() -> None:
         sample_next(row_of_inf)
     with pytest.raises(ValueError, match="logits must be finite or -inf"):
         sample_next(torch.tensor([[0.0, float("nan")]]))
+    for bad_logit in (float("nan"), float("inf")):
+        # A NaN compares false with every threshold: a cut would keep it silently.
+        with pytest.raises(ValueError, match="logits must be finite or -inf: got NaN or"):
+            filter_logits(torch.tensor([[bad_logit, 1.0, 2.0]]), top_k=1)

@@ -46,7 +46,9 @@ def _check_sampling(
     p: float | None = None
     if top_p is not None:
         if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
-            raise TypeError(f"top_p must be a real number in (0, 1], got {type(top_p).__name__}")
+            raise TypeError(
+                f"top_p must be a real number in (0, 1], got {type(top_p).__name__} {top_p!r}"
+            )
         p = float(top_p)
         if not 0.0 < p <= 1.0:  # also refuses NaN
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
@@ -74,8 +76,9 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
       With both, top-p applies to what top-k left. Ties at the edge of the nucleus are
       broken by the order of ``torch.sort``.
 
-    Logits already ``-inf`` (a forbidden token) stay so, and count for nothing. A
-    temperature, if any, is applied before (see :func:`sample_next`).
+    Logits already ``-inf`` (a forbidden token) stay so, and count for nothing; NaN and
+    ``+inf`` raise ``ValueError``. A temperature, if any, is applied before (see
+    :func:`sample_next`).
 
     Args:
         logits: ``(N, V)`` floating point scores of the next token.
@@ -87,6 +90,9 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
     """
     logits = _check_logits(logits)
     _, k, p, _ = _check_sampling(1.0, top_k, top_p, None)
+    if bool((torch.isnan(logits) | (logits == float("inf"))).any()):
+        # A NaN compares false with everything: top-k and the nucleus would keep it.
+        raise ValueError("logits must be finite or -inf: got NaN or +inf")
     out = logits.clone()
     V = logits.size(-1)
     if k is not None and k < V:
