@@ -361,12 +361,13 @@ def test_activation_strings_resolve_to_torchs_functions() -> None:
 @spec(section="3.2.3", kind="masking")
 @pytest.mark.parametrize("sz", [1, 7])
 def test_generate_square_subsequent_mask_equals_torchs(sz: int) -> None:
-    """``Transformer.generate_square_subsequent_mask`` is a static method returning torch's float mask: ``-inf`` above the diagonal, ``0`` on and below it."""
-    for dtype in (None, torch.float64):
-        ours = layers.Transformer.generate_square_subsequent_mask(sz, dtype=dtype)
-        theirs = nn.Transformer.generate_square_subsequent_mask(sz, dtype=dtype)
-        assert ours.dtype == theirs.dtype
-        assert torch.equal(ours, theirs)
+    """``Transformer.generate_square_subsequent_mask`` returns torch's mask: ``-inf`` above the diagonal and ``0`` on and below it in a float dtype, ``True`` above it in ``torch.bool``; a 0-dim integer tensor size works as in torch."""
+    for dtype in (None, torch.float64, torch.bool):
+        for size in (sz, torch.tensor(sz)):
+            ours = layers.Transformer.generate_square_subsequent_mask(size, dtype=dtype)
+            theirs = nn.Transformer.generate_square_subsequent_mask(size, dtype=dtype)
+            assert ours.dtype == theirs.dtype
+            assert torch.equal(ours, theirs)
     instance = layers.Transformer(E, H, 1, 1, FF)
     assert torch.equal(
         instance.generate_square_subsequent_mask(sz, device="cpu"), causal(sz, torch.float32)
@@ -757,13 +758,15 @@ def test_sizes_that_are_not_positive_ints_raise_errors_naming_them(
         ("norm_first", 1, TypeError, "norm_first must be a bool, got int 1"),
         ("bias", None, TypeError, "bias must be a bool, got NoneType None"),
         ("dtype", "float32", TypeError, "dtype must be a torch.dtype or None, got str"),
+        ("dtype", torch.int64, TypeError, "dtype must be a real floating point dtype, got"),
+        ("dtype", torch.complex64, TypeError, "dtype must be a real floating point dtype, got"),
         ("device", "nowhere", ValueError, "device='nowhere' is not a device"),
     ],
 )
 def test_constructor_arguments_of_the_wrong_type_raise_errors_naming_them(
     name: str, value: object, error: type[Exception], match: str
 ) -> None:
-    """Every layer class checks each argument's type before using it: a str dropout, a non-bool flag, a str dtype or an unknown device raises TypeError/ValueError naming the argument and the value seen (torch fails later with an unrelated message, or accepts)."""
+    """Every layer class checks each argument's type before using it: a str dropout, a non-bool flag, a str, integer or complex dtype or an unknown device raises TypeError/ValueError naming the argument and the value seen (torch fails later with an unrelated message, or accepts: a complex dtype builds a module whose every forward then fails)."""
     for make in _every_constructor(**{name: value}):
         with pytest.raises(error, match=match):
             make()

@@ -582,6 +582,11 @@ def test_embed_dim_not_divisible_by_num_heads_raises_value_error_naming_both() -
         ((8, 2, 0.0, "yes"), TypeError, r"bias must be a bool, got str 'yes'"),
         ((8, 2, 0.0, True, False, False, 4.0), TypeError, r"kdim must be an int, got float"),
         ((8, 2, 0.0, True, False, False, None, 0), ValueError, "vdim must be a positive int"),
+        (
+            (8, 2, 0.0, True, False, False, None, None, False, None, torch.int64),
+            TypeError,
+            r"dtype must be a real floating point dtype, got torch\.int64",
+        ),
     ],
     ids=[
         "embed_dim-0",
@@ -592,6 +597,7 @@ def test_embed_dim_not_divisible_by_num_heads_raises_value_error_naming_both() -
         "bias-str",
         "kdim-float",
         "vdim-0",
+        "dtype-int64",
     ],
 )
 def test_bad_constructor_arguments_raise_with_message(

@@ -126,7 +126,9 @@ def test_table_rejects_non_positive_sizes(
 @spec(kind="error")
 def test_table_and_module_arguments_of_the_wrong_type_raise_type_error_naming_them() -> None:
     """A non-float table dtype, a str dropout and a non-bool batch_first raise TypeError naming the argument and the value seen (torch-style code would otherwise fail deep inside a comparison)."""
-    with pytest.raises(TypeError, match=r"dtype must be a floating point dtype, got torch\.int64"):
+    with pytest.raises(
+        TypeError, match=r"dtype must be a real floating point dtype, got torch\.int64"
+    ):
         sinusoidal_table(4, 8, dtype=torch.long)
     with pytest.raises(TypeError, match=r"dropout must be a real number in \[0, 1\], got str 'x'"):
         SinusoidalPositionalEncoding(8, dropout="x")  # type: ignore[arg-type]

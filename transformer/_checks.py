@@ -83,9 +83,15 @@ def check_module(name: str, value: object, *, optional: bool = False) -> None:
 
 
 def check_dtype(name: str, value: object) -> None:
-    """``value`` is a ``torch.dtype`` or ``None`` (a factory keyword)."""
+    """``value`` is a real floating point ``torch.dtype`` or ``None`` (a factory keyword).
+
+    Parameters and tables are real numbers: an integer dtype would fail inside torch
+    ("only floating point ... can require gradients") and a complex one every forward.
+    """
     if value is not None and not isinstance(value, torch.dtype):
         raise TypeError(f"{name} must be a torch.dtype or None, got {_seen(value)}")
+    if value is not None and not value.is_floating_point:
+        raise TypeError(f"{name} must be a real floating point dtype, got {value}")
 
 
 def check_device(name: str, value: object) -> None:

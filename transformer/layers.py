@@ -39,11 +39,26 @@ is deliberate, and code written for torch.nn runs unchanged unless it relies on 
   query see it, so there torch's output depends on whether the hint is given.
 * **Incremental decoding.** ``MultiheadAttention``, ``TransformerDecoderLayer`` and
   ``TransformerDecoder`` take a keyword-only ``cache`` after torch's arguments
-  (:mod:`transformer.kv_cache`); without it they compute what torch computes.
+  (:mod:`transformer.kv_cache`); without it they compute what torch computes. TorchScript
+  refuses keyword-only arguments, so ``torch.jit.script`` of these modules (and of the
+  layers and ``Transformer`` that hold them) fails; ``torch.compile``, ``torch.export``,
+  ``torch.jit.trace`` and ``torch.func`` work.
+* **Linear layers are a subclass.** The feed-forward and attention projections are
+  :class:`transformer.matvec.Linear`, an ``nn.Linear`` subclass (same parameters and
+  ``state_dict``) that splits one-row products over threads. Tools that match
+  ``type(module) is nn.Linear`` pass them by: ``torch.ao.quantization.quantize_dynamic``
+  with ``{nn.Linear}`` quantizes nothing, silently (and its quantized ``Linear`` refuses
+  the subclass when it is named).
+* **No private helpers of torch's.** ``MultiheadAttention.merge_masks`` and
+  ``TransformerEncoderLayer.activation_relu_or_gelu`` (fast-path internals) do not exist.
 * **Errors instead of asserts.** Bad arguments raise ``TypeError`` (wrong type: a str
-  dropout, a float head count, a non-bool flag) or ``ValueError`` (out of range, shapes
-  that do not fit, ``is_causal=True`` without a mask) naming the argument and the value
-  seen, before any work; torch asserts, raises ``RuntimeError``, fails later or accepts.
+  dropout, a float head count, a non-bool flag, an integer or complex ``dtype``) or
+  ``ValueError`` (out of range, shapes that do not fit, ``is_causal=True`` without a
+  mask) naming the argument and the value seen, before any work; torch asserts, raises
+  ``RuntimeError``, fails later or accepts.
+* **Float masks of another float dtype are cast.** A float ``attn_mask`` or
+  ``key_padding_mask`` in another float dtype than the module's is converted to it;
+  torch raises ``RuntimeError``.
 
 Notation: B batch, S source length, T (or L) target length, E ``d_model``, H ``nhead``.
 """
@@ -229,13 +244,15 @@ class Transformer(nn.Module):
         """The ``(sz, sz)`` float causal mask of torch: ``-inf`` above the diagonal, else ``0``.
 
         Section 3.2.3: position ``i`` of the decoder may attend to positions ``<= i`` only.
-        ``sz`` must be an int >= 0 and ``dtype`` (default: torch's default) floating point.
+        ``sz`` must be an int >= 0 (or a 0-dim integer tensor, as torch accepts) and
+        ``dtype`` (default: torch's default) floating point, or ``torch.bool`` for torch's
+        bool mask: ``True`` (masked) above the diagonal.
         """
+        if isinstance(sz, Tensor) and sz.dim() == 0 and not sz.is_floating_point():
+            sz = int(sz.item())
         sz = check_int("sz", sz, low=0)
         check_device("device", device)
+        if dtype == torch.bool:
+            return torch.ones(sz, sz, dtype=torch.bool, device=device).triu_(1)
         check_dtype("dtype", dtype)
-        if dtype is not None and not dtype.is_floating_point:
-            raise TypeError(
-                f"dtype must be a floating point dtype (the mask holds -inf), got {dtype}"
-            )
         return square_subsequent_mask(sz, device=device, dtype=dtype)

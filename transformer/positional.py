@@ -58,8 +58,6 @@ def sinusoidal_table(
     check_dtype("dtype", dtype)
     check_device("device", device)
     dtype = torch.get_default_dtype() if dtype is None else dtype
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
     pos = torch.arange(max_len, dtype=torch.float64, device=device).unsqueeze(1)  # (T, 1)
     two_i = torch.arange(0, d_model, 2, dtype=torch.float64, device=device)  # (ceil(E/2),)
     # 1 / 10000^(2i/d_model), written as an exponential for accuracy.
