@@ -508,7 +508,7 @@ def test_a_model_that_prefers_padding_above_all_never_generates_it(
 def test_max_len_beyond_the_positional_table_raises_before_the_first_step(
     search: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``max_len`` may fill the model's positional table (the last step decodes BOS and ``max_len - 1`` tokens) but not exceed it: one more raises ValueError naming max_len and the table size before the source is even encoded, instead of failing ``max_len`` steps later."""
+    """``max_len`` may fill the model's positional table (the last step decodes BOS and ``max_len - 1`` tokens) but not exceed it: one more raises ValueError naming max_len and the table size before the source is even encoded, instead of failing ``max_len`` steps later; a source longer than the table raises ValueError naming ``src``."""
     model = make_model(27, max_len=6)
     with torch.no_grad():
         model.output.bias[EOS] = -1e4  # no row ends early: every step is taken
@@ -523,6 +523,9 @@ def test_max_len_beyond_the_positional_table_raises_before_the_first_step(
         ValueError, match=r"max_len=7 exceeds the model's positional table of 6 positions"
     ):
         run_search(search, model, src, 7)
+    # A source longer than the table is named as src, not as the search's max_len.
+    with pytest.raises(ValueError, match=r"src has 7 tokens per row, more than the model's"):
+        run_search(search, model, sources(29, [7, 2]), 3)
 
 
 # --------------------------------------------------------------------------------------

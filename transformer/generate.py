@@ -94,6 +94,11 @@ def _check_args(
             f"max_len={steps} exceeds the model's positional table of {table} positions "
             f"(its config.max_len): decode at most {table} tokens"
         )
+    if ids.size(-1) > table:
+        raise ValueError(
+            f"src has {ids.size(-1)} tokens per row, more than the model's positional table "
+            f"of {table} positions (its config.max_len): shorten or split the source"
+        )
     for name, token in (("bos_id", bos_id), ("eos_id", eos_id)):
         token = check_int(name, token, low=0)
         if token >= vocab:
