@@ -772,6 +772,70 @@ def test_constructor_arguments_of_the_wrong_type_raise_errors_naming_them(
             make()
 
 
+#: The shapes each mask of ``Transformer.forward`` may have, for src (S_LEN, BATCH, E) and
+#: tgt (T_LEN, BATCH, E): attention masks (L, S) or (BATCH * H, L, S), padding (BATCH, S).
+_MASK_SHAPES = {
+    "src_mask": ((S_LEN, S_LEN), (BATCH * H, S_LEN, S_LEN)),
+    "tgt_mask": ((T_LEN, T_LEN), (BATCH * H, T_LEN, T_LEN)),
+    "memory_mask": ((T_LEN, S_LEN), (BATCH * H, T_LEN, S_LEN)),
+    "src_key_padding_mask": ((BATCH, S_LEN),),
+    "tgt_key_padding_mask": ((BATCH, T_LEN),),
+    "memory_key_padding_mask": ((BATCH, S_LEN),),
+}
+
+
+@spec(section="extra", kind="error")
+@pytest.mark.parametrize("mask", list(_MASK_SHAPES))
+def test_a_mask_of_the_wrong_shape_is_named_as_the_caller_passed_it_before_any_work(
+    mask: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Transformer.forward`` checks each of its six masks against ``src`` and ``tgt`` before the encoder runs and names the mask by its own argument name (``src_key_padding_mask``, not the attention module's ``key_padding_mask``), with the shapes allowed and the one seen."""
+    model = layers.Transformer(E, H, 1, 1, FF, dropout=0.0)
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the encoder ran before the masks were checked")
+
+    monkeypatch.setattr(model.encoder, "forward", no_work)
+    src, tgt = randn(S_LEN, BATCH, E, seed=1), randn(T_LEN, BATCH, E, seed=2)
+    allowed = _MASK_SHAPES[mask]
+    wrong = tuple(n + 1 for n in allowed[0])
+    dtype = torch.bool if "padding" in mask else torch.float32
+    expected = f"{mask} must have shape {allowed[0]}"
+    if len(allowed) == 2:
+        expected += f" or {allowed[1]}"
+    with pytest.raises(ValueError, match=re.escape(f"{expected}, got {wrong}")):
+        model(src, tgt, **{mask: torch.zeros(wrong, dtype=dtype)})
+
+
+@spec(section="extra", kind="error")
+def test_layers_and_stacks_name_their_own_mask_and_memory_arguments() -> None:
+    """Each layer and stack names a misshapen mask by its own argument (an encoder stack's ``mask``, a layer's ``src_mask``, a decoder's ``memory_key_padding_mask``), and a decoder layer refuses a ``memory`` whose feature size is not d_model, naming ``memory``."""
+    src, tgt = randn(S_LEN, BATCH, E, seed=1), randn(T_LEN, BATCH, E, seed=2)
+    enc_layer = layers.TransformerEncoderLayer(E, H, FF)
+    dec_layer = layers.TransformerDecoderLayer(E, H, FF)
+    wrong = torch.zeros(S_LEN + 1, S_LEN + 1)
+    memory_pad = torch.zeros(BATCH, S_LEN + 2, dtype=torch.bool)
+    cases: list[tuple[Callable[[], object], str]] = [
+        (lambda: enc_layer(src, src_mask=wrong), f"src_mask must have shape {(S_LEN, S_LEN)}"),
+        (
+            lambda: layers.TransformerEncoder(enc_layer, 2)(src, mask=wrong),
+            f"mask must have shape {(S_LEN, S_LEN)}",
+        ),
+        (
+            lambda: dec_layer(tgt, src, memory_key_padding_mask=memory_pad),
+            f"memory_key_padding_mask must have shape {(BATCH, S_LEN)}",
+        ),
+        (
+            lambda: layers.TransformerDecoder(dec_layer, 2)(tgt, src, tgt_mask=wrong),
+            f"tgt_mask must have shape {(T_LEN, T_LEN)}",
+        ),
+        (lambda: dec_layer(tgt, src[..., :4]), f"memory must have {E} features (d_model)"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+
+
 @spec(section="extra", kind="error")
 def test_stack_and_model_arguments_of_the_wrong_type_raise_type_error_naming_them() -> None:
     """The stacks and ``Transformer`` check their own arguments' types: a layer or norm that is not an ``nn.Module``, a float depth or a non-bool fast-path switch raises TypeError naming it."""

@@ -22,11 +22,14 @@ from transformer._checks import check_int, check_module
 from transformer.feed_forward import Activation, get_activation, position_wise
 from transformer.kv_cache import DecoderCache, DecoderLayerCache, KVCache
 from transformer.layer_common import (
+    batch_of,
     check_hints,
     check_layer_args,
+    check_mask_shapes,
     check_tensors,
     clones,
     detect_is_causal,
+    heads_of,
     seq_len,
     stack_batch_first,
 )
@@ -126,6 +129,21 @@ class TransformerDecoderLayer(nn.Module):
             raise TypeError(
                 f"cache must be a DecoderLayerCache or None, got {type(cache).__name__}"
             )
+        if memory.dim() > 0 and memory.size(-1) != self.multihead_attn.kdim:
+            raise ValueError(
+                f"memory must have {self.multihead_attn.kdim} features (d_model) in its last "
+                f"dim, got shape {tuple(memory.shape)}"
+            )
+        _check_decoder_masks(
+            self,
+            tgt,
+            memory,
+            tgt_mask,
+            memory_mask,
+            tgt_key_padding_mask,
+            memory_key_padding_mask,
+            cached=cache is not None,
+        )
         self_cache = None if cache is None else cache.self_attn
         cross_cache = None if cache is None else cache.cross_attn
         x = tgt
@@ -202,6 +220,36 @@ class TransformerDecoderLayer(nn.Module):
         )
 
 
+def _check_decoder_masks(
+    layer: nn.Module,
+    tgt: Tensor,
+    memory: Tensor,
+    tgt_mask: object,
+    memory_mask: object,
+    tgt_key_padding_mask: object,
+    memory_key_padding_mask: object,
+    *,
+    cached: bool,
+) -> None:
+    """The decoder's four masks fit ``tgt`` ``(T, ...)`` and ``memory`` ``(S, ...)``.
+
+    With a cache the target masks also cover the cached positions, which the attention
+    module checks against its cache.
+    """
+    if tgt.dim() not in (2, 3) or memory.dim() not in (2, 3):
+        return  # the attention modules refuse the rank, naming the tensor
+    first = bool(getattr(getattr(layer, "self_attn", None), "batch_first", False))
+    T, S = seq_len(tgt, first), seq_len(memory, first)
+    attn: dict[str, tuple[object, int, int]] = {"memory_mask": (memory_mask, T, S)}
+    padding: dict[str, tuple[object, int]] = {
+        "memory_key_padding_mask": (memory_key_padding_mask, S)
+    }
+    if not cached:
+        attn["tgt_mask"] = (tgt_mask, T, T)
+        padding["tgt_key_padding_mask"] = (tgt_key_padding_mask, T)
+    check_mask_shapes(batch_of(tgt, first), heads_of(layer), attn, padding)
+
+
 class TransformerDecoder(nn.Module):
     """A stack of ``num_layers`` decoder layers (N = 6 in the paper), then an optional norm.
 
@@ -261,6 +309,16 @@ class TransformerDecoder(nn.Module):
                         "a cache needs transformer.TransformerDecoderLayer layers, got "
                         f"{type(layer).__name__}"
                     )
+        _check_decoder_masks(
+            self.layers[0],
+            tgt,
+            memory,
+            tgt_mask,
+            memory_mask,
+            tgt_key_padding_mask,
+            memory_key_padding_mask,
+            cached=cache is not None,
+        )
         batch_first = stack_batch_first(self.layers)
         tgt_is_causal = detect_is_causal(tgt_mask, tgt_is_causal, seq_len(tgt, batch_first))
         output = tgt

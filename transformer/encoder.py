@@ -20,11 +20,14 @@ from torch import Tensor, nn
 from transformer._checks import check_bool, check_int, check_module
 from transformer.feed_forward import Activation, get_activation, position_wise
 from transformer.layer_common import (
+    batch_of,
     check_hints,
     check_layer_args,
+    check_mask_shapes,
     check_tensors,
     clones,
     detect_is_causal,
+    heads_of,
     seq_len,
     stack_batch_first,
 )
@@ -112,6 +115,15 @@ class TransformerEncoderLayer(nn.Module):
         """Self-attention then FFN over ``src``; ``is_causal`` hints that ``src_mask`` is causal."""
         check_tensors(src=src)
         check_hints(is_causal=is_causal)
+        first = self.self_attn.batch_first
+        if src.dim() in (2, 3):  # another rank is the attention module's error, naming src
+            S = seq_len(src, first)
+            check_mask_shapes(
+                batch_of(src, first),
+                self.self_attn.num_heads,
+                {"src_mask": (src_mask, S, S)},
+                {"src_key_padding_mask": (src_key_padding_mask, S)},
+            )
         x = src
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
@@ -198,6 +210,14 @@ class TransformerEncoder(nn.Module):
         check_tensors(src=src)
         check_hints(is_causal=is_causal)
         batch_first = stack_batch_first(self.layers)
+        if src.dim() in (2, 3):  # another rank is the layers' error, naming src
+            S = seq_len(src, batch_first)
+            check_mask_shapes(
+                batch_of(src, batch_first),
+                heads_of(self.layers[0]),
+                {"mask": (mask, S, S)},
+                {"src_key_padding_mask": (src_key_padding_mask, S)},
+            )
         is_causal = detect_is_causal(mask, is_causal, seq_len(src, batch_first))
         output = src
         for layer in self.layers:

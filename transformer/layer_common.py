@@ -22,11 +22,14 @@ from transformer._checks import (
 from transformer.masks import square_subsequent_mask
 
 __all__ = [
+    "batch_of",
     "check_hints",
     "check_layer_args",
+    "check_mask_shapes",
     "check_tensors",
     "clones",
     "detect_is_causal",
+    "heads_of",
     "seq_len",
     "stack_batch_first",
 ]
@@ -72,6 +75,51 @@ def check_hints(**hints: object) -> None:
     for name, value in hints.items():
         if value is not None:
             check_bool(name, value)
+
+
+def check_mask_shapes(
+    batch: int | None,
+    nhead: int | None,
+    attn: dict[str, tuple[object, int, int]],
+    padding: dict[str, tuple[object, int]],
+) -> None:
+    """Each mask fits the call; the error names the mask as the caller's argument.
+
+    ``attn`` maps a name to ``(mask, L, S)``: the mask is ``(L, S)`` or, for a batch of
+    ``batch`` sequences, ``(batch * nhead, L, S)`` (``(nhead, L, S)`` unbatched, i.e.
+    ``batch=None``; any first dim when ``nhead`` is unknown, as with a custom layer).
+    ``padding`` maps a name to ``(mask, S)``: ``(batch, S)``, or ``(S,)`` unbatched.
+    Checked before any work (a stack's attention modules would otherwise refuse a
+    wrong mask only when reached, under their own argument names); values that are not
+    tensors are left to the attention module's type checks.
+    """
+    for name, (mask, L, S) in attn.items():
+        if not isinstance(mask, Tensor):
+            continue
+        shape = tuple(mask.shape)
+        heads = None if nhead is None else (batch or 1) * nhead
+        fits = shape == (L, S) or (
+            len(shape) == 3 and shape[1:] == (L, S) and heads in (None, shape[0])
+        )
+        if not fits:
+            lead = "N" if heads is None else heads
+            raise ValueError(f"{name} must have shape {(L, S)} or ({lead}, {L}, {S}), got {shape}")
+    for name, (mask, S) in padding.items():
+        if isinstance(mask, Tensor):
+            expected = (S,) if batch is None else (batch, S)
+            if tuple(mask.shape) != expected:
+                raise ValueError(f"{name} must have shape {expected}, got {tuple(mask.shape)}")
+
+
+def batch_of(x: Tensor, batch_first: bool) -> int | None:
+    """Batch size of a ``(T, B, E)`` or ``(B, T, E)`` input; ``None`` when unbatched ``(T, E)``."""
+    return None if x.dim() == 2 else x.size(0 if batch_first else 1)
+
+
+def heads_of(layer: nn.Module) -> int | None:
+    """``num_heads`` of a layer's self-attention; ``None`` for a layer without one (custom)."""
+    heads = getattr(getattr(layer, "self_attn", None), "num_heads", None)
+    return heads if isinstance(heads, int) else None
 
 
 def clones(layer: nn.Module, n: int) -> nn.ModuleList:

@@ -75,7 +75,15 @@ from transformer._checks import check_device, check_dtype, check_int, check_modu
 from transformer.decoder import TransformerDecoder, TransformerDecoderLayer
 from transformer.encoder import TransformerEncoder, TransformerEncoderLayer
 from transformer.feed_forward import Activation
-from transformer.layer_common import check_hints, check_layer_args, check_tensors
+from transformer.layer_common import (
+    batch_of,
+    check_hints,
+    check_layer_args,
+    check_mask_shapes,
+    check_tensors,
+    heads_of,
+    seq_len,
+)
 from transformer.masks import square_subsequent_mask
 
 __all__ = [
@@ -219,6 +227,24 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"the feature size of src and tgt must equal d_model={self.d_model}, got src "
                 f"{tuple(src.shape)} and tgt {tuple(tgt.shape)}"
+            )
+        # Every mask before any work: the encoder would run before a decoder mask is read.
+        if src.dim() in (2, 3):  # another rank is the encoder's error, naming src
+            S, T = seq_len(src, self.batch_first), seq_len(tgt, self.batch_first)
+            first = self.encoder.layers[0] if isinstance(self.encoder, TransformerEncoder) else None
+            check_mask_shapes(
+                batch_of(src, self.batch_first),
+                None if first is None else heads_of(first),
+                {
+                    "src_mask": (src_mask, S, S),
+                    "tgt_mask": (tgt_mask, T, T),
+                    "memory_mask": (memory_mask, T, S),
+                },
+                {
+                    "src_key_padding_mask": (src_key_padding_mask, S),
+                    "tgt_key_padding_mask": (tgt_key_padding_mask, T),
+                    "memory_key_padding_mask": (memory_key_padding_mask, S),
+                },
             )
         memory = self.encoder(
             src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal
