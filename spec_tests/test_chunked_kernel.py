@@ -90,8 +90,13 @@ def make_mask(kind: str | None, case: tuple) -> Tensor | None:
     return values.masked_fill(randn(*shape, seed=8) > 1.0, NEG_INF)
 
 
-def run_case(name: str, **blocks: int) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """Forward and gradients (q, k, v and a float mask) of ``CASES[name]`` in float64."""
+def run_case(
+    name: str, kernel: Callable[..., Tensor] | None = None, **blocks: int
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Forward and gradients (q, k, v and a float mask) of ``CASES[name]`` in float64.
+
+    ``kernel`` is the chunked kernel (with ``blocks``) unless another is given.
+    """
     case = CASES[name]
     q_shape, k_shape, v_shape, kind, causal, gqa = case
     q, k, v = (randn(*s, seed=i) for i, s in enumerate((q_shape, k_shape, v_shape)))
@@ -100,9 +105,11 @@ def run_case(name: str, **blocks: int) -> tuple[Tensor, tuple[Tensor, ...]]:
     if mask is not None and mask.is_floating_point():
         inputs.append(mask)
 
+    run = functools.partial(chunked.chunked_attention, **blocks) if kernel is None else kernel
+
     def fn(q: Tensor, k: Tensor, v: Tensor, *float_mask: Tensor) -> Tensor:
         m = float_mask[0] if float_mask else mask
-        return chunked.chunked_attention(q, k, v, m, is_causal=causal, enable_gqa=gqa, **blocks)
+        return run(q, k, v, m, is_causal=causal, enable_gqa=gqa)
 
     return forward_backward(fn, *inputs)
 
@@ -120,12 +127,11 @@ def test_results_do_not_depend_on_block_sizes(name: str, block_l: int, block_s: 
 
 
 @spec(section="3.2.1", kind="equivalence")
-def test_one_tile_result_is_equation_one() -> None:
-    """With a single tile the kernel is plain equation 1, so the block-size comparisons above compare against the right answer."""
-    q, k, v = randn(2, 3, 37, 12, seed=0), randn(2, 3, 53, 12, seed=1), randn(2, 3, 53, 7, seed=2)
-    ours = chunked.chunked_attention(q, k, v, block_l=4096, block_s=4096)
-    expected = torch.softmax(q @ k.transpose(-2, -1) / 12**0.5, dim=-1) @ v
-    assert_close(ours, expected)
+@pytest.mark.parametrize("name", list(CASES))
+def test_one_tile_result_is_equation_one(name: str) -> None:
+    """With a single tile the kernel's output and gradients (q, k, v, float mask) equal equation 1 written plainly (the reference kernel) in every case of the block-size test, masks, causal and GQA included, so that test compares against the right answer."""
+    one_tile = run_case(name, block_l=4096, block_s=4096)
+    assert_same(one_tile, run_case(name, kernel=reference_attention))
 
 
 def saved_shapes(fn: Callable[..., Tensor], *tensors: Tensor) -> list[tuple[int, ...]]:
