@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -92,7 +93,8 @@ def check(call: Callable[[], Any], expect: Expect, label: str = "") -> Any:
         with pytest.raises(GOOD_ERRORS) as info:
             call()
         msg = str(info.value)
-        assert any(n in msg for n in expect.names), (
+        # Whole words: the name "x" is not found in "expected", nor "src" in "srcs".
+        assert any(re.search(rf"(?<!\w){re.escape(n)}(?!\w)", msg) for n in expect.names), (
             f"{label}: {type(info.value).__name__}({msg!r}) names none of {expect.names}"
         )
         return None
