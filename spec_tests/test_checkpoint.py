@@ -178,7 +178,7 @@ def test_fresh_process_reload_generates_the_same_tokens(tmp_path: Path) -> None:
 def test_no_file_is_a_pickle_and_loading_unpickles_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every file of a checkpoint is JSON or safetensors, and loading it never calls ``pickle`` or ``torch.load``."""
+    """Every file of a checkpoint is JSON or safetensors, and loading it (model, optimizer and scheduler state) never calls ``pickle`` or ``torch.load``."""
     model = make_model(5)
     optimizer = make_optimizer(model)
     scheduler = make_scheduler(optimizer, 24, 3)
@@ -201,7 +201,11 @@ def test_no_file_is_a_pickle_and_loading_unpickles_nothing(
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    load_checkpoint(tmp_path / "ckpt", make_model(6), make_optimizer(make_model(6)), None)
+    fresh = make_model(6)
+    fresh_optimizer = make_optimizer(fresh)
+    load_checkpoint(
+        tmp_path / "ckpt", fresh, fresh_optimizer, make_scheduler(fresh_optimizer, 24, 3)
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -250,6 +254,10 @@ def test_missing_checkpoint_or_file_raises_checkpoint_error_naming_it(tmp_path: 
         ({"d_model": 30}, "d_model: checkpoint 24, model 30"),
         ({"num_decoder_layers": 3}, "num_decoder_layers: checkpoint 2, model 3"),
         ({"tie_output": False}, "tie_output: checkpoint True, model False"),
+        (
+            {"d_model": 30, "num_decoder_layers": 3},
+            "d_model: checkpoint 24, model 30.*num_decoder_layers: checkpoint 2, model 3",
+        ),
     ],
 )
 def test_loading_into_another_architecture_raises_naming_the_field(
@@ -364,18 +372,28 @@ def test_saving_again_replaces_the_checkpoint_completely(tmp_path: Path) -> None
 def test_every_tensor_comes_back_with_its_name_shape_and_dtype(
     tmp_path: Path, dtype: torch.dtype
 ) -> None:
-    """Every state_dict entry and every optimizer state tensor is restored under its own name with its saved shape and dtype (nothing reshaped, cast or dropped)."""
+    """Every state_dict entry is stored under its own name with its shape, dtype and value (read back from the safetensors file itself), and every state_dict entry and optimizer state tensor is restored by loading with its saved shape, dtype and value (nothing reshaped, cast or dropped)."""
     model = make_model(3).to(dtype)
     optimizer = make_optimizer(model)
     train_steps(model, optimizer, make_scheduler(optimizer, 24, 5), range(1))
     save_checkpoint(tmp_path / "ckpt", model, optimizer=optimizer)
+    saved = model.state_dict()
+    # On disk: every entry under its name, shape, dtype and value (read by safetensors
+    # itself, so a cast on the way in or out cannot hide behind load_state_dict's copy).
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), framework="pt") as f:
+        stored = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    for name, tensor in saved.items():
+        if name in stored:
+            on_disk = stored[name]
+            assert (on_disk.shape, on_disk.dtype) == (tensor.shape, tensor.dtype), name
+            assert torch.equal(on_disk, tensor), name
     fresh = make_model(4).to(dtype)
     fresh_optimizer = make_optimizer(fresh)
     loaded, _ = load_checkpoint(tmp_path / "ckpt", fresh, optimizer=fresh_optimizer)
-    saved = model.state_dict()
     assert list(loaded.state_dict()) == list(saved)
     for name, tensor in loaded.state_dict().items():
         assert (tensor.shape, tensor.dtype) == (saved[name].shape, saved[name].dtype), name
+        assert torch.equal(tensor, saved[name]), name
     before, after = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
     assert sorted(before) == sorted(after)
     for index, entries in before.items():
@@ -420,16 +438,26 @@ def test_unreadable_weights_behind_a_valid_hash_raise_checkpoint_error_naming_th
 @spec(kind="error")
 @pytest.mark.parametrize("name", ["../outside.json", "/etc/hostname", "sub/file.json", ".."])
 def test_manifest_naming_a_file_outside_the_checkpoint_is_refused(
-    tmp_path: Path, name: str
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A manifest that lists a path outside the checkpoint directory raises CheckpointError quoting that entry; nothing outside the directory is read."""
+    """A manifest that lists a path outside the checkpoint directory raises CheckpointError quoting that entry; no file outside the directory is hashed (read) on the way."""
     save_checkpoint(tmp_path / "ckpt", make_model())
     (tmp_path / "outside.json").write_text("{}")
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     manifest["files"][name] = {"sha256": "0" * 64, "size": 2}
     (tmp_path / "ckpt" / "manifest.json").write_text(json.dumps(manifest))
+    hashed: list[Path] = []
+    real_sha256 = checkpoint_module._sha256
+
+    def spy(path: Path) -> str:
+        hashed.append(Path(path))
+        return real_sha256(path)
+
+    monkeypatch.setattr(checkpoint_module, "_sha256", spy)
     with pytest.raises(CheckpointError, match="not a file of the checkpoint"):
         load_checkpoint(tmp_path / "ckpt")
+    inside = (tmp_path / "ckpt").resolve()
+    assert all(inside in p.resolve().parents for p in hashed), hashed
 
 
 @spec(kind="error")
