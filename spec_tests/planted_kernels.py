@@ -67,7 +67,9 @@ def plain(
             causal_diagonal
         )
     if isinstance(attn_mask, CausalBias):
-        allowed = allowed & _allowed(attn_mask, L, S, query.device, bottom_right=bias_bottom_right)
+        # As kernels often do, the bias becomes a bool mask and takes the bool path.
+        bias = _allowed(attn_mask, L, S, query.device, bottom_right=bias_bottom_right)
+        allowed = allowed & (~bias if invert_bool else bias)
     elif attn_mask is not None and attn_mask.dtype == torch.bool:
         allowed = allowed & (~attn_mask if invert_bool else attn_mask)
     elif attn_mask is not None and not ignore_float:
@@ -151,7 +153,7 @@ def gqa_heads_tiled(*args: Any, **kwargs: Any) -> Tensor:
 
 
 def mask_polarity_inverted(*args: Any, **kwargs: Any) -> Tensor:
-    """Bug: a bool mask is read as True = masked out (torch MHA's convention, not SDPA's)."""
+    """Bug: a bool mask is read as True = masked out (torch MHA's convention, not SDPA's); a bias object, turned into a bool mask first, is inverted too."""
     return plain(*args, invert_bool=True, **kwargs)
 
 
@@ -217,6 +219,16 @@ def nondeterministic(
     return plain(query, key[..., order, :], value[..., order, :], *args, **kwargs)
 
 
+def writes_into_its_query(
+    query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any
+) -> Tensor:
+    """Bug: folds the scale into the caller's query in place (the output itself is right)."""
+    scale = kwargs.pop("scale", None)
+    with torch.no_grad():  # also lets the in-place write through on a leaf that needs grad
+        query.mul_(1 / math.sqrt(query.size(-1)) if scale is None else scale)
+    return plain(query, key, value, *args, scale=1.0, **kwargs)
+
+
 #: planted kernel -> the property that must catch it.
 CAUGHT_BY: dict[str, str] = {
     "forgets_scale": "default-scale",
@@ -233,4 +245,5 @@ CAUGHT_BY: dict[str, str] = {
     "low_precision_accumulation": "decode",  # S = 300 in the quick tier; "forward" at S = 1031
     "wrong_key_gradient": "gradients",
     "nondeterministic": "deterministic",
+    "writes_into_its_query": "accepts-plain-call",
 }

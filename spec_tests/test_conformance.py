@@ -21,6 +21,7 @@ import planted_kernels
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from transformer.cli import main
 from transformer.conformance import PROPERTIES, Settings, run
@@ -63,6 +64,9 @@ def test_every_planted_bug_is_caught_by_its_property(name: str, caught_by: str) 
         ("ignores_is_causal", "causal-top-left"),
         ("top_left_for_bottom_right", "causal-bias-objects"),
         ("materialises_scores", "no-score-matrix"),
+        # Ranked before the bias objects, which kernels usually turn into a bool mask.
+        ("mask_polarity_inverted", "bool-mask"),
+        ("writes_into_its_query", "accepts-plain-call"),
     ],
 )
 def test_report_names_the_broken_property_first(name: str, root: str, tmp_path: Path) -> None:
@@ -82,6 +86,29 @@ def test_report_names_the_broken_property_first(name: str, root: str, tmp_path: 
     data = json.loads((tmp_path / "conformance.json").read_text())
     assert data["root_cause"] == root
     assert f"Start here: **{root}**" in (tmp_path / "conformance.md").read_text()
+
+
+@spec(section="extra", kind="error")
+def test_a_kernel_writing_into_its_inputs_fails_naming_the_input() -> None:
+    """A kernel that writes into its query in place (here folding the scale into it, with an output that is right) FAILs every case it runs with a message naming the input it changed, instead of having its mutated input feed the reference (which then judged its right output wrong, or blamed the scale)."""
+    report = run(planted_kernels.writes_into_its_query, QUICK, properties=["forward"])
+    (result,) = report.properties
+    assert result.status == "FAIL" and result.count("FAIL") == len(result.results)
+    detail = result.first("FAIL").detail  # type: ignore[union-attr]
+    assert "the kernel wrote into its input query (in place)" in detail, detail
+
+
+@spec(section="extra", kind="property")
+def test_two_calls_that_give_the_same_nan_are_deterministic() -> None:
+    """Determinism compares NaN-aware: a kernel whose output is NaN at the same elements on every call is deterministic (torch.equal would call NaN != NaN a difference)."""
+
+    def nan_in_first_row(query: Tensor, key: Tensor, value: Tensor, **kw: object) -> Tensor:
+        out = F.scaled_dot_product_attention(query, key, value, **kw)  # type: ignore[arg-type]
+        return torch.cat([torch.full_like(out[..., :1, :], float("nan")), out[..., 1:, :]], -2)
+
+    report = run(nan_in_first_row, QUICK, properties=["deterministic"])
+    (result,) = report.properties
+    assert result.status == "PASS", [r.detail for r in result.results]
 
 
 @spec(section="extra", kind="shape")

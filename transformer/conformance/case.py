@@ -277,17 +277,49 @@ def build_inputs(case: Case, device: str) -> Inputs:
 
 
 def call_kernel(
-    kernel: Kernel, case: Case, inputs: Inputs, *, any_error_unsupported: bool = False
+    kernel: Kernel,
+    case: Case,
+    inputs: Inputs,
+    *,
+    any_error_unsupported: bool = False,
+    check_inputs: bool = True,
 ) -> Tensor:
-    """``kernel(query, key, value, **only the arguments the case sets)``, sorted by :func:`invoke`."""
+    """``kernel(query, key, value, **only the arguments the case sets)``, sorted by :func:`invoke`.
+
+    With ``check_inputs`` the tensors passed are copied first and compared after the
+    call: a kernel that writes into its inputs fails here, naming the input, before its
+    mutated inputs could feed the reference (which would then judge a right output
+    wrong, or a wrong one right). The memory properties, which compare with no
+    reference, skip the copies so that they do not count them.
+    """
     kwargs = kernel_kwargs(case, inputs)
+    passed = {"query": inputs.query, "key": inputs.key, "value": inputs.value}
+    if isinstance(inputs.attn_mask, Tensor):
+        passed["attn_mask"] = inputs.attn_mask
+    before = {name: t.detach().clone() for name, t in passed.items()} if check_inputs else {}
     out = invoke(
         lambda: kernel(inputs.query, inputs.key, inputs.value, **kwargs),
         any_error_unsupported=any_error_unsupported,
     )
+    for name, copy in before.items():
+        if not _same_values(passed[name].detach(), copy):
+            raise Failure(
+                f"the kernel wrote into its input {name} (in place): torch's SDPA leaves "
+                f"its arguments as they were, and callers rely on it; work on a copy"
+                f"\n    case: {case.describe()}"
+            )
     if not isinstance(out, Tensor):
         raise Failure(f"the kernel returned {type(out).__name__}, not a Tensor")
     return out
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Equal shape and elements, a NaN equal to a NaN (inputs may hold NaN on purpose)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
 
 
 def kernel_kwargs(case: Case, inputs: Inputs) -> dict[str, Any]:

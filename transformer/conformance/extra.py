@@ -181,7 +181,7 @@ def no_score_matrix(kernel: Kernel, case: Case, device: str) -> str | None:
 
     def forward_backward() -> None:
         with track_allocations(log, "forward"):
-            out = call_kernel(kernel, case, inputs)
+            out = call_kernel(kernel, case, inputs, check_inputs=False)
         if out.requires_grad:
             upstream = upstream_for(out, case.seed)
             with track_allocations(log, "backward"):
@@ -238,7 +238,7 @@ def _peak_extra(kernel: Kernel, case: Case, device: str) -> int:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out = call_kernel(kernel, case, inputs)
+    out = call_kernel(kernel, case, inputs, check_inputs=False)
     kernel_gradients(out, inputs, upstream_for(out, case.seed))
     torch.cuda.synchronize()
     return int(torch.cuda.max_memory_allocated() - base)
