@@ -88,6 +88,32 @@ def test_report_names_the_broken_property_first(name: str, root: str, tmp_path: 
     assert f"Start here: **{root}**" in (tmp_path / "conformance.md").read_text()
 
 
+@spec(section="extra", kind="shape")
+def test_the_console_gives_the_start_here_failure_in_full_with_its_case(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without ``--report`` the command still prints the first failure's whole message under "start here", the case (shapes, dtype, flags) included, not only its first line cut short."""
+    argv = ["conform", "planted_kernels:ignores_is_causal", "--tier", "quick", "--quiet"]
+    argv += ["--dtypes", "fp32", "--properties", "causal-top-left"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    after = out.split("start here: causal-top-left", 1)[1]
+    assert "case: query (2, 2, 17, 32)" in after and "is_causal=True" in after, out
+
+
+@spec(section="extra", kind="error")
+def test_strict_says_why_it_fails_when_core_and_memory_pass(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Under ``--strict`` a run whose core and memory pass but whose other properties are UNSUPPORTED exits 1 and says that --strict is why, after the summary that no core or memory property fails."""
+    target = f"{__name__}:_refuses_masks"
+    argv = ["conform", target, "--dtypes", "fp32", "--properties", "forward", "bool-mask"]
+    assert main([*argv, "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "no core or memory property fails" in out
+    assert "exit status 1 under --strict" in out
+
+
 @spec(section="extra", kind="error")
 def test_a_kernel_writing_into_its_inputs_fails_naming_the_input() -> None:
     """A kernel that writes into its query in place (here folding the scale into it, with an output that is right) FAILs every case it runs with a message naming the input it changed, instead of having its mutated input feed the reference (which then judged its right output wrong, or blamed the scale)."""

@@ -144,10 +144,20 @@ def cmd_conform(args: argparse.Namespace) -> int:
     failures = report.failures()
     if failures:
         print(f"start here: {failures[0].prop.name}: {failures[0].prop.statement}")
+        first = failures[0].first(FAIL)
+        if first is not None:
+            # The whole message, case included: without --report it is nowhere else.
+            print("\n".join(f"    {line.strip()}" for line in first.detail.splitlines()))
+    code = report.exit_code(strict=args.strict)
+    if code and args.strict and not report.exit_code():
+        print(
+            "exit status 1 under --strict: a property outside core and memory FAILs or is "
+            "UNSUPPORTED (see the lines above)"
+        )
     if out is not None:
         md, js = write_report(report, out)
         print(f"wrote {md} and {js}")
-    return report.exit_code(strict=args.strict)
+    return code
 
 
 def add_conform_parser(subparsers: Any) -> None:
