@@ -219,6 +219,18 @@ def nondeterministic(
     return plain(query, key[..., order, :], value[..., order, :], *args, **kwargs)
 
 
+def softmax_over_queries(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Any = None, **kwargs: Any
+) -> Tensor:
+    """Bug: normalises each key's column over the queries (softmax over dim -2), not each row."""
+    if attn_mask is not None or kwargs.get("is_causal") or kwargs.get("enable_gqa"):
+        return plain(query, key, value, attn_mask, **kwargs)
+    scale = kwargs.get("scale")
+    factor = 1 / math.sqrt(query.size(-1)) if scale is None else scale
+    scores = (query @ key.transpose(-2, -1)) * factor  # (..., L, S)
+    return torch.softmax(scores, dim=-2) @ value
+
+
 def writes_into_its_query(
     query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any
 ) -> Tensor:
@@ -246,4 +258,5 @@ CAUGHT_BY: dict[str, str] = {
     "wrong_key_gradient": "gradients",
     "nondeterministic": "deterministic",
     "writes_into_its_query": "accepts-plain-call",
+    "softmax_over_queries": "forward",
 }

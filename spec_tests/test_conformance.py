@@ -67,6 +67,8 @@ def test_every_planted_bug_is_caught_by_its_property(name: str, caught_by: str) 
         # Ranked before the bias objects, which kernels usually turn into a bool mask.
         ("mask_polarity_inverted", "bool-mask"),
         ("writes_into_its_query", "accepts-plain-call"),
+        # default-scale fails too, but the output is as wrong with the scale given.
+        ("softmax_over_queries", "forward"),
     ],
 )
 def test_report_names_the_broken_property_first(name: str, root: str, tmp_path: Path) -> None:

@@ -56,6 +56,14 @@ class Failure(AssertionError):
     """The kernel broke the property on this case; the message says where and by how much."""
 
 
+class FollowsFromAnother(Failure):
+    """A failure that another property explains better: the report does not start here.
+
+    Raised, e.g., by ``default-scale`` when the output is wrong with the scale given
+    explicitly too, so that the scale is not the cause and ``forward`` should lead.
+    """
+
+
 class Unsupported(Exception):
     """The kernel refused a feature of this case (it raised NotImplementedError, TypeError or ValueError)."""
 

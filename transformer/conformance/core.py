@@ -23,6 +23,7 @@ import torch
 from transformer.conformance.case import (
     Case,
     Failure,
+    FollowsFromAnother,
     Kernel,
     Settings,
     Unsupported,
@@ -150,6 +151,14 @@ def default_scale(kernel: Kernel, case: Case, device: str) -> str | None:
                 raise Failure(
                     f"the output equals attention with {words} instead of 1/sqrt(E): {failure}"
                 ) from None
+        # No scale mistake explains it: is the output wrong with the scale given, too?
+        try:
+            check_equivalence(kernel, case.replace(scale=1.0 / math.sqrt(E)), device)
+        except Failure:
+            raise FollowsFromAnother(
+                "the output is as wrong with scale=1/sqrt(E) given explicitly, so the "
+                f"default scale is not the cause (see forward): {failure}"
+            ) from None
         raise
 
 

@@ -25,6 +25,7 @@ from transformer.conformance.case import (
     BackwardUnsupported,
     Case,
     Failure,
+    FollowsFromAnother,
     Kernel,
     Settings,
     Unsupported,
@@ -48,6 +49,8 @@ class CaseResult:
     status: str
     detail: str
     seconds: float
+    #: A failure another property explains better (:class:`FollowsFromAnother`).
+    follows: bool = False
 
 
 @dataclass
@@ -74,6 +77,12 @@ class PropertyResult:
     def first(self, status: str) -> CaseResult | None:
         return next((r for r in self.results if r.status == status), None)
 
+    @property
+    def follows(self) -> bool:
+        """Does every failing case say that another property explains it better?"""
+        failing = [r for r in self.results if r.status == FAIL]
+        return bool(failing) and all(r.follows for r in failing)
+
 
 @dataclass
 class Report:
@@ -93,7 +102,8 @@ class Report:
 
         SILENT (errors section) is not a failure of semantics and is listed apart.
         """
-        return sorted((p for p in self.properties if p.status == FAIL), key=lambda p: p.prop.rank)
+        failing = (p for p in self.properties if p.status == FAIL)
+        return sorted(failing, key=lambda p: (p.follows, p.prop.rank))
 
     def silent(self) -> list[PropertyResult]:
         """Errors-section properties where the kernel answered bad input."""
@@ -112,11 +122,13 @@ class Report:
 def run_case(prop: Property, kernel: Kernel, case: Case, device: str) -> CaseResult:
     """Check one case; never raises for what the kernel does (it is recorded instead)."""
     start = time.perf_counter()
+    follows = False
     try:
         note = prop.check(kernel, case, device)
         status, detail = PASS, note or ""
     except Failure as failure:
         status, detail = FAIL, str(failure)
+        follows = isinstance(failure, FollowsFromAnother)
     except BackwardUnsupported as refusal:
         status, detail = FORWARD_ONLY, str(refusal)
     except Unsupported as refusal:
@@ -125,7 +137,7 @@ def run_case(prop: Property, kernel: Kernel, case: Case, device: str) -> CaseRes
         # A failed case may leave a CUDA error or a pending allocation behind.
         if device == "cuda":
             torch.cuda.synchronize()
-    return CaseResult(case, status, detail, time.perf_counter() - start)
+    return CaseResult(case, status, detail, time.perf_counter() - start, follows)
 
 
 def selected(names: Iterable[str] | None = None) -> list[Property]:
