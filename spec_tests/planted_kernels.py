@@ -48,6 +48,7 @@ def plain(
     safe_empty_rows: bool = True,
     scale_kept: bool = True,
     default_scale: bool = True,
+    shared_keep: bool = False,
 ) -> Tensor:
     """Equation 1 with an explicit ``(..., L, S)`` score matrix; the keywords plant the bugs."""
     L, S, E = query.size(-2), key.size(-2), query.size(-1)
@@ -81,7 +82,8 @@ def plain(
     else:
         weights = torch.softmax(scores, dim=-1)
     if dropout_p:
-        keep = torch.rand_like(weights) >= dropout_p
+        shape = weights.shape[-2:] if shared_keep else weights.shape
+        keep = torch.rand(shape, device=weights.device) >= dropout_p
         weights = weights * keep / ((1 - dropout_p) if scale_kept else 1.0)
     return weights @ value  # (..., L, Ev)
 
@@ -219,6 +221,19 @@ def nondeterministic(
     return plain(query, key[..., order, :], value[..., order, :], *args, **kwargs)
 
 
+def dropout_mask_shared_by_heads(*args: Any, **kwargs: Any) -> Tensor:
+    """Bug: one keep-mask of (L, S) is drawn and reused for every batch and head."""
+    return plain(*args, shared_keep=True, **kwargs)
+
+
+def dropout_on_the_output(
+    query: Tensor, key: Tensor, value: Tensor, *args: Any, dropout_p: float = 0.0, **kwargs: Any
+) -> Tensor:
+    """Bug: dropout is applied to the output instead of the attention weights."""
+    out = plain(query, key, value, *args, **kwargs)
+    return torch.nn.functional.dropout(out, dropout_p) if dropout_p > 0.0 else out
+
+
 def softmax_over_queries(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Any = None, **kwargs: Any
 ) -> Tensor:
@@ -259,4 +274,6 @@ CAUGHT_BY: dict[str, str] = {
     "nondeterministic": "deterministic",
     "writes_into_its_query": "accepts-plain-call",
     "softmax_over_queries": "forward",
+    "dropout_mask_shared_by_heads": "dropout-rate",
+    "dropout_on_the_output": "dropout-rate",
 }

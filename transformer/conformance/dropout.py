@@ -5,7 +5,9 @@ than 0.0, dropout is applied"), so it is observed through a probe: with all scor
 (query and key zero) every weight is ``1/S``, and with value the identity ``(S, S)``
 each output element *is* one weight: ``0`` where it was dropped, ``1 / (S (1 - p))``
 where kept. The drop count is binomial, so the observed rate must lie within five
-standard deviations of ``p``.
+standard deviations of ``p``; the drop pattern may not repeat over every (batch, head)
+slice or every query row; and with value rows of ones each output row must be one
+value (its kept share), which dropout on the output instead of the weights is not.
 
 Notation: L query length, S key length.
 """
@@ -76,6 +78,32 @@ def dropout_rate(kernel: Kernel, case: Case, device: str) -> str | None:
             f"kept weights are not scaled by 1/(1-p): a kept weight is "
             f"{kept[(kept - want).abs().argmax()].item():.6g}, expected 1/(S(1-p)) = {want:.6g}"
             f"\n    case: {case.describe()}"
+        )
+    # Drawn per weight: a keep-mask shared by every (batch, head) slice, or by every
+    # query row, has the right rate yet is not dropout of each weight (two independent
+    # rows of 64 keys coincide with probability below 1e-5).
+    masks = (weights != 0).reshape(-1, case.L, S)  # (B*H, L, S)
+    if masks.size(0) > 1 and bool((masks == masks[:1]).all()):
+        raise Failure(
+            f"every (batch, head) slice drops the same weights: the keep-mask must be drawn "
+            f"for each weight\n    case: {case.describe()}"
+        )
+    if case.L > 1 and bool((masks == masks[:, :1]).all()):
+        raise Failure(
+            f"every query row drops the same keys: the keep-mask must be drawn for each "
+            f"weight\n    case: {case.describe()}"
+        )
+    # With every value row equal to ones, weight dropout gives each output row one value,
+    # (kept keys) / (S (1 - p)), across its features; dropout on the output instead
+    # gives 0 or 1/(1-p) feature by feature.
+    ones = torch.ones(case.v, dtype=case.dtype, device=device)
+    rows = invoke(lambda: kernel(zeros, keys, ones, dropout_p=p)).detach().double().cpu()
+    spread_in_row = (rows.amax(dim=-1) - rows.amin(dim=-1)).max().item()
+    if spread_in_row > 4 * torch.finfo(case.dtype).eps * rows.abs().max().item():
+        raise Failure(
+            f"with value rows all ones an output row takes {spread_in_row:.3g} apart values "
+            f"across its features: dropout acted on the output, not on the attention "
+            f"weights\n    case: {case.describe()}"
         )
     return f"observed drop rate {rate:.4f} for p={p}"
 
