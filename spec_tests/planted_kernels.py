@@ -221,6 +221,18 @@ def nondeterministic(
     return plain(query, key[..., order, :], value[..., order, :], *args, **kwargs)
 
 
+def softmax_without_max(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Any = None, **kwargs: Any
+) -> Tensor:
+    """Bug: ``exp(scores) / sum(exp(scores))`` with no row max subtracted: large scores overflow."""
+    if attn_mask is not None or kwargs.get("is_causal") or kwargs.get("enable_gqa"):
+        return plain(query, key, value, attn_mask, **kwargs)
+    scale = kwargs.get("scale")
+    factor = 1 / math.sqrt(query.size(-1)) if scale is None else scale
+    weights = ((query @ key.transpose(-2, -1)) * factor).exp()  # (..., L, S)
+    return (weights / weights.sum(dim=-1, keepdim=True)) @ value
+
+
 def dropout_mask_shared_by_heads(*args: Any, **kwargs: Any) -> Tensor:
     """Bug: one keep-mask of (L, S) is drawn and reused for every batch and head."""
     return plain(*args, shared_keep=True, **kwargs)
@@ -276,4 +288,5 @@ CAUGHT_BY: dict[str, str] = {
     "softmax_over_queries": "forward",
     "dropout_mask_shared_by_heads": "dropout-rate",
     "dropout_on_the_output": "dropout-rate",
+    "softmax_without_max": "explicit-scale",
 }
