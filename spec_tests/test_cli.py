@@ -1009,7 +1009,7 @@ def kept_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_average_of_the_kept_checkpoints_is_their_mean_and_generates(
     kept_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`train --keep-last 3` keeps the last three saves; `average` of them writes a checkpoint holding the float64 mean of their weights (paper §6.1 averaging) that `generate` decodes with."""
+    """`train --keep-last 3` keeps the last three saves; `average` of them writes a checkpoint holding the float64 mean of their weights (paper §6.1 averaging) and the run's seed, that `generate` decodes with and `evaluate` scores as "averaged (3 checkpoints)"."""
     kept = sorted((kept_run / "checkpoints").iterdir())
     assert [p.name for p in kept] == ["step-00000006", "step-00000009", "step-00000012"]
     out = tmp_path / "averaged"
@@ -1023,6 +1023,10 @@ def test_average_of_the_kept_checkpoints_is_their_mean_and_generates(
     assert meta["averaged_from"] == [str(p) for p in kept]
     assert main(["generate", "--checkpoint", str(out), "abc", "ab"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2  # one output line per input
+    # evaluate says what it scores, against the run's own initial model as the baseline.
+    assert meta["init_seed"] == load_checkpoint(kept[-1])[1]["training"]["config"]["seed"]
+    assert main(["evaluate", "--checkpoint", str(out), "--limit", "3"]) == 0
+    assert "averaged (3 checkpoints)" in capsys.readouterr().out
 
 
 @spec(kind="error")

@@ -36,7 +36,8 @@ def average_checkpoints(
     ``len(paths)`` and cast back, so averaging copies of one checkpoint returns it bit
     for bit; other buffers (integer ones) are taken from the first checkpoint. The meta
     of the last checkpoint (the newest, as ``train --keep-last`` lists them) is kept
-    without its training state, which no longer describes the averaged weights, and
+    without its training state, which no longer describes the averaged weights (but with
+    the run's seed as ``init_seed``, which rebuilds its initial model), and
     ``averaged_from`` lists the inputs. Returns the averaged model (eval mode).
 
     Raises:
@@ -77,6 +78,9 @@ def average_checkpoints(
             state[name].copy_((total / len(paths)).to(state[name].dtype))
     kept = {key: value for key, value in meta.items() if key != "training"}
     kept["averaged_from"] = [str(p) for p in paths]
+    seed = meta.get("training", {}).get("config", {}).get("seed")
+    if seed is not None:
+        kept["init_seed"] = seed  # the run's initialisation: evaluate's untrained baseline
     save_checkpoint(target, model, **kept)
     return model
 

@@ -154,14 +154,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         pairs = pairs[: args.limit]
         where = f"the first {args.limit} of {where}"
     max_len = max_len_of(args, meta, model.config.max_len)
-    seed = int(meta.get("training", {}).get("config", {}).get("seed", 0))
+    # The baseline is the run's model before its first step: built from the run's seed
+    # (an averaged checkpoint keeps it as init_seed).
+    seed = int(meta.get("training", {}).get("config", {}).get("seed", meta.get("init_seed", 0)))
     baseline = build_model(model.config, seed)
     trained = evaluate(model, tokenizer, pairs, max_len=max_len, beam_size=args.beam_size)
     untrained = evaluate(baseline, tokenizer, pairs, max_len=max_len, beam_size=args.beam_size)
-    step = meta.get("training", {}).get("step", "?")
+    if "averaged_from" in meta:
+        label = f"averaged ({len(meta['averaged_from'])} checkpoints)"
+    else:
+        label = f"trained (step {meta.get('training', {}).get('step', '?')})"
     print(f"evaluated on {where}, beam size {args.beam_size}")
     print(f"{'model':<28}{'exact match':>12}{'BLEU':>8}")
-    print(f"{f'trained (step {step})':<28}{trained.exact_match:>12.3f}{trained.bleu:>8.2f}")
+    print(f"{label:<28}{trained.exact_match:>12.3f}{trained.bleu:>8.2f}")
     print(f"{'untrained baseline':<28}{untrained.exact_match:>12.3f}{untrained.bleu:>8.2f}")
     # BLEU on one- and two-word answers says little; exact match by length says more.
     print_by_length(trained, untrained)
