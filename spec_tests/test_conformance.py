@@ -116,6 +116,28 @@ def test_strict_says_why_it_fails_when_core_and_memory_pass(
     assert "exit status 1 under --strict" in out
 
 
+def _hangs_on_long_keys(query: Tensor, key: Tensor, value: Tensor, **kw: object) -> Tensor:
+    if key.size(-2) > 40:
+        raise KeyboardInterrupt  # what Ctrl-C raises in a call that never returns
+    return F.scaled_dot_product_attention(query, key, value, **kw)  # type: ignore[arg-type]
+
+
+@spec(section="extra", kind="error")
+def test_an_interrupted_run_names_the_case_that_was_running_and_reports_what_finished(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C during a case (a kernel that hangs on long inputs) ends the run with exit status 130, naming the property and case that were running, and still writes the report of the properties finished before, marked as interrupted."""
+    argv = ["conform", f"{__name__}:_hangs_on_long_keys", "--dtypes", "fp32", "--quiet"]
+    argv += ["--properties", "output-shape", "explicit-scale", "--report", str(tmp_path)]
+    assert main(argv) == 130
+    out = capsys.readouterr().out
+    assert "interrupted while running explicit-scale on case query (2, 2, 33, 24)" in out, out
+    data = json.loads((tmp_path / "conformance.json").read_text())
+    assert data["interrupted"].startswith("explicit-scale on case")
+    assert [p["name"] for p in data["properties"]] == ["output-shape"]
+    assert "**Interrupted**" in (tmp_path / "conformance.md").read_text()
+
+
 @spec(section="extra", kind="error")
 def test_a_kernel_writing_into_its_inputs_fails_naming_the_input() -> None:
     """A kernel that writes into its query in place (here folding the scale into it, with an output that is right) FAILs every case it runs with a message naming the input it changed, instead of having its mutated input feed the reference (which then judged its right output wrong, or blamed the scale)."""

@@ -140,6 +140,11 @@ def cmd_conform(args: argparse.Namespace) -> int:
         properties=args.properties,
         progress=None if args.quiet else _progress,
     )
+    if report.interrupted is not None:
+        print(
+            f"interrupted while running {report.interrupted}; the summary and any report "
+            "cover only what finished before"
+        )
     print(f"{summary(report)} ({report.seconds:.1f} s)")
     failures = report.failures()
     if failures:
@@ -157,7 +162,7 @@ def cmd_conform(args: argparse.Namespace) -> int:
     if out is not None:
         md, js = write_report(report, out)
         print(f"wrote {md} and {js}")
-    return code
+    return 130 if report.interrupted is not None else code
 
 
 def add_conform_parser(subparsers: Any) -> None:

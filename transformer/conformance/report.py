@@ -94,6 +94,12 @@ def render_markdown(report: Report) -> str:
         f"**{summary(report)}.**",
         "",
     ]
+    if report.interrupted is not None:
+        lines += [
+            f"**Interrupted** while running {report.interrupted}: only what finished before "
+            "is reported.",
+            "",
+        ]
     failures = report.failures()
     if failures:
         first = failures[0]
@@ -177,6 +183,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "seconds": round(report.seconds, 2),
         "summary": summary(report),
         "root_cause": report.failures()[0].prop.name if report.failures() else None,
+        "interrupted": report.interrupted,
         "memory_limits": LIMITS,
         "properties": props,
         "status_values": [

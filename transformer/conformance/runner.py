@@ -93,6 +93,8 @@ class Report:
     properties: list[PropertyResult]
     seconds: float
     torch_version: str = torch.__version__
+    #: Set when the run was interrupted (Ctrl-C): the property and case that were running.
+    interrupted: str | None = None
 
     def in_section(self, section: str) -> list[PropertyResult]:
         return [p for p in self.properties if p.prop.section == section]
@@ -155,17 +157,31 @@ def run(
     properties: Iterable[str] | None = None,
     progress: Callable[[PropertyResult], None] | None = None,
 ) -> Report:
-    """Run every selected property's cases against ``kernel``; ``progress`` sees each property's result."""
+    """Run every selected property's cases against ``kernel``; ``progress`` sees each property's result.
+
+    A ``KeyboardInterrupt`` (Ctrl-C, e.g. on a kernel that hangs) ends the run early:
+    the report holds the properties finished before it (and the finished cases of the
+    one that was running), and ``interrupted`` names the property and case that were
+    running.
+    """
     start = time.perf_counter()
     results = []
+    interrupted = None
     for prop in selected(properties):
         result = PropertyResult(prop)
-        for case in prop.cases(settings):
-            result.results.append(run_case(prop, kernel, case, settings.device))
+        try:
+            for case in prop.cases(settings):
+                running = f"{prop.name} on case {case.describe()}"
+                result.results.append(run_case(prop, kernel, case, settings.device))
+        except KeyboardInterrupt:
+            interrupted = running
+            if result.results:
+                results.append(result)
+            break
         results.append(result)
         if progress is not None:
             progress(result)
-    return Report(target, settings, results, time.perf_counter() - start)
+    return Report(target, settings, results, time.perf_counter() - start, interrupted=interrupted)
 
 
 def load_kernel(spec: str) -> Kernel:
