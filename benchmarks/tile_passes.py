@@ -2,7 +2,7 @@
 
 Standalone script (measures and reports; it never asserts time)::
 
-    OMP_NUM_THREADS=1 python benchmarks/tile_passes.py [--rows 512] [--keys 2048]
+    OMP_NUM_THREADS=1 python benchmarks/tile_passes.py [--rows 512] [--keys 2048] [--force]
 
 The chunked kernel spends, between its gemms, a few passes over each ``(rows, keys)``
 tile of scores. This times each candidate pass on one fp32 tile with
@@ -85,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", type=int, default=2048, help="key columns of the tile")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per pass")
     parser.add_argument("--out", type=Path, default=RESULTS / "cpu-tile-passes.json")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     if args.rows < 1 or args.keys < 1:
         parser.error(f"--rows and --keys must be >= 1, got {args.rows} and {args.keys}")
+    if args.out.exists() and not args.force:
+        parser.error(f"--out {args.out} exists; replace it with --force")
     record = measure(args.rows, args.keys, args.min_run_time)
     record["environment"] = {
         "torch": torch.__version__,

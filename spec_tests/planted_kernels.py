@@ -82,7 +82,8 @@ def plain(
     else:
         weights = torch.softmax(scores, dim=-1)
     if dropout_p:
-        shape = weights.shape[-2:] if shared_keep else weights.shape
+        # shared_keep: one mask per batch row, reused by all of its heads.
+        shape = (weights.shape[0], 1, *weights.shape[-2:]) if shared_keep else weights.shape
         keep = torch.rand(shape, device=weights.device) >= dropout_p
         weights = weights * keep / ((1 - dropout_p) if scale_kept else 1.0)
     return weights @ value  # (..., L, Ev)
@@ -234,7 +235,7 @@ def softmax_without_max(
 
 
 def dropout_mask_shared_by_heads(*args: Any, **kwargs: Any) -> Tensor:
-    """Bug: one keep-mask of (L, S) is drawn and reused for every batch and head."""
+    """Bug: one keep-mask of (L, S) per batch row is drawn and reused by all of its heads."""
     return plain(*args, shared_keep=True, **kwargs)
 
 

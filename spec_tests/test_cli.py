@@ -199,6 +199,21 @@ def test_a_tsv_changed_since_training_is_refused_by_evaluate_and_resume(
 
 
 @spec(kind="error")
+def test_generate_refuses_an_input_longer_than_the_positional_table_before_decoding_any(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`generate` with an input of more tokens than the model's positional table exits 1 naming that input, before any line is printed (sampling decodes input by input, so a late input must not fail after earlier ones printed)."""
+    model, _ = load_checkpoint(trained_run / "checkpoint")
+    long_text = " ".join(["a b c d e f"] * model.config.max_len)
+    for flags in ([], ["--temperature", "1.0"]):
+        argv = ["generate", "--checkpoint", str(trained_run), "ab", long_text, *flags]
+        assert main(argv) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert "input 'a b c d e f" in captured.err and "positional table" in captured.err
+
+
+@spec(kind="error")
 def test_output_into_a_closed_pipe_stops_quietly_with_sigpipes_status(trained_run: Path) -> None:
     """`transformer generate ... | head -1`: when the reader of stdout has gone, the command stops without an error message (no "BrokenPipeError") and exits 141, the status of a program ended by SIGPIPE, as shell tools do."""
     argv = ["generate", "--checkpoint", str(trained_run), *("ab" for _ in range(20))]
@@ -832,7 +847,7 @@ def test_generate_help_documents_every_sampling_flag(capsys: pytest.CaptureFixtu
         ("--temperature", "0 = greedy"),
         ("--top-k", "K most probable tokens"),
         ("--top-p", "nucleus"),
-        ("--seed", "same seed, same output"),
+        ("--seed", "the same input and seed print the same line"),
     ):
         assert flag in text and words in text, flag
 

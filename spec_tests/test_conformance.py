@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -136,6 +137,24 @@ def test_an_interrupted_run_names_the_case_that_was_running_and_reports_what_fin
     assert data["interrupted"].startswith("explicit-scale on case")
     assert [p["name"] for p in data["properties"]] == ["output-shape"]
     assert "**Interrupted**" in (tmp_path / "conformance.md").read_text()
+
+
+def _doubled_scale_without_scale_argument(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: object = None, **kw: object
+) -> Tensor:
+    if "scale" in kw:
+        raise TypeError("unexpected keyword argument 'scale'")
+    factor = 2.0 / math.sqrt(query.size(-1))  # the bug: twice the default scale
+    return F.scaled_dot_product_attention(query, key, value, attn_mask, scale=factor, **kw)  # type: ignore[arg-type]
+
+
+@spec(section="extra", kind="error")
+def test_a_scale_bug_of_a_kernel_taking_no_scale_argument_still_fails_default_scale() -> None:
+    """default-scale FAILs a kernel whose default scale is wrong even when the kernel refuses the ``scale`` keyword: the probe that asks whether an explicit scale helps is then skipped, not turned into UNSUPPORTED."""
+    report = run(_doubled_scale_without_scale_argument, QUICK, properties=["default-scale"])
+    (result,) = report.properties
+    assert result.status == "FAIL", [r.detail for r in result.results]
+    assert report.exit_code() == 1
 
 
 @spec(section="extra", kind="error")

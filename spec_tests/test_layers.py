@@ -834,6 +834,28 @@ def test_layers_and_stacks_name_their_own_mask_and_memory_arguments() -> None:
     for call, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             call()
+    with pytest.raises(TypeError, match=r"memory_key_padding_mask must be a torch\.Tensor or None"):
+        dec_layer(tgt, src, memory_key_padding_mask=[[False] * S_LEN] * BATCH)  # type: ignore[arg-type]
+
+
+@spec(section="torch", kind="masking")
+def test_valid_masks_pass_the_shape_checks_for_empty_batches_and_stacks_of_other_widths() -> None:
+    """The mask checks accept what torch accepts: a ``(0, L, S)`` mask for an empty batch (B * nhead = 0), and a ``Transformer`` whose custom encoder has another head count than its decoder checks each stack's masks against its own heads."""
+    layer = layers.TransformerEncoderLayer(E, H, FF, dtype=torch.float64)
+    empty = randn(S_LEN, 0, E, seed=1)
+    mask = torch.zeros(0, S_LEN, S_LEN, dtype=torch.float64)
+    assert layer(empty, src_mask=mask).shape == empty.shape
+    wide = layers.TransformerEncoderLayer(E, 2 * H, FF, dtype=torch.float64)
+    encoder = layers.TransformerEncoder(wide, 1)
+    model = layers.Transformer(E, H, 1, 1, FF, custom_encoder=encoder, dropout=0.0).double()
+    src, tgt = randn(S_LEN, BATCH, E, seed=1), randn(T_LEN, BATCH, E, seed=2)
+    out = model(
+        src,
+        tgt,
+        src_mask=torch.zeros(BATCH * 2 * H, S_LEN, S_LEN, dtype=torch.float64),
+        tgt_mask=torch.zeros(BATCH * H, T_LEN, T_LEN, dtype=torch.float64),
+    )
+    assert out.shape == tgt.shape
 
 
 @spec(section="extra", kind="error")

@@ -405,7 +405,8 @@ def test_resume_with_other_trajectory_settings_is_refused(
     _run(tmp_path, 3)
     _, meta = load_checkpoint(tmp_path / "checkpoint")
     old = meta["training"]["config"][field]
-    with pytest.raises(ValueError, match=rf"cannot resume.*{field}: {re.escape(str(old))} -> "):
+    changed = rf"{field}: {re.escape(repr(old))} -> {re.escape(repr(value))}"
+    with pytest.raises(ValueError, match=rf"cannot resume.*{changed}"):
         _run(tmp_path, 6, resume=True, **{field: value})
 
 

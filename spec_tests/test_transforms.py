@@ -105,7 +105,7 @@ def test_fullgraph_compiled_encoder_layer_gives_the_eager_output() -> None:
 @spec(component="layers", kind="shape")
 @pytest.mark.parametrize("mode", ["meta-device", "fake-tensor-mode"])
 def test_shape_only_runs_give_torchs_output_shape(mode: str) -> None:
-    """A ``TransformerEncoderLayer`` built and run on the ``meta`` device (training mode, dropout on), or run under a ``FakeTensorMode``, with and without a key padding mask, returns the output shape torch.nn's layer returns, without computing values."""
+    """A ``TransformerEncoderLayer`` built and run on the ``meta`` device (training mode, dropout on), or run under a ``FakeTensorMode`` (training mode, dropout on, bf16, on a fake and on a real input), with and without a key padding mask, returns the output shape torch.nn's layer returns, without computing values."""
     kpm = torch.zeros(B, L, dtype=torch.bool)
     for module in (transformer, torch.nn):
         if mode == "meta-device":
@@ -116,8 +116,11 @@ def test_shape_only_runs_give_torchs_output_shape(mode: str) -> None:
                     layer(torch.randn(L, B, E), src_key_padding_mask=kpm.to("meta")).shape
                 )
         else:
-            layer = module.TransformerEncoderLayer(E, H, FF, dropout=0.0)
+            # Training mode with dropout, in bf16: the kernel choice and the dropout seed
+            # must not read values either.
+            layer = module.TransformerEncoderLayer(E, H, FF, dtype=torch.bfloat16).train()
+            real = torch.randn(L, B, E, dtype=torch.bfloat16)  # made outside the mode
             with FakeTensorMode(allow_non_fake_inputs=True):
-                shapes = [layer(torch.randn(L, B, E)).shape]
-                shapes.append(layer(torch.randn(L, B, E), src_key_padding_mask=kpm).shape)
+                shapes = [layer(torch.randn(L, B, E, dtype=torch.bfloat16)).shape]
+                shapes.append(layer(real, src_key_padding_mask=kpm).shape)
         assert shapes == [torch.Size([L, B, E])] * 2, (module.__name__, shapes)

@@ -36,6 +36,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError("--beam-size cannot be combined with --temperature, --top-k or --top-p")
     model, tokenizer, meta = load_run(args.checkpoint)
     max_len = max_len_of(args, meta, model.config.max_len)
+    for text in args.text:  # every input before the first is decoded
+        n = len(tokenizer.encode(text))
+        if n > model.config.max_len:
+            raise CLIError(
+                f"input {text!r} is {n} tokens, more than the model's positional table of "
+                f"{model.config.max_len}: shorten it"
+            )
     _warn_unknown_input(tokenizer, args.text)
     if not sampling:
         from transformer.training import translate

@@ -309,16 +309,19 @@ class TransformerDecoder(nn.Module):
                         "a cache needs transformer.TransformerDecoderLayer layers, got "
                         f"{type(layer).__name__}"
                     )
-        _check_decoder_masks(
-            self.layers[0],
-            tgt,
-            memory,
-            tgt_mask,
-            memory_mask,
-            tgt_key_padding_mask,
-            memory_key_padding_mask,
-            cached=cache is not None,
-        )
+        if not isinstance(self.layers[0], TransformerDecoderLayer):
+            # Our layers check the masks themselves (once per layer is enough); torch's
+            # or custom ones would name them only when reached, if at all.
+            _check_decoder_masks(
+                self.layers[0],
+                tgt,
+                memory,
+                tgt_mask,
+                memory_mask,
+                tgt_key_padding_mask,
+                memory_key_padding_mask,
+                cached=cache is not None,
+            )
         batch_first = stack_batch_first(self.layers)
         tgt_is_causal = detect_is_causal(tgt_mask, tgt_is_causal, seq_len(tgt, batch_first))
         output = tgt

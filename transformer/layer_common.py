@@ -90,14 +90,20 @@ def check_mask_shapes(
     ``batch=None``; any first dim when ``nhead`` is unknown, as with a custom layer).
     ``padding`` maps a name to ``(mask, S)``: ``(batch, S)``, or ``(S,)`` unbatched.
     Checked before any work (a stack's attention modules would otherwise refuse a
-    wrong mask only when reached, under their own argument names); values that are not
-    tensors are left to the attention module's type checks.
+    wrong mask only when reached, under their own argument names); a mask that is
+    neither a tensor nor ``None`` raises ``TypeError`` under the caller's name.
     """
+    for name, mask in [
+        *((n, m) for n, (m, _, _) in attn.items()),
+        *((n, m) for n, (m, _) in padding.items()),
+    ]:
+        if mask is not None and not isinstance(mask, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
     for name, (mask, L, S) in attn.items():
         if not isinstance(mask, Tensor):
             continue
         shape = tuple(mask.shape)
-        heads = None if nhead is None else (batch or 1) * nhead
+        heads = None if nhead is None else (1 if batch is None else batch) * nhead
         fits = shape == (L, S) or (
             len(shape) == 3 and shape[1:] == (L, S) and heads in (None, shape[0])
         )

@@ -231,17 +231,21 @@ class Transformer(nn.Module):
         # Every mask before any work: the encoder would run before a decoder mask is read.
         if src.dim() in (2, 3):  # another rank is the encoder's error, naming src
             S, T = seq_len(src, self.batch_first), seq_len(tgt, self.batch_first)
-            first = self.encoder.layers[0] if isinstance(self.encoder, TransformerEncoder) else None
+            batch = batch_of(src, self.batch_first)
+            # Each stack's own head count (a custom encoder or decoder may differ).
+            enc = self.encoder.layers[0] if isinstance(self.encoder, TransformerEncoder) else None
+            dec = self.decoder.layers[0] if isinstance(self.decoder, TransformerDecoder) else None
             check_mask_shapes(
-                batch_of(src, self.batch_first),
-                None if first is None else heads_of(first),
+                batch,
+                None if enc is None else heads_of(enc),
+                {"src_mask": (src_mask, S, S)},
+                {"src_key_padding_mask": (src_key_padding_mask, S)},
+            )
+            check_mask_shapes(
+                batch,
+                None if dec is None else heads_of(dec),
+                {"tgt_mask": (tgt_mask, T, T), "memory_mask": (memory_mask, T, S)},
                 {
-                    "src_mask": (src_mask, S, S),
-                    "tgt_mask": (tgt_mask, T, T),
-                    "memory_mask": (memory_mask, T, S),
-                },
-                {
-                    "src_key_padding_mask": (src_key_padding_mask, S),
                     "tgt_key_padding_mask": (tgt_key_padding_mask, T),
                     "memory_key_padding_mask": (memory_key_padding_mask, S),
                 },

@@ -93,6 +93,11 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
     if bool((torch.isnan(logits) | (logits == float("inf"))).any()):
         # A NaN compares false with everything: top-k and the nucleus would keep it.
         raise ValueError("logits must be finite or -inf: got NaN or +inf")
+    return _filter(logits, k, p)
+
+
+def _filter(logits: Tensor, k: int | None, p: float | None) -> Tensor:
+    """:func:`filter_logits` on checked arguments (``sample_next`` has checked the values)."""
     out = logits.clone()
     V = logits.size(-1)
     if k is not None and k < V:
@@ -154,7 +159,7 @@ def sample_next(
     # (logits - max) / T <= 0: a tiny T sends the others to -inf, never the maximum to inf.
     shifted = logits.to(_probability_dtype(logits))
     shifted = (shifted - shifted.max(dim=-1, keepdim=True).values) / t  # (N, V)
-    probs = filter_logits(shifted, k, p).softmax(dim=-1)  # (N, V)
+    probs = _filter(shifted, k, p).softmax(dim=-1)  # (N, V)
     return torch.multinomial(probs, 1, generator=gen)[:, 0]  # (N,)
 
 

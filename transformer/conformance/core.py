@@ -156,9 +156,11 @@ def default_scale(kernel: Kernel, case: Case, device: str) -> str | None:
             check_equivalence(kernel, case.replace(scale=1.0 / math.sqrt(E)), device)
         except Failure:
             raise FollowsFromAnother(
-                "the output is as wrong with scale=1/sqrt(E) given explicitly, so the "
-                f"default scale is not the cause (see forward): {failure}"
+                "the output is also wrong with scale=1/sqrt(E) given explicitly, so the "
+                f"default scale is not the cause: {failure}"
             ) from None
+        except Unsupported:
+            raise failure from None  # the kernel takes no scale: nothing to compare with
         raise
 
 
@@ -433,8 +435,13 @@ def deterministic(kernel: Kernel, case: Case, device: str) -> str | None:
     first, second = _results(kernel, case, device), _results(kernel, case, device)
     names = ["output", "grad of query", "grad of key", "grad of value"]
     for name, a, b in zip(names, first, second, strict=False):
+        if a.shape != b.shape:
+            raise Failure(
+                f"{name} has shape {tuple(a.shape)} in one call and {tuple(b.shape)} in "
+                f"another\n    case: {case.describe()}"
+            )
         differ = (a != b) & ~(a.isnan() & b.isnan())  # NaN where both are NaN is the same
-        if a.shape != b.shape or bool(differ.any()):
+        if bool(differ.any()):
             raise Failure(
                 f"{name} differs between two identical calls in {int(differ.sum())} of "
                 f"{a.numel()} elements (max |diff| {(a.double() - b.double()).abs().max().item():.3g})"

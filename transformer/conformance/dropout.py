@@ -5,8 +5,8 @@ than 0.0, dropout is applied"), so it is observed through a probe: with all scor
 (query and key zero) every weight is ``1/S``, and with value the identity ``(S, S)``
 each output element *is* one weight: ``0`` where it was dropped, ``1 / (S (1 - p))``
 where kept. The drop count is binomial, so the observed rate must lie within five
-standard deviations of ``p``; the drop pattern may not repeat over every (batch, head)
-slice or every query row; and with value rows of ones each output row must be one
+standard deviations of ``p``; no two (batch, head) slices, and not every query row,
+may drop the same weights; and with value rows of ones each output row must be one
 value (its kept share), which dropout on the output instead of the weights is not.
 
 Notation: L query length, S key length.
@@ -83,11 +83,13 @@ def dropout_rate(kernel: Kernel, case: Case, device: str) -> str | None:
     # query row, has the right rate yet is not dropout of each weight (two independent
     # rows of 64 keys coincide with probability below 1e-5).
     masks = (weights != 0).reshape(-1, case.L, S)  # (B*H, L, S)
-    if masks.size(0) > 1 and bool((masks == masks[:1]).all()):
-        raise Failure(
-            f"every (batch, head) slice drops the same weights: the keep-mask must be drawn "
-            f"for each weight\n    case: {case.describe()}"
-        )
+    for i in range(masks.size(0)):
+        for j in range(i + 1, masks.size(0)):
+            if torch.equal(masks[i], masks[j]):
+                raise Failure(
+                    f"(batch, head) slices {i} and {j} (flattened) drop the same weights: the "
+                    f"keep-mask must be drawn for each weight\n    case: {case.describe()}"
+                )
     if case.L > 1 and bool((masks == masks[:, :1]).all()):
         raise Failure(
             f"every query row drops the same keys: the keep-mask must be drawn for each "

@@ -160,23 +160,22 @@ def run(
     """Run every selected property's cases against ``kernel``; ``progress`` sees each property's result.
 
     A ``KeyboardInterrupt`` (Ctrl-C, e.g. on a kernel that hangs) ends the run early:
-    the report holds the properties finished before it (and the finished cases of the
-    one that was running), and ``interrupted`` names the property and case that were
-    running.
+    the report holds the properties finished before it (not the one that was running:
+    its verdict would rest on part of its cases), and ``interrupted`` names the property
+    and case that were running.
     """
     start = time.perf_counter()
     results = []
     interrupted = None
     for prop in selected(properties):
         result = PropertyResult(prop)
+        running = f"{prop.name} (building its cases)"
         try:
             for case in prop.cases(settings):
                 running = f"{prop.name} on case {case.describe()}"
                 result.results.append(run_case(prop, kernel, case, settings.device))
         except KeyboardInterrupt:
             interrupted = running
-            if result.results:
-                results.append(result)
             break
         results.append(result)
         if progress is not None:

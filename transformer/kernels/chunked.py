@@ -65,6 +65,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
+from torch._guards import detect_fake_mode
 
 from transformer.attention import reference_attention, register_kernel
 from transformer.masks import causal_offset, is_causal_bias
@@ -908,8 +909,20 @@ def chunked_attention(
 
 
 def _available(device: torch.device) -> bool:
-    """Every device with values: on ``meta`` the per-tile dropout generators cannot exist."""
-    return device.type != "meta"
+    """Every device with values, outside shape-only runs.
+
+    On ``meta``, or under a ``FakeTensorMode``, the tensors hold no values: the call's
+    dropout seed cannot be read and the per-tile generators cannot exist.
+    """
+    if device.type == "meta":
+        return False
+    # Under torch.compile the kernel is its custom operators, whose fake implementations
+    # need no values; outside it an active FakeTensorMode means a shape-only run.
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() == 0  # no mode active: cheap to ask first
+        or detect_fake_mode() is None
+    )
 
 
 register_kernel("chunked", chunked_attention, is_available=_available, priority=10)
