@@ -214,14 +214,21 @@ def test_generate_refuses_an_input_longer_than_the_positional_table_before_decod
 
 
 @spec(kind="error")
-def test_output_into_a_closed_pipe_stops_quietly_with_sigpipes_status(trained_run: Path) -> None:
-    """`transformer generate ... | head -1`: when the reader of stdout has gone, the command stops without an error message (no "BrokenPipeError") and exits 141, the status of a program ended by SIGPIPE, as shell tools do."""
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_output_into_a_closed_pipe_stops_quietly_with_sigpipes_status(
+    buffered: bool, trained_run: Path
+) -> None:
+    """`transformer generate ... | head -1`: when the reader of stdout has gone, the command stops without an error message (no "BrokenPipeError") and exits 141, the status of a program ended by SIGPIPE, as shell tools do, with stdout buffered (a pipe's default) or not (PYTHONUNBUFFERED)."""
     argv = ["generate", "--checkpoint", str(trained_run), *("ab" for _ in range(20))]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
     process = subprocess.Popen(
         [sys.executable, "-m", "transformer", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     assert process.stdout is not None
     process.stdout.close()  # the reader is gone before the first line is written

@@ -150,7 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"a command is required, one of: {_COMMANDS}")
     _apply_threads(args.threads)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        # With stdout a pipe, output waits in a buffer: a reader that has gone shows at
+        # this flush, where the handler below sees it, not at the interpreter's exit.
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt as err:
         return _report_interrupt(err)
     except BrokenPipeError:
