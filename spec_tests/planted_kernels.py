@@ -222,15 +222,26 @@ def nondeterministic(
     return plain(query, key[..., order, :], value[..., order, :], *args, **kwargs)
 
 
+def _unmasked_scores(query: Tensor, key: Tensor, kwargs: dict[str, Any]) -> Tensor | None:
+    """``Q K^T`` times the call's scale, ``(..., L, S)``; ``None`` for a masked, causal or GQA call.
+
+    The softmax bugs below are planted on plain calls only; the others go to :func:`plain`.
+    """
+    if kwargs.get("attn_mask") is not None or kwargs.get("is_causal") or kwargs.get("enable_gqa"):
+        return None
+    scale = kwargs.get("scale")
+    factor = 1 / math.sqrt(query.size(-1)) if scale is None else scale
+    return (query @ key.transpose(-2, -1)) * factor
+
+
 def softmax_without_max(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Any = None, **kwargs: Any
 ) -> Tensor:
     """Bug: ``exp(scores) / sum(exp(scores))`` with no row max subtracted: large scores overflow."""
-    if attn_mask is not None or kwargs.get("is_causal") or kwargs.get("enable_gqa"):
+    scores = _unmasked_scores(query, key, {"attn_mask": attn_mask, **kwargs})
+    if scores is None:
         return plain(query, key, value, attn_mask, **kwargs)
-    scale = kwargs.get("scale")
-    factor = 1 / math.sqrt(query.size(-1)) if scale is None else scale
-    weights = ((query @ key.transpose(-2, -1)) * factor).exp()  # (..., L, S)
+    weights = scores.exp()  # (..., L, S)
     return (weights / weights.sum(dim=-1, keepdim=True)) @ value
 
 
@@ -251,11 +262,9 @@ def softmax_over_queries(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Any = None, **kwargs: Any
 ) -> Tensor:
     """Bug: normalises each key's column over the queries (softmax over dim -2), not each row."""
-    if attn_mask is not None or kwargs.get("is_causal") or kwargs.get("enable_gqa"):
+    scores = _unmasked_scores(query, key, {"attn_mask": attn_mask, **kwargs})
+    if scores is None:
         return plain(query, key, value, attn_mask, **kwargs)
-    scale = kwargs.get("scale")
-    factor = 1 / math.sqrt(query.size(-1)) if scale is None else scale
-    scores = (query @ key.transpose(-2, -1)) * factor  # (..., L, S)
     return torch.softmax(scores, dim=-2) @ value
 
 
