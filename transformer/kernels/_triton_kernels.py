@@ -453,9 +453,11 @@ def _attn_bwd_dkdv(
     """One key block of one (batch, kv head): ``dK`` and ``dV``, summed over its query heads.
 
     Works on transposed tiles (keys x queries) so that ``dV += P^T dO`` and
-    ``dK += dS^T Q`` need no transpose of ``P``. Query rows past ``L`` and rows with no
-    allowed key read ``LSE = +inf`` and so contribute ``P = 0``. Key rows past ``S``
-    compute garbage that is never stored and never mixes into other rows.
+    ``dK += dS^T Q`` need no transpose of ``P``; in fp32 the scores are computed as the
+    forward computed them, then transposed, so that they round alike. Query rows past
+    ``L`` and rows with no allowed key read ``LSE = +inf`` and so contribute ``P = 0``.
+    Key rows past ``S`` compute garbage that is never stored and never mixes into other
+    rows.
     """
     qk_scale, sm_scale, inv_keep, log2e = _load_consts(Consts)
     pid = tl.program_id(0)
@@ -500,7 +502,17 @@ def _attn_bwd_dkdv(
                 other=0.0,
             )
             lse = tl.load(Lse + bh * L + rows, mask=row_ok, other=float("inf"))
-            s_t = _mm(k, tl.trans(q), None, PRECISION, ACC_DTYPE)
+            if PRECISION == "ieee":
+                # fp32/fp64: the scores in the forward's orientation, then transposed.
+                # K Q^T rounds differently from Q K^T, and at scores near 1e4 one ulp of
+                # a score moves P = exp2(S - LSE) by about 1e-3, which dV = P^T dO would
+                # carry. These dots run on FMA units (no tensor cores to lose).
+                s_t = tl.trans(_mm(q, tl.trans(k), None, PRECISION, ACC_DTYPE))
+            else:
+                # 16-bit inputs: K Q^T keeps the long key block as the dot's M, which
+                # Hopper's warpgroup tensor cores need (M >= 64); P is rounded to 16 bits
+                # before dV = P^T dO anyway, an error of the same size.
+                s_t = _mm(k, tl.trans(q), None, PRECISION, ACC_DTYPE)
             s_t = s_t * qk_scale  # (N, M)
             if IS_CAUSAL:
                 s_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_offset, s_t, float("-inf"))
