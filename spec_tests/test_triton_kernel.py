@@ -241,6 +241,26 @@ def test_non_contiguous_inputs_are_read_through_their_strides() -> None:
     assert_matches_float64(ours, exact, "qkv")
 
 
+@spec(section="extra", kind="masking")
+def test_mask_rows_past_element_two_to_the_31_are_read_where_they_lie() -> None:
+    """A bool mask whose row 16 starts at element 2^31 (as every row past 46340 of an (L, S) mask does at L = S = 46341) is read there, not at a wrapped 32-bit offset: output and gradients match float64 math. The mask is a strided view into 2^31 + 16 bools, allocated but never touched except at the 17 rows used."""
+    L, S, E = 17, 16, 16
+    row_stride = 2**27  # row 16 starts at 16 * 2^27 = 2^31
+    storage = torch.empty(row_stride * (L - 1) + S, dtype=torch.bool, device=DEVICE)
+    mask = storage.as_strided((L, S), (row_stride, 1))
+    mask.copy_(bool_mask(L, S, seed=30))
+    mask[16] = False
+    mask[16, 5] = True  # the last row may see key 5 only: its output is v[..., 5, :]
+    q, k, v = (randn(1, 2, n, E, seed=31 + i) for i, n in enumerate((L, S, S)))
+    ours = forward_backward(triton_fn(attn_mask=mask), q, k, v)
+    exact = forward_backward(
+        functools.partial(paper_attention, attn_mask=mask),
+        q.double(), k.double(), v.double(), upstream_dtype=q.dtype,
+    )  # fmt: skip
+    assert_matches_float64(ours, exact, "qkv")
+    assert_close(ours[0][:, :, 16], v[:, :, 5], msg="the last row sees key 5 only")
+
+
 @spec(section="3.2.3", kind="masking")
 # The interpreter warns while reducing the poisoned rows past the cut; those are not checked.
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")

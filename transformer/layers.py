@@ -59,6 +59,12 @@ is deliberate, and code written for torch.nn runs unchanged unless it relies on 
 * **Float masks of another float dtype are cast.** A float ``attn_mask`` or
   ``key_padding_mask`` in another float dtype than the module's is converted to it;
   torch raises ``RuntimeError``.
+* **Mask values beyond -2.4e38 saturate.** The ``chunked`` and ``triton`` attention
+  kernels keep scores in base 2 (``log2(e)`` times torch's), where ``log2(e) * finfo.min``
+  would overflow to ``-inf``; finite float-mask values below ``-finfo.max / log2(e)``
+  (about -2.4e38 in fp32, less a 0.1 % margin) act as that value. A row masked entirely
+  with ``finfo.min`` gets equal weights, as in torch; two such values in one row that
+  differ only below the bound tie, where torch would tell them apart.
 
 Notation: B batch, S source length, T (or L) target length, E ``d_model``, H ``nhead``.
 """

@@ -11,9 +11,12 @@ Algorithm: FlashAttention-2 (Dao, 2023), i.e. equation 1 of "Attention Is All Yo
 
 * forward: one program per (query block, batch*head). It streams key/value blocks
   through an *online softmax* (running row max ``m`` and row sum ``l``, rescaling the
-  accumulator when the max grows) and stores ``O`` and the per-row log-sum-exp ``LSE``.
+  accumulator when the max grows) and stores ``O`` and two numbers per row, its final
+  max ``m`` and ``1 / l`` (FlashAttention-2 stores ``LSE = m + log(l)`` instead, whose
+  rounding at large ``|m|`` moves every recomputed ``P`` of the row: by a factor
+  ``l`` at ``|m| = 1e9``, while ``S - m`` is exact next to the max).
 * backward (FlashAttention-2, algorithm 2): ``P`` is *recomputed* blockwise from
-  ``Q``, ``K`` and ``LSE`` (``P = exp(S - LSE)``), never stored. With
+  ``Q``, ``K``, ``m`` and ``1 / l`` (``P = exp(S - m) / l``), never stored. With
   ``D = rowsum(dO * O)`` (a pre-pass), ``dV = P^T dO``, ``dP = dO V^T``,
   ``dS = P * (dP - D)``, ``dQ = scale * dS K`` and ``dK = scale * dS^T Q``. One kernel
   owns a key block and loops over query blocks (``dK``, ``dV``); another owns a query
@@ -28,9 +31,10 @@ Conventions shared by every kernel:
   (stride 0) and non-contiguous inputs need no copy; query head ``h`` reads key/value
   head ``h // GROUP`` (grouped-query attention without repeating K/V);
 * scores live in the log2 domain: ``qk_scale = scale * log2(e)``, so ``exp2`` replaces
-  ``exp``; ``LSE`` is stored in that domain and is ``+inf`` for a row with no allowed
-  key, which makes every recomputed ``P`` of that row exactly ``0`` (zero output and
-  zero gradients instead of NaN);
+  ``exp``; ``m`` is stored in that domain and is ``+inf`` (with ``1 / l = 0``) for a
+  row with no allowed key, which makes every recomputed ``P`` of that row exactly ``0``
+  (zero output and zero gradients instead of NaN); ``Stats`` holds ``m`` then ``1 / l``,
+  ``(Bo*H, 2, L)``;
 * ``MASK_KIND``: 0 no mask, 1 bool mask (loaded as uint8, nonzero = may attend),
   2 float mask (added to the scores);
 * ``IS_CAUSAL`` with the runtime ``causal_offset``: query ``i`` may attend key ``j``
@@ -87,12 +91,40 @@ def _to(x, dtype: tl.constexpr):
 
 @triton.jit
 def _load_consts(Consts):
-    """``(qk_scale, sm_scale, 1 / (1 - dropout_p), log2(e))`` in the accumulator dtype.
+    """``(qk_scale, sm_scale, 1 / (1 - dropout_p), log2(e), mask_floor)`` in the accumulator dtype.
 
     They come through memory rather than as float arguments because triton passes a
     Python float as fp32, which would cap the float64 path at fp32 accuracy.
+    ``mask_floor`` is the lowest float-mask value whose log2-domain value is finite
+    (see :func:`_mask_log2`).
     """
-    return tl.load(Consts), tl.load(Consts + 1), tl.load(Consts + 2), tl.load(Consts + 3)
+    return (
+        tl.load(Consts), tl.load(Consts + 1), tl.load(Consts + 2), tl.load(Consts + 3),
+        tl.load(Consts + 4),
+    )  # fmt: skip
+
+
+@triton.jit
+def _offsets(index, stride):
+    """``index * stride`` in int64: a mask's ``(L, S)`` plane alone may pass 2^31 elements.
+
+    (At L = S = 46341 it does; int32 offsets would wrap and read outside the mask.)
+    """
+    return index.to(tl.int64) * stride
+
+
+@triton.jit
+def _mask_log2(mask_tile, log2e, mask_floor, ACC_DTYPE: tl.constexpr):
+    """A float mask tile in the log2 domain, ``log2(e) * mask``, finite where the mask is.
+
+    ``log2(e) * finfo.min`` overflows to ``-inf``, which would turn a row masked with
+    ``finfo.min`` into a row with no allowed key (zeros) instead of torch's equal
+    weights: finite entries below ``mask_floor`` are raised to it first. ``-inf`` and NaN
+    pass unchanged.
+    """
+    x = mask_tile.to(ACC_DTYPE)
+    x = tl.where((x < mask_floor) & (x != float("-inf")), mask_floor, x)
+    return x * log2e
 
 
 @triton.jit
@@ -148,6 +180,7 @@ def _fwd_inner(
     causal_offset,
     qk_scale,
     log2e,
+    mask_floor,
     seed,
     dropout_p,
     stride_ks,
@@ -202,14 +235,16 @@ def _fwd_inner(
             s = tl.where(allowed, s, float("-inf"))
         if MASK_KIND != 0:
             mask_tile = tl.load(
-                mask_base + offs_m[:, None] * stride_ml + cols[None, :] * stride_ms,
+                mask_base
+                + _offsets(offs_m, stride_ml)[:, None]
+                + _offsets(cols, stride_ms)[None, :],
                 mask=(offs_m[:, None] < L) & kv_ok[None, :],
                 other=0,
             )
             if MASK_KIND == 1:
                 s = tl.where(mask_tile != 0, s, float("-inf"))
             else:
-                s = s + mask_tile.to(ACC_DTYPE) * log2e
+                s = s + _mask_log2(mask_tile, log2e, mask_floor, ACC_DTYPE)
         # A row whose keys so far are all masked keeps m = -inf; exponentiate against 0
         # there so that exp2(-inf - -inf) never produces NaN.
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -234,7 +269,7 @@ def _attn_fwd(
     V,
     Mask,
     Out,
-    Lse,
+    Stats,
     stride_qb,
     stride_qh,
     stride_ql,
@@ -279,7 +314,7 @@ def _attn_fwd(
     """One query block of one (batch, head): ``O = softmax(Q K^T * scale + mask) V``."""
     # A 1-D grid (query blocks fastest) has no 65535 limit on batch*heads and runs the
     # blocks that share one K/V side by side, which is kind to the L2 cache.
-    qk_scale, _, inv_keep, log2e = _load_consts(Consts)
+    qk_scale, _, inv_keep, log2e, mask_floor = _load_consts(Consts)
     pid = tl.program_id(0)
     num_m = tl.cdiv(L, BLOCK_M)
     start_m = (pid % num_m) * BLOCK_M
@@ -317,31 +352,34 @@ def _attn_fwd(
         full_end = (S // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, offs_e, offs_ev,
-        0, full_end, bh, L, S, causal_offset, qk_scale, log2e, seed, dropout_p,
+        0, full_end, bh, L, S, causal_offset, qk_scale, log2e, mask_floor, seed, dropout_p,
         stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
         E, EV, BLOCK_E, BLOCK_EV, BLOCK_N, False, IS_CAUSAL, MASK_KIND, HAS_DROPOUT,
         ACC_DTYPE, PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, offs_e, offs_ev,
-        full_end, hi, bh, L, S, causal_offset, qk_scale, log2e, seed, dropout_p,
+        full_end, hi, bh, L, S, causal_offset, qk_scale, log2e, mask_floor, seed, dropout_p,
         stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
         E, EV, BLOCK_E, BLOCK_EV, BLOCK_N, True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT,
         ACC_DTYPE, PRECISION,
     )  # fmt: skip
 
-    # l == 0 exactly when the row has no allowed key: output 0 and LSE = +inf.
+    # l == 0 exactly when the row has no allowed key: output 0, m = +inf and 1 / l = 0.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_DROPOUT:
         out = out * inv_keep
-    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    m_out = tl.where(empty, float("inf"), m_i)
+    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     tl.store(
         o_base + offs_m[:, None] * stride_ol + offs_ev[None, :] * stride_oe,
         _to(out, Out.dtype.element_ty),
         mask=row_ok[:, None] & (offs_ev[None, :] < EV),
     )
-    tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
+    stats = Stats + bh.to(tl.int64) * (2 * L) + offs_m
+    tl.store(stats, m_out, mask=row_ok)
+    tl.store(stats + L, inv_l, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------
@@ -397,7 +435,7 @@ def _attn_bwd_dkdv(
     V,
     Mask,
     DOut,
-    Lse,
+    Stats,
     Delta,
     DK,
     DV,
@@ -455,11 +493,11 @@ def _attn_bwd_dkdv(
     Works on transposed tiles (keys x queries) so that ``dV += P^T dO`` and
     ``dK += dS^T Q`` need no transpose of ``P``; in fp32 the scores are computed as the
     forward computed them, then transposed, so that they round alike. Query rows past
-    ``L`` and rows with no allowed key read ``LSE = +inf`` and so contribute ``P = 0``.
+    ``L`` and rows with no allowed key read ``m = +inf`` and so contribute ``P = 0``.
     Key rows past ``S`` compute garbage that is never stored and never mixes into other
     rows.
     """
-    qk_scale, sm_scale, inv_keep, log2e = _load_consts(Consts)
+    qk_scale, sm_scale, inv_keep, log2e, mask_floor = _load_consts(Consts)
     pid = tl.program_id(0)
     num_n = tl.cdiv(S, BLOCK_N)
     start_n = (pid % num_n) * BLOCK_N
@@ -501,11 +539,13 @@ def _attn_bwd_dkdv(
                 mask=row_ok[:, None] & (offs_e[None, :] < E),
                 other=0.0,
             )
-            lse = tl.load(Lse + bh * L + rows, mask=row_ok, other=float("inf"))
+            stats = Stats + bh * (2 * L) + rows
+            m_row = tl.load(stats, mask=row_ok, other=float("inf"))
+            inv_l = tl.load(stats + L, mask=row_ok, other=0.0)
             if PRECISION == "ieee":
                 # fp32/fp64: the scores in the forward's orientation, then transposed.
                 # K Q^T rounds differently from Q K^T, and at scores near 1e4 one ulp of
-                # a score moves P = exp2(S - LSE) by about 1e-3, which dV = P^T dO would
+                # a score moves P = exp2(S - m) / l by about 1e-3, which dV = P^T dO would
                 # carry. These dots run on FMA units (no tensor cores to lose).
                 s_t = tl.trans(_mm(q, tl.trans(k), None, PRECISION, ACC_DTYPE))
             else:
@@ -518,15 +558,17 @@ def _attn_bwd_dkdv(
                 s_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_offset, s_t, float("-inf"))
             if MASK_KIND != 0:
                 mask_t = tl.load(
-                    mask_base + rows[None, :] * stride_ml + offs_n[:, None] * stride_ms,
+                    mask_base
+                    + _offsets(rows, stride_ml)[None, :]
+                    + _offsets(offs_n, stride_ms)[:, None],
                     mask=row_ok[None, :] & col_ok[:, None],
                     other=0,
                 )
                 if MASK_KIND == 1:
                     s_t = tl.where(mask_t != 0, s_t, float("-inf"))
                 else:
-                    s_t = s_t + mask_t.to(ACC_DTYPE) * log2e
-            p_t = tl.exp2(s_t - lse[None, :])  # recomputed P^T, never stored
+                    s_t = s_t + _mask_log2(mask_t, log2e, mask_floor, ACC_DTYPE)
+            p_t = tl.exp2(s_t - m_row[None, :]) * inv_l[None, :]  # recomputed P^T, never stored
             do = tl.load(
                 do_base + rows[:, None] * stride_dl + offs_ev[None, :] * stride_de,
                 mask=row_ok[:, None] & (offs_ev[None, :] < EV),
@@ -559,7 +601,7 @@ def _attn_bwd_dq(
     V,
     Mask,
     DOut,
-    Lse,
+    Stats,
     Delta,
     DQ,
     stride_qb,
@@ -613,7 +655,7 @@ def _attn_bwd_dq(
     over the key blocks its rows may see, recomputes ``P`` and ``dS`` for each tile and
     accumulates ``dS K`` on chip; nothing of size ``(L, S)`` is written.
     """
-    qk_scale, sm_scale, inv_keep, log2e = _load_consts(Consts)
+    qk_scale, sm_scale, inv_keep, log2e, mask_floor = _load_consts(Consts)
     pid = tl.program_id(0)
     num_m = tl.cdiv(L, BLOCK_M)
     start_m = (pid % num_m) * BLOCK_M
@@ -635,8 +677,8 @@ def _attn_bwd_dq(
         mask=q_ok,
         other=0.0,
     )  # fmt: skip
-    do, lse, delta = _load_row_block(
-        DOut + b * stride_db + h * stride_dh, Lse, Delta, bh.to(tl.int64), offs_m, L,
+    do, m_row, inv_l, delta = _load_row_block(
+        DOut + b * stride_db + h * stride_dh, Stats, Delta, bh.to(tl.int64), offs_m, L,
         stride_dl, stride_de, EV, BLOCK_EV,
     )  # fmt: skip
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC_DTYPE)
@@ -644,8 +686,8 @@ def _attn_bwd_dq(
     hi = tl.maximum(tl.minimum(S, start_m + BLOCK_M + causal_offset), 0) if IS_CAUSAL else S
     for start_n in range(0, hi, BLOCK_N):
         ds, k_t = _ds_tile(
-            q, do, lse, delta, k_base, v_base, mask_base, offs_m, start_n, bh, L, S,
-            causal_offset, qk_scale, inv_keep, log2e, seed, dropout_p,
+            q, do, m_row, inv_l, delta, k_base, v_base, mask_base, offs_m, start_n, bh, L, S,
+            causal_offset, qk_scale, inv_keep, log2e, mask_floor, seed, dropout_p,
             stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
             E, EV, BLOCK_E, BLOCK_EV, BLOCK_N, IS_CAUSAL, MASK_KIND, HAS_DROPOUT,
             ACC_DTYPE, PRECISION,
@@ -659,9 +701,21 @@ def _attn_bwd_dq(
 
 @triton.jit
 def _load_row_block(
-    do_base, Lse, Delta, bh, rows, L, stride_dl, stride_de, EV: tl.constexpr, BLOCK_EV: tl.constexpr
+    do_base,
+    Stats,
+    Delta,
+    bh,
+    rows,
+    L,
+    stride_dl,
+    stride_de,
+    EV: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
 ):
-    """``dO (M, EV)``, ``LSE (M,)``, ``D (M,)`` of a query block; rows past ``L`` get ``+inf``."""
+    """``dO (M, EV)``, ``m (M,)``, ``1 / l (M,)``, ``D (M,)`` of a query block.
+
+    Rows past ``L`` get ``m = +inf`` and ``1 / l = 0``, hence ``P = 0``.
+    """
     offs_ev = tl.arange(0, BLOCK_EV)
     row_ok = rows < L
     do = tl.load(
@@ -669,16 +723,19 @@ def _load_row_block(
         mask=row_ok[:, None] & (offs_ev[None, :] < EV),
         other=0.0,
     )
-    lse = tl.load(Lse + bh * L + rows, mask=row_ok, other=float("inf"))
+    stats = Stats + bh * (2 * L) + rows
+    m_row = tl.load(stats, mask=row_ok, other=float("inf"))
+    inv_l = tl.load(stats + L, mask=row_ok, other=0.0)
     delta = tl.load(Delta + bh * L + rows, mask=row_ok, other=0.0)
-    return do, lse, delta
+    return do, m_row, inv_l, delta
 
 
 @triton.jit
 def _ds_tile(
     q,
     do,
-    lse,
+    m_row,
+    inv_l,
     delta,
     k_base,
     v_base,
@@ -692,6 +749,7 @@ def _ds_tile(
     qk_scale,
     inv_keep,
     log2e,
+    mask_floor,
     seed,
     dropout_p,
     stride_ks,
@@ -713,7 +771,7 @@ def _ds_tile(
 ):
     """The score gradient ``dS = P * (dP - D)`` of one (query block, key block) tile, and ``K^T``.
 
-    ``P = exp2(S - LSE)`` is recomputed from the scores (FlashAttention-2, algorithm 2)
+    ``P = exp2(S - m) / l`` is recomputed from the scores (FlashAttention-2, algorithm 2)
     and ``dP = dO V^T`` (dropout-masked and rescaled like ``P`` was); ``dS`` is the
     gradient of the natural-domain scores, hence also of an additive float mask.
     Returns ``dS (M, N)`` in ``ACC_DTYPE`` and the ``K^T (E, N)`` tile it loaded.
@@ -733,22 +791,22 @@ def _ds_tile(
         other=0.0,
     )
     s = _mm(q, k_t, None, PRECISION, ACC_DTYPE) * qk_scale
-    # Keys past S must be masked here: exp2(0 - LSE) overflows for very negative LSE.
+    # Keys past S must be masked here: exp2(0 - m) overflows for very negative m.
     allowed = col_ok[None, :]
     if IS_CAUSAL:
         allowed = allowed & (cols[None, :] <= offs_m[:, None] + causal_offset)
     s = tl.where(allowed, s, float("-inf"))
     if MASK_KIND != 0:
         mask_tile = tl.load(
-            mask_base + offs_m[:, None] * stride_ml + cols[None, :] * stride_ms,
+            mask_base + _offsets(offs_m, stride_ml)[:, None] + _offsets(cols, stride_ms)[None, :],
             mask=(offs_m[:, None] < L) & col_ok[None, :],
             other=0,
         )
         if MASK_KIND == 1:
             s = tl.where(mask_tile != 0, s, float("-inf"))
         else:
-            s = s + mask_tile.to(ACC_DTYPE) * log2e
-    p = tl.exp2(s - lse[:, None])
+            s = s + _mask_log2(mask_tile, log2e, mask_floor, ACC_DTYPE)
+    p = tl.exp2(s - m_row[:, None]) * inv_l[:, None]
     dp = _mm(do, v_t, None, PRECISION, ACC_DTYPE)
     if HAS_DROPOUT:
         keep = _keep(seed, bh, offs_m[:, None], cols[None, :], L, S, dropout_p)
@@ -763,7 +821,7 @@ def _attn_bwd_dmask(
     V,
     Mask,
     DOut,
-    Lse,
+    Stats,
     Delta,
     DMask,
     stride_qb,
@@ -822,7 +880,7 @@ def _attn_bwd_dmask(
     tile, recomputing ``dS`` there (:func:`_ds_tile`) and adding it up on chip: no
     atomics, a fixed summation order (deterministic), and no buffer larger than the mask.
     """
-    qk_scale, _, inv_keep, log2e = _load_consts(Consts)
+    qk_scale, _, inv_keep, log2e, mask_floor = _load_consts(Consts)
     GL = 1 if SUM_L else L
     GS = 1 if SUM_S else S
     pid = tl.program_id(0)
@@ -863,8 +921,8 @@ def _attn_bwd_dmask(
                     mask=(rows[:, None] < L) & (offs_e[None, :] < E),
                     other=0.0,
                 )  # fmt: skip
-                do, lse, delta = _load_row_block(
-                    DOut + b * stride_db + h * stride_dh, Lse, Delta, bh, rows, L,
+                do, m_row, inv_l, delta = _load_row_block(
+                    DOut + b * stride_db + h * stride_dh, Stats, Delta, bh, rows, L,
                     stride_dl, stride_de, EV, BLOCK_EV,
                 )  # fmt: skip
                 hi = n_end
@@ -872,8 +930,9 @@ def _attn_bwd_dmask(
                     hi = tl.minimum(hi, tl.maximum(start_m + BLOCK_M + causal_offset, 0))
                 for start_n in range(start_n0, hi, BLOCK_N):
                     ds = _ds_tile(
-                        q, do, lse, delta, k_base, v_base, mask_base, rows, start_n, bh, L, S,
-                        causal_offset, qk_scale, inv_keep, log2e, seed, dropout_p,
+                        q, do, m_row, inv_l, delta, k_base, v_base, mask_base, rows, start_n, bh,
+                        L, S,
+                        causal_offset, qk_scale, inv_keep, log2e, mask_floor, seed, dropout_p,
                         stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
                         E, EV, BLOCK_E, BLOCK_EV, BLOCK_N, IS_CAUSAL, MASK_KIND,
                         HAS_DROPOUT, ACC_DTYPE, PRECISION,

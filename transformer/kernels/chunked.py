@@ -13,9 +13,11 @@ Otherwise the forward pass keeps, per query row, a running max ``m`` and a runni
 ``l`` (the online softmax of Milakov & Gimelshein 2018, as in FlashAttention),
 rescaling the partial sums ``l`` and ``p @ v`` whenever the max grows.
 The backward pass (a custom :class:`torch.autograd.Function`) saves only the inputs,
-the output and the per-row log-sum-exp ``lse = m + log2(l)`` (base 2), and recomputes
-each tile's probabilities ``P = exp2(S - lse)`` (FlashAttention-2, Dao 2023,
-algorithm 2)::
+the output and two numbers per row, the final max ``m`` and ``1 / l``, and recomputes
+each tile's probabilities ``P = exp2(S - m) / l`` (FlashAttention-2, Dao 2023,
+algorithm 2, which saves ``m + log2(l)`` instead: at scores of magnitude ``|m|`` that
+sum rounds by up to half an ulp of ``m``, which moves every ``P`` of the row, by a
+factor ``l`` when ``|m|`` is 1e9, while ``S - m`` is exact next to the max)::
 
     dV += P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(dO * O)),
     dQ += scale * dS K,   dK += scale * dS^T Q,   d(mask) = dS,
@@ -60,7 +62,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -147,6 +149,12 @@ class _Problem:
     seed: int
     block_l: int
     block_s: int
+    # Lowest float-mask value that stays finite once scaled into base 2, or None when
+    # no finite mask value is below it (see _mask_floor).
+    mask_floor: float | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mask_floor", _mask_floor(self.mask, self.q.dtype))
 
     def key_blocks(self, i0: int, i1: int) -> list[tuple[int, int, int]]:
         """``(kj, j0, j1)`` of the key blocks that query rows ``i0:i1`` must visit.
@@ -172,6 +180,27 @@ class _Problem:
         N, g, L, _ = self.q.shape
         per_slice = g * min(self.block_l, L) * min(self.block_s, self.k.shape[1])
         return self.q.new_empty(min(N, _slices_per_chunk(per_slice)) * per_slice)
+
+
+def _mask_floor(mask: Tensor | None, dtype: torch.dtype) -> float | None:
+    """The value finite float-mask entries are raised to so that ``log2(e) * mask`` stays finite.
+
+    Scores are kept in base 2, and ``log2(e) * finfo.min`` overflows to ``-inf``: a row
+    masked with ``finfo.min`` would read as having no allowed key (a zero row) instead of
+    torch's equal weights. Entries below about ``-2.4e38`` in fp32 (``finfo.max /
+    log2(e)``, less a margin for the score added to them) are therefore raised to it;
+    ``-inf`` stays ``-inf``. Returns None, and nothing is raised, when the mask holds no
+    such entry (one reduction over the mask, two when it holds ``-inf``).
+    """
+    if mask is None or not mask.is_floating_point() or mask.numel() == 0:
+        return None
+    floor = -torch.finfo(dtype).max / _LOG2E * (1.0 - 2.0**-10)
+    lowest = mask.amin().item()
+    if lowest >= floor or math.isnan(lowest):
+        return None
+    if lowest == _NEG_INF and not bool(((mask < floor) & (mask != _NEG_INF)).any()):
+        return None
+    return floor
 
 
 def _slices_per_chunk(per_slice: int) -> int:
@@ -249,21 +278,24 @@ def _scores(pb: _Problem, unit: _Unit, qb: Tensor, j0: int, j1: int, buf: Tensor
         if tile.dtype == torch.bool:
             s4.masked_fill_(~tile, _NEG_INF)
         else:
-            s4.add_(tile.to(s.dtype), alpha=_LOG2E)
+            tile = tile.to(s.dtype)
+            if pb.mask_floor is not None:
+                tile = torch.where(tile == _NEG_INF, tile, tile.clamp(min=pb.mask_floor))
+            s4.add_(tile, alpha=_LOG2E)
     return s
 
 
-def _forward_units(pb: _Problem, units: list[_Unit], out: Tensor, lse: Tensor) -> None:
-    """Softmax over the key blocks of each unit; writes its rows of ``out`` and ``lse``.
+def _forward_units(pb: _Problem, units: list[_Unit], out: Tensor, stats: Tensor) -> None:
+    """Softmax over the key blocks of each unit; writes its rows of ``out`` and ``stats``.
 
     A unit whose keys fit one key block takes the exact softmax in one go: row max
     ``m``, ``p = exp2(s - m)`` in place, ``l = rowsum(p)``, ``out = (p @ v) / l``: two
     gemms and four passes over the tile (max, subtract, exp2, sum). With more key
     blocks the same runs per tile and the tiles are merged by online softmax: when a
     row's max grows from ``m`` to ``m'``, what was summed so far (``l`` and ``p @ v``,
-    both ``(R, .)``, never ``p``) scales by ``exp2(m - m')``. ``lse`` is the per-row
-    log-sum-exp in base 2 (the scores' unit), ``m + log2(l)``, ``+inf`` on a row with no
-    allowed key.
+    both ``(R, .)``, never ``p``) scales by ``exp2(m - m')``. ``stats[0]`` is each row's
+    final max (base 2, the scores' unit) and ``stats[1]`` its ``1 / l``; a row with no
+    allowed key gets ``+inf`` and 0, so that the backward's ``exp2(s - m) / l`` is 0.
     """
     g, E = pb.q.shape[1], pb.q.shape[3]
     buf = pb.tile_buffer()
@@ -274,7 +306,8 @@ def _forward_units(pb: _Problem, units: list[_Unit], out: Tensor, lse: Tensor) -
         blocks = pb.key_blocks(u.i0, u.i1)
         if not blocks:  # causal rows before the first key (lower-right, L > S)
             out[u.n0 : u.n1, :, u.i0 : u.i1] = 0.0
-            lse[u.n0 : u.n1, :, u.i0 : u.i1] = math.inf
+            stats[0, u.n0 : u.n1, :, u.i0 : u.i1] = math.inf
+            stats[1, u.n0 : u.n1, :, u.i0 : u.i1] = 0.0
             continue
         m: Tensor | None = None  # running row max (c, R, 1); -inf: no allowed key yet
         shift = l = acc = qb  # assigned by the first key block
@@ -311,9 +344,10 @@ def _forward_units(pb: _Problem, units: list[_Unit], out: Tensor, lse: Tensor) -
             else acc.mul_(keep_scale / l.masked_fill(empty, 1.0))
         )
         out[u.n0 : u.n1, :, u.i0 : u.i1] = acc.view(c, g, n, -1)
-        # lse = +inf makes the backward's exp2(s - lse) exactly 0 on such rows.
-        row_lse = l.log2_().add_(shift).masked_fill_(empty, math.inf)
-        lse[u.n0 : u.n1, :, u.i0 : u.i1] = row_lse.view(c, g, n)
+        # m = +inf makes the backward's exp2(s - m) exactly 0 on such rows.
+        stats[0, u.n0 : u.n1, :, u.i0 : u.i1] = shift.masked_fill_(empty, math.inf).view(c, g, n)
+        inv_l = l.reciprocal_().masked_fill_(empty, 0.0)
+        stats[1, u.n0 : u.n1, :, u.i0 : u.i1] = inv_l.view(c, g, n)
 
 
 @dataclass(frozen=True)
@@ -328,9 +362,13 @@ class _Grads:
 
 
 def _backward_units(
-    pb: _Problem, units: list[_Unit], d_out: Tensor, delta: Tensor, lse: Tensor, grads: _Grads
+    pb: _Problem, units: list[_Unit], d_out: Tensor, delta: Tensor, stats: Tensor, grads: _Grads
 ) -> None:
     """FlashAttention-2's backward over the tiles of ``units``, adding into ``grads``.
+
+    A tile's ``exp2(s - m)`` is ``l * P``: the row factor ``1 / l`` goes on the ``(R, .)``
+    operands instead (``dO`` for ``dV``, ``Q`` for ``dK``, the finished ``dQ`` rows), so
+    normalising costs no pass over the tile.
 
     ``dK`` and ``dV`` are accumulated transposed, ``dV^T += dO^T P`` and
     ``dK^T += scale * Q^T dS``: MKL runs those gemms at the speed of the others, while
@@ -345,16 +383,17 @@ def _backward_units(
         rows = (slice(u.n0, u.n1), slice(None), slice(u.i0, u.i1))
         qb = pb.q[rows].reshape(c, g * n, E)  # (c, R, E)
         dob = d_out[rows].reshape(c, g * n, Ev)  # (c, R, Ev)
-        q_t = qb.transpose(1, 2).contiguous()  # (c, E, R)
-        do_t = dob.transpose(1, 2).contiguous()  # (c, Ev, R)
-        lse_b = lse[rows].reshape(c, g * n, 1)
+        m_b = stats[0][rows].reshape(c, g * n, 1)
+        inv_l = stats[1][rows].reshape(c, g * n, 1)
+        q_t = (qb * inv_l).transpose(1, 2).contiguous()  # (c, E, R), Q / l
+        do_t = (dob * inv_l).transpose(1, 2).contiguous()  # (c, Ev, R), dO / l
         delta_b = delta[rows].reshape(c, g * n, 1)
         dqb = qb.new_zeros(c, g * n, E)
         for kj, j0, j1 in pb.key_blocks(u.i0, u.i1):
             keys = (slice(u.n0, u.n1), slice(j0, j1))
             keys_t = (slice(u.n0, u.n1), slice(None), slice(j0, j1))
             s = _scores(pb, u, qb, j0, j1, buf)
-            p = s.sub_(lse_b).exp2_()  # (c, R, w) normalised probabilities (base 2)
+            p = s.sub_(m_b).exp2_()  # (c, R, w): l * P
             dp = dp_buf[: p.numel()].view(p.shape)
             dp.baddbmm_(dob, pb.v[keys].transpose(1, 2), beta=0.0)  # dO V^T, (c, R, w)
             p_kept = p
@@ -363,12 +402,12 @@ def _backward_units(
                 dp.mul_(keep).mul_(keep_scale)
                 p_kept = p * keep
             grads.dv_t[keys_t].baddbmm_(do_t, p_kept, alpha=keep_scale)  # (c, Ev, w)
-            ds = dp.sub_(delta_b).mul_(p)  # (c, R, w)
+            ds = dp.sub_(delta_b).mul_(p)  # (c, R, w): l * dS
             if grads.dmask is not None:
-                _add_mask_grad(pb, u, j0, j1, ds, grads.dmask)
+                _add_mask_grad(pb, u, j0, j1, ds * inv_l, grads.dmask)
             dqb.baddbmm_(ds, pb.k[keys], alpha=pb.scale)  # (c, R, E)
             grads.dk_t[keys_t].baddbmm_(q_t, ds, alpha=pb.scale)  # (c, E, w)
-        grads.dq[rows] += dqb.view(c, g, n, E)
+        grads.dq[rows] += dqb.mul_(inv_l).view(c, g, n, E)
 
 
 def _add_mask_grad(pb: _Problem, u: _Unit, j0: int, j1: int, ds: Tensor, dmask: Tensor) -> None:
@@ -553,30 +592,35 @@ def _forward(
     block_l: int,
     block_s: int,
 ) -> tuple[Tensor, Tensor]:
-    """Online-softmax forward pass over all units: ``(out, lse)``.
+    """Online-softmax forward pass over all units: ``(out, stats)``.
 
     Shapes: ``q (N, g, L, E)``, ``k (N, S, E)``, ``v (N, S, Ev)``, mask ``(M, g', L', S')``;
-    returns ``out (N, g, L, Ev)`` and the per-row log-sum-exp ``lse (N, g, L)``.
+    returns ``out (N, g, L, Ev)`` and ``stats (2, N, g, L)``: each row's final score max
+    (base 2) and ``1 / l``, its reciprocal softmax denominator.
     """
     pb = _Problem(q, k, v, mask, mask_index, causal, scale, dropout_p, seed, block_l, block_s)
     N, g, L, _ = q.shape
     S, Ev = k.shape[1], v.shape[2]
     out = q.new_empty(N, g, L, Ev)
-    lse = q.new_empty(N, g, L)
+    stats = q.new_empty(2, N, g, L)
     units = _units(N, g, L, S, block_l, block_s)
     with _autocast_off(q.device):
         _run(
-            units, N * g * L * S, lambda part, w: _forward_units(pb, part, out, lse), False, pb.cost
+            units,
+            N * g * L * S,
+            lambda part, w: _forward_units(pb, part, out, stats),
+            False,
+            pb.cost,
         )
-    return out, lse
+    return out, stats
 
 
 def _backward(
-    pb: _Problem, d_out: Tensor, out: Tensor, lse: Tensor, want_dmask: bool
+    pb: _Problem, d_out: Tensor, out: Tensor, stats: Tensor, want_dmask: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """FlashAttention-2's backward pass over all units: ``(dq, dk, dv, dmask)``.
 
-    Shapes: ``d_out``/``out (N, g, L, Ev)``, ``lse (N, g, L)``; returns ``dq (N, g, L, E)``,
+    Shapes: ``d_out``/``out (N, g, L, Ev)``, ``stats (2, N, g, L)``; returns ``dq (N, g, L, E)``,
     ``dk (N, S, E)``, ``dv (N, S, Ev)`` and ``dmask`` of the mask's shape (or ``None``).
     """
     N, g, L, _ = pb.q.shape
@@ -604,7 +648,7 @@ def _backward(
     grads += [zeros(grads[0]) for _ in range(1, workers)]
 
     def work(part: list[_Unit], w: int) -> None:
-        _backward_units(pb, part, d_out, delta, lse, grads[w])
+        _backward_units(pb, part, d_out, delta, stats, grads[w])
 
     with _autocast_off(pb.q.device):
         used = _run(units, N * g * L * S, work, by_chunk, pb.cost)
@@ -624,7 +668,7 @@ def _backward(
 class _ChunkedAttention(torch.autograd.Function):
     """Eager mode: online-softmax attention; the backward recomputes tiles from saved rows.
 
-    It saves only ``(q, k, v, out, lse)`` (and the mask), never an ``(L, S)`` tensor.
+    It saves only ``(q, k, v, out, stats)`` (and the mask), never an ``(L, S)`` tensor.
 
     Eager calls run the tile ops in the open (a ``TorchDispatchMode`` sees each one);
     compiled ones go through the custom operators below, which share the same code.
@@ -647,18 +691,18 @@ class _ChunkedAttention(torch.autograd.Function):
     ) -> Tensor:
         """``q (N, g, L, E)``, ``k (N, S, E)``, ``v (N, S, Ev)``, mask ``(M, g', L', S')``."""
         config = (causal, scale, dropout_p, seed, block_l, block_s)
-        out, lse = _forward(q, k, v, mask, mask_index, *config)
-        ctx.save_for_backward(q, k, v, out, lse, mask, mask_index)
+        out, stats = _forward(q, k, v, mask, mask_index, *config)
+        ctx.save_for_backward(q, k, v, out, stats, mask, mask_index)
         ctx.config = config
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, d_out: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, out, lse, mask, mask_index = ctx.saved_tensors
+        q, k, v, out, stats, mask, mask_index = ctx.saved_tensors
         pb = _Problem(q, k, v, mask, mask_index, *ctx.config)
         want_dmask = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
-        dq, dk, dv, dmask = _backward(pb, d_out, out, lse, want_dmask)
+        dq, dk, dv, dmask = _backward(pb, d_out, out, stats, want_dmask)
         return dq, dk, dv, dmask, None, None, None, None, None, None, None
 
 
@@ -686,8 +730,10 @@ def _forward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_forward` plus the dropout seed it drew, a 0-dim int64 tensor (0 without dropout)."""
     seed = _draw_seed(dropout_p)
-    out, lse = _forward(q, k, v, mask, mask_index, causal, scale, dropout_p, seed, block_l, block_s)
-    return out, lse, torch.tensor(seed, dtype=torch.int64)
+    out, stats = _forward(
+        q, k, v, mask, mask_index, causal, scale, dropout_p, seed, block_l, block_s
+    )
+    return out, stats, torch.tensor(seed, dtype=torch.int64)
 
 
 @_forward_op.register_fake
@@ -705,7 +751,7 @@ def _forward_fake(
 ) -> tuple[Tensor, Tensor, Tensor]:
     N, g, L, _ = q.shape
     out = q.new_empty(N, g, L, v.shape[2])
-    return out, q.new_empty(N, g, L), torch.empty((), dtype=torch.int64)
+    return out, q.new_empty(2, N, g, L), torch.empty((), dtype=torch.int64)
 
 
 @torch.library.custom_op("transformer::chunked_attention_backward", mutates_args=())
@@ -715,7 +761,7 @@ def _backward_op(
     k: Tensor,
     v: Tensor,
     out: Tensor,
-    lse: Tensor,
+    stats: Tensor,
     seed: Tensor,
     mask: Tensor | None,
     mask_index: Tensor | None,
@@ -729,7 +775,7 @@ def _backward_op(
     """:func:`_backward`; ``dmask`` is empty ``(0,)`` unless ``want_dmask`` (ops return tensors)."""
     config = (causal, scale, dropout_p, int(seed.item()), block_l, block_s)
     pb = _Problem(q, k, v, mask, mask_index, *config)
-    dq, dk, dv, dmask = _backward(pb, d_out, out, lse, want_dmask)
+    dq, dk, dv, dmask = _backward(pb, d_out, out, stats, want_dmask)
     return dq, dk, dv, q.new_empty(0) if dmask is None else dmask
 
 
@@ -740,7 +786,7 @@ def _backward_fake(
     k: Tensor,
     v: Tensor,
     out: Tensor,
-    lse: Tensor,
+    stats: Tensor,
     seed: Tensor,
     mask: Tensor | None,
     mask_index: Tensor | None,
@@ -757,19 +803,19 @@ def _backward_fake(
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     q, k, v, mask, mask_index, causal, scale, dropout_p, block_l, block_s = inputs
-    out, lse, seed = output
-    ctx.save_for_backward(q, k, v, out, lse, seed, mask, mask_index)
+    out, stats, seed = output
+    ctx.save_for_backward(q, k, v, out, stats, seed, mask, mask_index)
     ctx.config = (causal, scale, dropout_p, block_l, block_s)
 
 
 def _op_backward(
-    ctx: Any, d_out: Tensor, d_lse: Tensor | None, d_seed: Tensor | None
+    ctx: Any, d_out: Tensor, d_stats: Tensor | None, d_seed: Tensor | None
 ) -> tuple[Tensor | None, ...]:
-    """Only ``out`` is differentiable: ``lse`` and the seed are the backward's own inputs."""
-    q, k, v, out, lse, seed, mask, mask_index = ctx.saved_tensors
+    """Only ``out`` is differentiable: ``stats`` and the seed are the backward's own inputs."""
+    q, k, v, out, stats, seed, mask, mask_index = ctx.saved_tensors
     want_dmask = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = _backward_op(
-        d_out, q, k, v, out, lse, seed, mask, mask_index, *ctx.config, want_dmask
+        d_out, q, k, v, out, stats, seed, mask, mask_index, *ctx.config, want_dmask
     )
     return dq, dk, dv, dmask if want_dmask else None, None, None, None, None, None, None
 

@@ -27,7 +27,8 @@ mask's broadcast dims by a pass of its own, see below).
 
 Memory: O(L + S) per (batch, head) in the forward and the backward pass alike. Besides
 the inputs' and outputs' sizes, the only tensors created are the per-row statistics
-``LSE`` and ``D = rowsum(dO * O)`` (``L`` per head); the backward pass recomputes ``P``
+(the max ``m`` and ``1 / l``, and ``D = rowsum(dO * O)``: ``L`` each per head); the
+backward pass recomputes ``P``
 tile by tile, as FlashAttention-2 does (algorithm 2): one kernel owns a key block and
 accumulates ``dK``, ``dV`` over query blocks, another owns a query block and accumulates
 ``dQ`` over key blocks, both on chip, so no ``(L, S)`` buffer exists. The one
@@ -217,18 +218,18 @@ class _Problem:
         )  # fmt: skip
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """``O (Bo, Hq, L, Ev)`` and the log2-domain ``LSE (Bo*Hq, L)``."""
+        """``O (Bo, Hq, L, Ev)`` and ``stats (Bo*Hq, 2, L)``: each row's max (log2), ``1 / l``."""
         out = torch.empty(self.Bo, self.H, self.L, self.Ev, dtype=q.dtype, device=q.device)
-        lse = torch.empty(self.Bo * self.H, self.L, dtype=self.acc, device=q.device)
+        stats = torch.empty(self.Bo * self.H, 2, self.L, dtype=self.acc, device=q.device)
         mask = q if self.mask is None else self.mask  # any pointer; never read without a mask
         heads = self.Bo * self.H
         self.launch(
             "attn_fwd", lambda m, n: math.ceil(self.L / m) * heads,
-            q, k, v, mask, out, lse,
+            q, k, v, mask, out, stats,
             *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(self.mask), *_strides4(out),
             *self._tail(),
         )  # fmt: skip
-        return out, lse
+        return out, stats
 
     def backward(
         self,
@@ -236,12 +237,12 @@ class _Problem:
         k: Tensor,
         v: Tensor,
         out: Tensor,
-        lse: Tensor,
+        stats: Tensor,
         dout: Tensor,
         needs: tuple[bool, bool, bool],
         dmask_shape: tuple[int, int, int, int] | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-        """``dQ``, ``dK``, ``dV``, ``dMask`` (``None`` where not needed) from ``O`` and ``LSE``.
+        """``dQ``, ``dK``, ``dV``, ``dMask`` (``None`` where not needed) from ``O`` and ``stats``.
 
         ``needs`` says which of query, key and value want a gradient. ``dmask_shape``
         ``(GB, GH, GL, GS)``, given when the float mask wants one, is the mask's shape
@@ -249,7 +250,7 @@ class _Problem:
         ``(Bo, Hq, L, S)``. ``dMask`` has that shape, in the accumulator dtype, and is the
         only tensor here that can be ``L x S`` (when the mask itself is).
         """
-        delta = torch.empty_like(lse)
+        delta = torch.empty(self.Bo * self.H, self.L, dtype=self.acc, device=q.device)
         pre_block = _INTERPRET_BLOCK if _interpreting() else PREPROCESS_BLOCK
         pre_args = (out, dout, delta, *_strides4(out), *_strides4(dout), self.H, self.L)
         pre_meta = {
@@ -265,7 +266,7 @@ class _Problem:
         common = (
             *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(self.mask), *_strides4(dout),
         )  # fmt: skip
-        saved = (q, k, v, mask, dout, lse, delta)
+        saved = (q, k, v, mask, dout, stats, delta)
         dq = dk = dv = dmask = None
         if needs[1] or needs[2]:
             dk = torch.empty_like(k, memory_format=torch.contiguous_format)
@@ -294,7 +295,7 @@ class _Problem:
 
 
 class _FlashAttention(torch.autograd.Function):
-    """Autograd wrapper: saves ``Q, K, V, O, LSE`` (and the mask), recomputes ``P`` backward.
+    """Autograd wrapper: saves ``Q, K, V, O``, two numbers per row and the mask; recomputes ``P``.
 
     q ``(Bo, Hq, L, E)``, k ``(Bo, Hk, S, E)``, v ``(Bo, Hk, S, Ev)``; the mask comes
     unfolded, broadcastable to ``(*batch, L, S)`` (``batch`` folds to ``(Bo, Hq)``), so
@@ -319,8 +320,8 @@ class _FlashAttention(torch.autograd.Function):
         mask4 = _fold_mask(mask, batch, q.size(2), k.size(2))
         problem = _Problem(q, k, v, mask4, dropout_p, is_causal, scale, seed, causal_offset)
         with _on_device(q):
-            out, lse = problem.forward(q, k, v)
-        ctx.save_for_backward(q, k, v, mask, out, lse)
+            out, stats = problem.forward(q, k, v)
+        ctx.save_for_backward(q, k, v, mask, out, stats)
         ctx.settings = (dropout_p, is_causal, scale, seed, causal_offset)
         ctx.batch = batch
         return out
@@ -328,7 +329,7 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, mask, out, lse = ctx.saved_tensors
+        q, k, v, mask, out, stats = ctx.saved_tensors
         L, S = q.size(2), k.size(2)
         problem = _Problem(q, k, v, _fold_mask(mask, ctx.batch, L, S), *ctx.settings)
         wants = ctx.needs_input_grad
@@ -337,7 +338,7 @@ class _FlashAttention(torch.autograd.Function):
         if wants[3] and mask is not None:
             dmask_shape = _mask_grad_shape(mask.shape, ctx.batch)
         with _on_device(q):
-            dq, dk, dv, dmask = problem.backward(q, k, v, out, lse, dout, needs, dmask_shape)
+            dq, dk, dv, dmask = problem.backward(q, k, v, out, stats, dout, needs, dmask_shape)
         if dmask is not None and mask is not None:
             dmask = _unfold_mask_grad(dmask, mask.shape, ctx.batch).to(mask.dtype)
         return dq, dk, dv, dmask, None, None, None, None, None, None
@@ -386,7 +387,10 @@ def _unfold_mask_grad(
 
 
 def _consts(scale: float, dropout_p: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``(qk_scale in the log2 domain, natural scale, 1 / keep probability, log2 e)``.
+    """``(qk_scale in the log2 domain, natural scale, 1 / keep probability, log2 e, floor)``.
+
+    ``floor``: the lowest float-mask value kept finite in the log2 domain,
+    ``-finfo.max / log2(e)`` less a margin for the score added to it.
 
     Cached per value, dtype and device: a fresh host-to-device copy on every call would
     cost more than a small attention kernel itself.
@@ -395,7 +399,8 @@ def _consts(scale: float, dropout_p: float, dtype: torch.dtype, device: torch.de
     if key not in _CONSTS:
         if len(_CONSTS) > 64:
             _CONSTS.clear()
-        values = [scale * _LOG2E, scale, 1.0 / (1.0 - dropout_p), _LOG2E]
+        floor = -torch.finfo(dtype).max / _LOG2E * (1.0 - 2.0**-10)
+        values = [scale * _LOG2E, scale, 1.0 / (1.0 - dropout_p), _LOG2E, floor]
         _CONSTS[key] = torch.tensor(values, dtype=dtype, device=device)
     return _CONSTS[key]
 
