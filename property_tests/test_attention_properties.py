@@ -5,7 +5,9 @@ so a kernel registered later is held to the same laws without a line changed her
 strategies draw awkward sizes on purpose: sequence lengths 1..300 (mostly small, to stay
 fast, and often not a multiple of 16/32/64/128, so block kernels meet ragged edges), head
 dims 1..80, zero to two leading batch dims with broadcast 1s, and masks with rows that
-allow no key at all. Hypothesis draws sizes and seeds; tensors come from seeded
+allow no key at all. The chunked kernel's blocks (512 rows and keys by default, more than
+any drawn length) are drawn too, down to 8, so that its online softmax merges key blocks
+and its query blocks split rows. Hypothesis draws sizes and seeds; tensors come from seeded
 ``torch.Generator`` s, which keeps examples cheap and reproducible.
 
 Profiles (``ci``, ``dev``, ``thorough``) live in ``conftest.py``; ``HYPOTHESIS_PROFILE``
@@ -17,10 +19,12 @@ S source length, E query/key head dim, Ev value head dim.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -31,6 +35,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import transformer
+from transformer.kernels import chunked
 from transformer.testing import assert_close
 
 spec = functools.partial(pytest.mark.spec, component="attention", section="3.2.1", kind="property")
@@ -104,6 +109,26 @@ def plain_attention(
 # Mostly short sequences; one draw in four reaches up to 300, past several block sizes.
 lengths = st.one_of(st.integers(1, 12), st.integers(1, 12), st.integers(1, 40), st.integers(1, 300))
 head_dims = st.integers(1, 80)
+# The chunked kernel's tile: its defaults, or (rows, keys) small enough to cut the drawn
+# lengths into several blocks.
+chunked_blocks = st.one_of(st.none(), st.tuples(st.integers(8, 64), st.integers(8, 64)))
+
+
+@contextlib.contextmanager
+def tiles(blocks: tuple[int, int] | None) -> Iterator[None]:
+    """Within the block, the chunked kernel cuts its tiles to ``blocks`` (rows, keys)."""
+    if blocks is None:
+        yield
+        return
+    names = ("BLOCK_L", "BLOCK_S", "CAUSAL_BLOCK_L", "CAUSAL_BLOCK_S")
+    saved = {name: getattr(chunked, name) for name in names}
+    for name, size in zip(names, blocks * 2, strict=True):
+        setattr(chunked, name, size)
+    try:
+        yield
+    finally:
+        for name, size in saved.items():
+            setattr(chunked, name, size)
 
 
 def randn(shape: Sequence[int], seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -142,6 +167,8 @@ class Problem:
     is_causal: bool
     scale: float | None
     batch: tuple[int, ...]
+    # The chunked kernel's (query rows, keys) per tile for this call; None: its defaults.
+    blocks: tuple[int, int] | None = None
 
     @property
     def L(self) -> int:
@@ -213,6 +240,7 @@ def problems(
         # intends; arbitrary scales are the subject of the scale law (in float64).
         scale=draw(st.one_of(st.none(), st.floats(0.1, 2.0).map(lambda f: f / math.sqrt(E)))),
         batch=out_batch,
+        blocks=draw(chunked_blocks),
     )
 
 
@@ -237,15 +265,16 @@ def ours(kernel: str, p: Problem) -> Callable[..., Tensor]:
     """``(q, k, v[, float mask]) -> out`` through the package front door."""
 
     def fn(q: Tensor, k: Tensor, v: Tensor, *mask: Tensor) -> Tensor:
-        return transformer.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask[0] if mask else p.attn_mask,
-            is_causal=p.is_causal,
-            scale=p.scale,
-            kernel=kernel,
-        )
+        with tiles(p.blocks):
+            return transformer.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask[0] if mask else p.attn_mask,
+                is_causal=p.is_causal,
+                scale=p.scale,
+                kernel=kernel,
+            )
 
     return fn
 
@@ -273,14 +302,12 @@ def sized_for(kernel: str, p: Problem) -> Problem:
         mask = mask[..., :S]
         if mask.dim() >= 2 and mask.size(-2) > 1:
             mask = mask[..., :L, :]
-    return Problem(
-        p.query[..., :L, :],
-        p.key[..., :S, :],
-        p.value[..., :S, :],
-        mask,
-        p.is_causal,
-        p.scale,
-        p.batch,
+    return dataclasses.replace(
+        p,
+        query=p.query[..., :L, :],
+        key=p.key[..., :S, :],
+        value=p.value[..., :S, :],
+        attn_mask=mask,
     )
 
 
@@ -406,14 +433,11 @@ def test_permuting_keys_with_values_leaves_output_unchanged(
     perm = torch.tensor(data.draw(st.permutations(range(p.S))), dtype=torch.long)
     upstream = randn((*p.batch, p.L, p.value.size(-1)), 98, torch.float64)
     mask = p.attn_mask
-    permuted = Problem(
-        p.query,
-        p.key[..., perm, :],
-        p.value[..., perm, :],
-        None if mask is None else mask[..., perm],
-        p.is_causal,
-        p.scale,
-        p.batch,
+    permuted = dataclasses.replace(
+        p,
+        key=p.key[..., perm, :],
+        value=p.value[..., perm, :],
+        attn_mask=None if mask is None else mask[..., perm],
     )
     out, (_, dk, dv) = forward_backward(ours(kernel, p), [p.query, p.key, p.value], upstream)
     out_p, (_, dk_p, dv_p) = forward_backward(
@@ -435,7 +459,7 @@ def test_adding_a_constant_to_a_float_mask_row_leaves_output_unchanged(
     assert p.attn_mask is not None
     shift = data.draw(st.floats(-20.0, 20.0))
     rows = randn((*p.attn_mask.shape[:-1], 1), 97, torch.float64) * shift  # one constant per row
-    shifted = Problem(p.query, p.key, p.value, p.attn_mask + rows, p.is_causal, p.scale, p.batch)
+    shifted = dataclasses.replace(p, attn_mask=p.attn_mask + rows)
     base = ours(kernel, p)(p.query, p.key, p.value)
     assert_close(ours(kernel, shifted)(p.query, p.key, p.value), base)
 
@@ -452,9 +476,9 @@ def test_scaling_query_by_c_equals_multiplying_scale_by_c(
 ) -> None:
     """Attention of (c * Q) with scale s equals attention of Q with scale c * s (s defaulting to 1/sqrt(E)): the scores are (Q K^T) * scale (§3.2.1)."""
     p = sized_for(kernel, p)
-    scaled_q = Problem(p.query * c, p.key, p.value, p.attn_mask, p.is_causal, s, p.batch)
+    scaled_q = dataclasses.replace(p, query=p.query * c, scale=s)
     s_times_c = c * (1.0 / math.sqrt(p.query.size(-1)) if s is None else s)
-    scaled_s = Problem(p.query, p.key, p.value, p.attn_mask, p.is_causal, s_times_c, p.batch)
+    scaled_s = dataclasses.replace(p, scale=s_times_c)
     assert_close(
         ours(kernel, scaled_q)(scaled_q.query, p.key, p.value),
         ours(kernel, scaled_s)(p.query, p.key, p.value),
@@ -492,7 +516,7 @@ def test_rows_with_no_allowed_key_are_exactly_zero_with_zero_gradient(
     row = data.draw(st.integers(0, p.L - 1))
     mask = p.attn_mask.expand((*p.attn_mask.shape[:-2], p.L, p.S)).clone()
     mask[..., row, :] = False if mask.dtype == torch.bool else NEG_INF
-    p = Problem(p.query, p.key, p.value, mask, p.is_causal, p.scale, p.batch)
+    p = dataclasses.replace(p, attn_mask=mask)
     empty = ~p.allowed().any(dim=-1)  # (..., L)
     upstream = randn((*p.batch, p.L, p.value.size(-1)), 96)
     out, grads = forward_backward(ours(kernel, p), differentiable(p), upstream)
@@ -517,7 +541,10 @@ def gqa_problems(draw: st.DrawFn) -> tuple[Problem, int]:
     # Float64: the law is an identity, so fp32 rounding of a different summation order
     # (a kernel may handle groups natively) is not what it is about.
     dtype = torch.float64
-    mask = None if kind == "none" else draw(masks((L, S), kind, seed + 3, dtype))
+    batch = (*lead, kv_heads * groups)
+    # The mask may vary by query head (and batch): a kernel must map it to the right head.
+    mask_shape = (*draw(broadcast_variant(batch)), L, S)
+    mask = None if kind == "none" else draw(masks(mask_shape, kind, seed + 3, dtype))
     p = Problem(
         query=randn((*lead, kv_heads * groups, L, E), seed, dtype),
         key=randn((*lead, kv_heads, S, E), seed + 1, dtype),
@@ -525,7 +552,8 @@ def gqa_problems(draw: st.DrawFn) -> tuple[Problem, int]:
         attn_mask=mask,
         is_causal=draw(st.booleans()),
         scale=None,
-        batch=(*lead, kv_heads * groups),
+        batch=batch,
+        blocks=draw(chunked_blocks),
     )
     return p, groups
 
@@ -536,22 +564,24 @@ def gqa_problems(draw: st.DrawFn) -> tuple[Problem, int]:
 def test_grouped_query_attention_equals_repeated_key_value_heads(
     kernel: str, drawn: tuple[Problem, int]
 ) -> None:
-    """``enable_gqa=True`` equals repeating each key/value head for its group of query heads (torch's ``repeat_interleave`` layout), in output and gradients of q, k, v."""
+    """``enable_gqa=True`` equals repeating each key/value head for its group of query heads (torch's ``repeat_interleave`` layout), in output and gradients of q, k, v, with masks shared by all heads or one per query head."""
     p, groups = drawn
     p = sized_for(kernel, p)
     upstream = randn((*p.batch, p.L, p.value.size(-1)), 95, torch.float64)
 
     def gqa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return transformer.scaled_dot_product_attention(
-            q, k, v, p.attn_mask, is_causal=p.is_causal, enable_gqa=True, kernel=kernel
-        )
+        with tiles(p.blocks):
+            return transformer.scaled_dot_product_attention(
+                q, k, v, p.attn_mask, is_causal=p.is_causal, enable_gqa=True, kernel=kernel
+            )
 
     def repeated(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         k_rep = k.repeat_interleave(groups, dim=-3)  # (..., Hq, S, E)
         v_rep = v.repeat_interleave(groups, dim=-3)  # (..., Hq, S, Ev)
-        return transformer.scaled_dot_product_attention(
-            q, k_rep, v_rep, p.attn_mask, is_causal=p.is_causal, kernel=kernel
-        )
+        with tiles(p.blocks):
+            return transformer.scaled_dot_product_attention(
+                q, k_rep, v_rep, p.attn_mask, is_causal=p.is_causal, kernel=kernel
+            )
 
     qkv = [p.query, p.key, p.value]
     assert_results_close(
