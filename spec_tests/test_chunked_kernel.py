@@ -152,7 +152,7 @@ def saved_shapes(fn: Callable[..., Tensor], *tensors: Tensor) -> list[tuple[int,
 @spec(section="extra", kind="property")
 @pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
 def test_backward_saves_no_tensor_with_both_query_and_key_length(causal: bool) -> None:
-    """The backward pass saves only O(L + S) tensors (inputs, output, per-row log-sum-exp): none has both an L and an S dim, while the reference kernel saves (L, S) ones."""
+    """The backward pass saves only O(L + S) tensors (inputs, output, two numbers per row): none has both an L and an S dim, while the reference kernel saves (L, S) ones."""
     L, S = 37, 53
     q, k, v = randn(2, 3, L, 8, seed=0), randn(2, 3, S, 8, seed=1), randn(2, 3, S, 8, seed=2)
     padding = torch.arange(S)[None, None, None, :] < torch.tensor([S, 9])[:, None, None, None]

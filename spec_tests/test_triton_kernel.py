@@ -243,7 +243,7 @@ def test_non_contiguous_inputs_are_read_through_their_strides() -> None:
 
 @spec(section="extra", kind="masking")
 def test_mask_rows_past_element_two_to_the_31_are_read_where_they_lie() -> None:
-    """A bool mask whose row 16 starts at element 2^31 (as every row past 46340 of an (L, S) mask does at L = S = 46341) is read there, not at a wrapped 32-bit offset: output and gradients match float64 math. The mask is a strided view into 2^31 + 16 bools, allocated but never touched except at the 17 rows used."""
+    """A bool mask whose row 16 starts at element 2^31 (as the last row of an (L, S) mask does from L = S = 46342 on) is read there, not at a wrapped 32-bit offset: output and gradients match float64 math. The mask is a strided view into 2^31 + 16 bools, allocated but never touched except at the 17 rows used."""
     L, S, E = 17, 16, 16
     row_stride = 2**27  # row 16 starts at 16 * 2^27 = 2^31
     storage = torch.empty(row_stride * (L - 1) + S, dtype=torch.bool, device=DEVICE)

@@ -106,9 +106,9 @@ def _load_consts(Consts):
 
 @triton.jit
 def _offsets(index, stride):
-    """``index * stride`` in int64: a mask's ``(L, S)`` plane alone may pass 2^31 elements.
-
-    (At L = S = 46341 it does; int32 offsets would wrap and read outside the mask.)
+    """``index * stride`` in int64: in a mask's ``(L, S)`` plane the last row's offset
+    ``(L - 1) * S`` alone passes 2^31 from L = S = 46342 on, where int32 would wrap and
+    read outside the mask.
     """
     return index.to(tl.int64) * stride
 

@@ -150,7 +150,7 @@ class _Problem:
     block_l: int
     block_s: int
     # Lowest float-mask value that stays finite once scaled into base 2, or None when
-    # no finite mask value is below it (see _mask_floor).
+    # every mask value is at or above it, with no -inf or NaN (see _mask_floor).
     mask_floor: float | None = field(init=False)
 
     def __post_init__(self) -> None:
@@ -188,19 +188,38 @@ def _mask_floor(mask: Tensor | None, dtype: torch.dtype) -> float | None:
     Scores are kept in base 2, and ``log2(e) * finfo.min`` overflows to ``-inf``: a row
     masked with ``finfo.min`` would read as having no allowed key (a zero row) instead of
     torch's equal weights. Entries below about ``-2.4e38`` in fp32 (``finfo.max /
-    log2(e)``, less a margin for the score added to them) are therefore raised to it;
-    ``-inf`` stays ``-inf``. Returns None, and nothing is raised, when the mask holds no
-    such entry (one reduction over the mask, two when it holds ``-inf``).
+    log2(e)``, less a margin for the score added to them) are therefore raised to it,
+    tile by tile, each element on its own (``-inf`` and NaN pass unchanged). Returns None,
+    and tiles skip that, when no finite mask value lies below the floor.
     """
     if mask is None or not mask.is_floating_point() or mask.numel() == 0:
         return None
+    # A broadcast (stride 0) dim repeats its values: look at one copy only.
+    distinct = mask
+    for dim in range(mask.dim()):
+        if mask.stride(dim) == 0 and mask.size(dim) > 1:
+            distinct = distinct.narrow(dim, 0, 1)
     floor = -torch.finfo(dtype).max / _LOG2E * (1.0 - 2.0**-10)
-    lowest = mask.amin().item()
-    if lowest >= floor or math.isnan(lowest):
-        return None
-    if lowest == _NEG_INF and not bool(((mask < floor) & (mask != _NEG_INF)).any()):
-        return None
-    return floor
+    return None if _finite_min(distinct) >= floor else floor
+
+
+def _finite_min(values: Tensor) -> float:
+    """The least finite value of ``values`` (``+inf`` if none): ``-inf`` and NaN are ignored.
+
+    Part by part through one small buffer, so no temporary of the mask's size is made
+    (fresh pages cost more than the reduction: about 60 ms against 4 for a 16M-element
+    mask, measured on the CPU).
+    """
+    flat = values.reshape(-1)
+    step = 1 << 16
+    buf = flat.new_empty(min(step, flat.numel()))
+    lowest = flat.new_full((), math.inf)
+    for i in range(0, flat.numel(), step):
+        part = flat[i : i + step]
+        out = buf[: part.numel()]
+        torch.nan_to_num(part, nan=math.inf, posinf=math.inf, neginf=math.inf, out=out)
+        lowest = torch.minimum(lowest, out.amin())
+    return float(lowest.item())
 
 
 def _slices_per_chunk(per_slice: int) -> int:

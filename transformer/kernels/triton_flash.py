@@ -3,7 +3,8 @@
 Computes equation 1 of "Attention Is All You Need" (section 3.2.1),
 ``softmax(Q K^T / sqrt(d_k) + mask) V``, tile by tile with an online softmax, so the
 ``(L, S)`` score matrix is never stored; the backward pass recomputes it blockwise from
-the saved per-row log-sum-exp (Dao, "FlashAttention-2", 2023). The kernels themselves
+each row's saved max and ``1 / l`` (Dao, "FlashAttention-2", 2023, saves their
+log-sum-exp instead). The kernels themselves
 live in :mod:`transformer.kernels._triton_kernels`.
 
 Importing this module registers the kernel and does **not** import triton; triton is
