@@ -194,13 +194,16 @@ def _mask_floor(mask: Tensor | None, dtype: torch.dtype) -> float | None:
     """
     if mask is None or not mask.is_floating_point() or mask.numel() == 0:
         return None
-    # A broadcast (stride 0) dim repeats its values: look at one copy only.
-    distinct = mask
-    for dim in range(mask.dim()):
-        if mask.stride(dim) == 0 and mask.size(dim) > 1:
-            distinct = distinct.narrow(dim, 0, 1)
     floor = -torch.finfo(dtype).max / _LOG2E * (1.0 - 2.0**-10)
-    return None if _finite_min(distinct) >= floor else floor
+    return None if _finite_min(_unexpanded(mask)) >= floor else floor
+
+
+def _unexpanded(t: Tensor) -> Tensor:
+    """``t`` with each expanded (stride 0) dim narrowed to size 1: such a dim holds one value."""
+    for dim in range(t.dim()):
+        if t.stride(dim) == 0 and t.size(dim) > 1:
+            t = t.narrow(dim, 0, 1)
+    return t
 
 
 def _finite_min(values: Tensor) -> float:
@@ -876,10 +879,8 @@ def _layout(
     if attn_mask is None:
         return q, k, v, None, None, batch
     if not attn_mask.requires_grad:
-        # An expanded (stride 0) dim holds one value: read it as a broadcast dim instead.
-        for dim in range(attn_mask.dim()):
-            if attn_mask.stride(dim) == 0 and attn_mask.size(dim) > 1:
-                attn_mask = attn_mask.narrow(dim, 0, 1)
+        # An expanded dim holds one value: read it as a broadcast dim instead.
+        attn_mask = _unexpanded(attn_mask)
     # Leading 1s up to (*batch, L', S'), then the heads dim split into (Hk, g) or (1, 1).
     mask = attn_mask.reshape((1,) * (len(batch) + 2 - attn_mask.dim()) + tuple(attn_mask.shape))
     if enable_gqa and mask.size(-3) != 1:
