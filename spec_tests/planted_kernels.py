@@ -279,6 +279,12 @@ def writes_into_its_query(
 
 
 #: planted kernel -> the property that must catch it.
+def wrong_unless_four_dims(query: Tensor, key: Tensor, value: Tensor, **kwargs: Any) -> Tensor:
+    """Bug: right for ``(B, H, L, E)`` inputs, but other ranks (torch takes ``(N, ..., L, E)``) get the right shape filled with zeros."""
+    out = plain(query, key, value, **kwargs)
+    return out if query.dim() == 4 else torch.zeros_like(out)
+
+
 CAUGHT_BY: dict[str, str] = {
     "forgets_scale": "default-scale",
     "ignores_is_causal": "causal-top-left",
@@ -299,4 +305,5 @@ CAUGHT_BY: dict[str, str] = {
     "dropout_mask_shared_by_heads": "dropout-rate",
     "dropout_on_the_output": "dropout-rate",
     "softmax_without_max": "explicit-scale",
+    "wrong_unless_four_dims": "forward",
 }

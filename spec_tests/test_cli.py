@@ -878,6 +878,19 @@ def test_resume_to_a_step_the_checkpoint_already_reached_is_refused(
 
 
 @spec(kind="error")
+def test_resume_of_a_run_that_records_no_data_is_a_one_line_error(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train --resume` on a run whose checkpoint records no training data (one trained through the Python API) exits 1 with a line naming --resume, not a KeyError."""
+    run = tmp_path / "run"
+    _copy_tree(trained_run, run)
+    _resave(run, run / "checkpoint", data=None)
+    assert main(["train", "--resume", "--out", str(run), "--steps", "13"]) == 1
+    line = _one_line_error(capsys)
+    assert line.startswith("transformer: error: --resume") and "records no training data" in line
+
+
+@spec(kind="error")
 @pytest.mark.parametrize("held", ["checkpoint", "metrics.jsonl"])
 def test_new_run_into_a_directory_holding_a_run_is_refused_unless_forced(
     trained_run: Path, tmp_path: Path, held: str, capsys: pytest.CaptureFixture[str]

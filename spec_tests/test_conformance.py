@@ -11,6 +11,7 @@ plugin are tested as a kernel author meets them.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -167,6 +168,47 @@ def test_a_kernel_writing_into_its_inputs_fails_naming_the_input() -> None:
     assert "the kernel wrote into its input query (in place)" in detail, detail
 
 
+def _returns_out_and_lse(query: Tensor, key: Tensor, value: Tensor, **kw: object) -> object:
+    out = F.scaled_dot_product_attention(query, key, value, **kw)  # type: ignore[arg-type]
+    return out, torch.zeros(out.shape[:-1])
+
+
+@spec(section="extra", kind="error")
+def test_a_kernel_returning_a_tuple_fails_every_property_and_the_run_still_reports() -> None:
+    """A kernel returning ``(out, lse)``, as flash kernels often do internally, FAILs each core and memory property it runs with a message saying it returned a tuple, the dropout ones included (which read the result directly); no exception ends the run, so every property gets a line and the report can be written."""
+    report = run(_returns_out_and_lse, QUICK)
+    judged = [r for r in report.properties if r.prop.section in ("core", "memory") and r.results]
+    assert {"forward", "dropout-rate", "dropout-seed"} <= {r.prop.name for r in judged}
+    for result in judged:
+        assert result.status == "FAIL", (result.prop.name, result.status)
+        assert "returned tuple, not a Tensor" in result.first("FAIL").detail  # type: ignore[union-attr]
+    assert report.exit_code() == 1
+
+
+def _forward_only(query: Tensor, key: Tensor, value: Tensor, **kw: object) -> Tensor:
+    with torch.no_grad():  # an inference kernel: its output does not require grad
+        return F.scaled_dot_product_attention(query, key, value, **kw)  # type: ignore[arg-type]
+
+
+_CALLS = itertools.count()
+
+
+def _forward_only_noisy(query: Tensor, key: Tensor, value: Tensor, **kw: object) -> Tensor:
+    out = _forward_only(query, key, value, **kw)
+    return out + 1e-3 * next(_CALLS)  # another output at every call, whatever the seed
+
+
+@spec(section="extra", kind="property")
+def test_a_kernel_without_a_backward_still_has_its_outputs_checked_for_determinism() -> None:
+    """For a kernel with no backward, ``deterministic`` and ``dropout-seed`` still compare the outputs of repeated calls: a kernel adding noise at every call FAILs both, a repeatable one passes them as forward only (before, both were UNSUPPORTED whatever the outputs did)."""
+    names = ["deterministic", "dropout-seed"]
+    noisy = run(_forward_only_noisy, QUICK, properties=names)
+    assert [r.status for r in noisy.properties] == ["FAIL", "FAIL"]
+    assert "differs between two" in noisy.properties[0].first("FAIL").detail  # type: ignore[union-attr]
+    steady = run(_forward_only, QUICK, properties=names)
+    assert [r.status for r in steady.properties] == ["PASS (forward only)"] * 2
+
+
 @spec(section="extra", kind="property")
 def test_two_calls_that_give_the_same_nan_are_deterministic() -> None:
     """Determinism compares NaN-aware: a kernel whose output is NaN at the same elements on every call is deterministic (torch.equal would call NaN != NaN a difference)."""
@@ -302,6 +344,7 @@ def test_every_case_of_a_property_has_its_own_id() -> None:
     ("argv", "message"),
     [
         (["nowhere.module:fn"], "TARGET"),
+        ([".relative_module:fn"], "TARGET"),
         (["torch.nn.functional:scaled_dot_product_attention", "--dtypes", "fp8"], "--dtypes"),
         ([], "either TARGET"),
         (["--kernel", "nope"], "--kernel"),

@@ -632,6 +632,28 @@ def test_filter_logits_keeps_exactly_the_top_k_and_the_smallest_nucleus() -> Non
     assert torch.equal(logits, before)
 
 
+@spec(kind="equivalence")
+@pytest.mark.parametrize(
+    ("probs", "top_p", "kept"),
+    [
+        ([0.6, 0.3, 0.1], 0.9, {0, 1}),  # 0.6 + 0.3 sums to 0.8999999999999999
+        ([0.7, 0.2, 0.1], 0.9, {0, 1}),
+        ([0.5, 0.25, 0.25], 0.75, {0, 1}),
+        ([1 / 12] * 12, 0.5, set(range(6))),  # ties: the first six by torch.sort
+    ],
+)
+def test_a_nucleus_whose_mass_equals_p_exactly_is_not_extended_by_rounding(
+    probs: list[float], top_p: float, kept: set[int]
+) -> None:
+    """When the most probable tokens hold exactly p, the nucleus is those tokens (their mass reaches p) and not one more, though the float sum of their probabilities lands just below p (Holtzman et al., 2020: the smallest set reaching p)."""
+    logits = torch.tensor(probs, dtype=torch.float64).log()[None]  # (1, V)
+    finite = set(torch.isfinite(filter_logits(logits, top_p=top_p)[0]).nonzero().flatten().tolist())
+    if len(set(probs)) == 1:
+        assert len(finite) == len(kept), finite  # which of the tied tokens is torch.sort's
+    else:
+        assert finite == kept
+
+
 def binomial_bound(p: Tensor, n: int) -> Tensor:
     """Five standard deviations of a frequency of ``n`` Bernoulli(p) draws, plus one count."""
     return 5.0 * (p * (1.0 - p) / n).sqrt() + 1.0 / n

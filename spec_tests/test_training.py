@@ -1159,6 +1159,17 @@ def test_keep_last_after_a_shorter_run_is_extended_keeps_what_one_long_run_keeps
 
 
 @spec(section="extra", kind="property")
+def test_resuming_with_another_checkpoint_every_keeps_the_step_checkpoints_already_kept(
+    tmp_path: Path,
+) -> None:
+    """The step checkpoints a run kept before its stop stay when the resumed run saves on another grid (every 2 steps to 4, then every 3 to 7): 2 and 4, then 6 and the final 7, for keep_last=4 (§6.1 averages them)."""
+    _run(tmp_path, 4, checkpoint_every=2, keep_last=4)
+    _run(tmp_path, 7, resume=True, checkpoint_every=3, keep_last=4)
+    names = [p.name for p in step_checkpoints(tmp_path)]
+    assert names == ["step-00000002", "step-00000004", "step-00000006", "step-00000007"]
+
+
+@spec(section="extra", kind="property")
 def test_resuming_with_another_log_every_keeps_the_records_already_logged(tmp_path: Path) -> None:
     """The records a run logged before its checkpoint stay in metrics.jsonl when the resumed run logs on another grid (every 2 steps, then every 3): steps 2 and 4, then 6 and 9 after the resume at 4."""
     _run(tmp_path, 4, log_every=2)

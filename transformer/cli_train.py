@@ -82,7 +82,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"--steps {args.steps} is not beyond the checkpoint's step {done}: "
                 f"--resume trains on to --steps, so ask for more than {done}"
             )
-        data = meta["data"]
+        data = meta.get("data")
+        if not isinstance(data, dict):
+            raise CLIError(
+                f"--resume: the run in {out} records no training data (it was not written "
+                "by `transformer train`); resume it with transformer.train(..., resume=True)"
+            )
         asked = args.task or (args.data and os.path.abspath(args.data))
         if asked and asked not in (data.get("task"), data.get("tsv")):
             raise CLIError(

@@ -72,7 +72,9 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
     * **top-p, the nucleus** (Holtzman et al., 2020): each row keeps the smallest set of
       most probable tokens whose probabilities under ``softmax(logits)`` sum to at least
       ``top_p`` (a token is kept when the tokens more probable than it hold less than
-      ``top_p``), so the most probable token always stays; ``top_p=1`` keeps every token.
+      ``top_p``, a mass short of ``top_p`` by no more than the rounding of its sum
+      counting as reaching it), so the most probable token always stays; ``top_p=1``
+      keeps every token.
       With both, top-p applies to what top-k left. Ties at the edge of the nucleus are
       broken by the order of ``torch.sort``.
 
@@ -108,7 +110,10 @@ def _filter(logits: Tensor, k: int | None, p: float | None) -> Tensor:
         probs = ranked.to(_probability_dtype(out)).softmax(dim=-1)  # (N, V) by rank
         # Mass of the tokens ranked strictly above each token: an exclusive cumulative sum.
         above = torch.cat([probs.new_zeros((probs.size(0), 1)), probs.cumsum(-1)[:, :-1]], -1)
-        drop = torch.empty_like(above, dtype=torch.bool).scatter_(-1, order, above >= p)
+        # A mass that reaches p but for the rounding of the sum reaches it (0.6 + 0.3 is
+        # 0.8999999999999999 in float64): the sum of V terms is off by V roundings at most.
+        reach = p * (1.0 - V * torch.finfo(probs.dtype).eps)
+        drop = torch.empty_like(above, dtype=torch.bool).scatter_(-1, order, above >= reach)
         out = out.masked_fill(drop, float("-inf"))  # (N, V) back in vocabulary order
     return out
 
@@ -181,8 +186,9 @@ def sample_decode(
     Each step draws with :func:`sample_next` from ``P(y_t | y_<t, X)`` over the tokens
     other than padding, reshaped by ``temperature`` and cut by ``top_k``/``top_p`` (the
     paper decodes with beam search, section 6.1; sampling is the usual alternative for
-    varied outputs). ``temperature=0`` (or ``top_k=1``) gives
-    :func:`~transformer.generate.greedy_decode`'s tokens. The same ``generator`` state gives the
+    varied outputs). ``temperature=0`` gives :func:`~transformer.generate.greedy_decode`'s
+    tokens, and so does ``top_k=1`` except where the largest logits tie exactly (top-k keeps
+    every token tied with the k-th, and the draw picks one of them). The same ``generator`` state gives the
     same tokens, cached or not.
 
     Args:

@@ -234,11 +234,15 @@ def _restore_run(
     if world()[0] == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_atomically(metrics_path, "".join(_json_line(r) for r in previous))
-        # A run extended past its old last step (off the grid) would not have kept that
-        # step's checkpoint: drop it, so the rotation holds what the longer run keeps.
+        # A run extended past its old last step would not have kept that step's
+        # checkpoint where it lies off the grid: drop it, so the rotation holds what the
+        # longer run keeps. Only that one: the others were saved on the grid the run had
+        # (it may differ from this one's) and are what keep_last promised to keep.
+        saved_every = int(state.get("config", {}).get("checkpoint_every", config.checkpoint_every))
         for kept in step_checkpoints(out):
             saved_at = int(kept.name.removeprefix("step-"))
-            if saved_at % config.checkpoint_every and saved_at < config.steps:
+            off_grid = saved_at % saved_every and saved_at % config.checkpoint_every
+            if saved_at == step and off_grid and saved_at < config.steps:
                 shutil.rmtree(kept)
     return step, elapsed_before, window, previous
 

@@ -316,6 +316,15 @@ def call_kernel(
                 f"its arguments as they were, and callers rely on it; work on a copy"
                 f"\n    case: {case.describe()}"
             )
+    return returned_tensor(out)
+
+
+def returned_tensor(out: object) -> Tensor:
+    """``out`` if the kernel returned a Tensor; a :class:`Failure` naming what it returned.
+
+    torch's SDPA returns the output alone; a kernel returning, say, ``(out, lse)`` fails
+    here instead of breaking the check that reads its result.
+    """
     if not isinstance(out, Tensor):
         raise Failure(f"the kernel returned {type(out).__name__}, not a Tensor")
     return out

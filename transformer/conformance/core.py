@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from transformer.conformance.case import (
+    BackwardUnsupported,
     Case,
     Failure,
     FollowsFromAnother,
@@ -189,6 +190,12 @@ def explicit_scale(kernel: Kernel, case: Case, device: str) -> str | None:
 def _forward_cases(settings: Settings) -> list[Case]:
     cases = [bhle(2, 3, L, S, E, grads=False) for L, S, E in _lengths(settings)]
     cases.append(bhle(2, 3, 33, 65, 24, Ev=40, grads=False))
+    # torch takes (N, ..., L, E): one batch dim, none and three are judged by value too.
+    cases += [
+        Case(q=(4, 7, 12), k=(4, 11, 12), v=(4, 11, 5), grads=False),
+        Case(q=(7, 12), k=(11, 12), v=(11, 5), grads=False),
+        Case(q=(2, 2, 3, 7, 12), k=(2, 2, 3, 11, 12), v=(2, 2, 3, 11, 5), grads=False),
+    ]
     return per_dtype(settings, cases)
 
 
@@ -415,11 +422,23 @@ def _determinism_cases(settings: Settings) -> list[Case]:
     return per_dtype(settings, [bhle(2, 3, 97, 130, 32), bhle(2, 3, 97, 130, 32, is_causal=True)])
 
 
-def _results(kernel: Kernel, case: Case, device: str) -> list[torch.Tensor]:
+def results_of_one_call(
+    kernel: Kernel, case: Case, device: str, *, seed: int | None = None
+) -> tuple[list[torch.Tensor], Unsupported | None]:
+    """The output and the gradients of one call (``torch.manual_seed(seed)`` first if given).
+
+    A kernel with no backward, or one refusing it, still has its outputs compared: the
+    refusal is returned in place of the gradients, for the caller to raise afterwards.
+    """
     inputs = build_inputs(case, device)
+    if seed is not None:
+        torch.manual_seed(seed)
     out = call_kernel(kernel, case, inputs)
-    grads = kernel_gradients(out, inputs, upstream_for(out, case.seed))
-    return [out.detach()] + [g for g in grads if g is not None]
+    try:
+        grads = kernel_gradients(out, inputs, upstream_for(out, case.seed))
+    except Unsupported as refusal:
+        return [out.detach()], refusal
+    return [out.detach()] + [g for g in grads if g is not None], None
 
 
 @conformance_property(
@@ -431,8 +450,11 @@ def _results(kernel: Kernel, case: Case, device: str) -> list[torch.Tensor]:
     cases=_determinism_cases,
 )
 def deterministic(kernel: Kernel, case: Case, device: str) -> str | None:
-    """Two calls on the same inputs (no dropout) give bit-identical outputs and gradients."""
-    first, second = _results(kernel, case, device), _results(kernel, case, device)
+    """Two calls on the same inputs (no dropout) give bit-identical outputs and gradients (the outputs alone for a kernel without a backward)."""
+    (first, refused), (second, _) = (
+        results_of_one_call(kernel, case, device),
+        results_of_one_call(kernel, case, device),
+    )
     names = ["output", "grad of query", "grad of key", "grad of value"]
     for name, a, b in zip(names, first, second, strict=False):
         if a.shape != b.shape:
@@ -447,4 +469,6 @@ def deterministic(kernel: Kernel, case: Case, device: str) -> str | None:
                 f"{a.numel()} elements (max |diff| {(a.double() - b.double()).abs().max().item():.3g})"
                 f"\n    case: {case.describe()}"
             )
+    if refused is not None:
+        raise BackwardUnsupported(f"outputs bit-identical; no gradients to compare: {refused}")
     return None

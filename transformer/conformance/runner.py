@@ -135,6 +135,15 @@ def run_case(prop: Property, kernel: Kernel, case: Case, device: str) -> CaseRes
         status, detail = FORWARD_ONLY, str(refusal)
     except Unsupported as refusal:
         status, detail = UNSUPPORTED, str(refusal)
+    except Exception as err:  # one broken case must not end the run
+        # What the kernel returned broke the check itself (an object no check expected):
+        # recorded as a failure, so the other cases still run and the report is written.
+        text = str(err).strip().splitlines()
+        status = FAIL
+        detail = (
+            f"judging the kernel's result raised {type(err).__name__}: "
+            f"{text[0][:300] if text else '(no message)'}\n    case: {case.describe()}"
+        )
     finally:
         # A failed case may leave a CUDA error or a pending allocation behind.
         if device == "cuda":
@@ -192,7 +201,8 @@ def load_kernel(spec: str) -> Kernel:
         obj: object = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as err:
+    except (ImportError, AttributeError, TypeError) as err:
+        # TypeError: a relative module name (".mine"), which import_module refuses so.
         raise ValueError(f"kernel {spec!r} cannot be loaded: {err}") from err
     if not callable(obj):
         raise ValueError(f"kernel {spec!r} is a {type(obj).__name__}, not a function")
