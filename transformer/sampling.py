@@ -188,8 +188,8 @@ def sample_decode(
     paper decodes with beam search, section 6.1; sampling is the usual alternative for
     varied outputs). ``temperature=0`` gives :func:`~transformer.generate.greedy_decode`'s
     tokens, and so does ``top_k=1`` except where the largest logits tie exactly (top-k keeps
-    every token tied with the k-th, and the draw picks one of them). The same ``generator`` state gives the
-    same tokens, cached or not.
+    every token tied with the k-th, and the draw picks one of them). The same
+    ``generator`` state gives the same tokens, cached or not.
 
     Args:
         model, src, max_len, bos_id, eos_id, use_cache: as in
