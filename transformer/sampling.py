@@ -110,8 +110,8 @@ def _filter(logits: Tensor, k: int | None, p: float | None) -> Tensor:
         probs = ranked.to(_probability_dtype(out)).softmax(dim=-1)  # (N, V) by rank
         # Mass of the tokens ranked strictly above each token: an exclusive cumulative sum.
         above = torch.cat([probs.new_zeros((probs.size(0), 1)), probs.cumsum(-1)[:, :-1]], -1)
-        # A mass that reaches p but for the rounding of the sum reaches it (0.6 + 0.3 is
-        # 0.8999999999999999 in float64): the sum of V terms is off by V roundings at most.
+        # A mass short of p only by the rounding of its sum counts as reaching it (0.6 + 0.3
+        # is 0.8999999999999999 in float64); a sum of V terms is off by V roundings at most.
         reach = p * (1.0 - V * torch.finfo(probs.dtype).eps)
         drop = torch.empty_like(above, dtype=torch.bool).scatter_(-1, order, above >= reach)
         out = out.masked_fill(drop, float("-inf"))  # (N, V) back in vocabulary order
