@@ -127,11 +127,11 @@ def register_kernel(
         priority: ``>= 0`` makes the kernel a candidate for ``kernel=None``; the default
             ``-1`` keeps a user kernel from being picked implicitly. Among the candidates
             available on the call's device, ``kernel=None`` runs the fastest according
-            to the committed measurements for that device type and dtype
-            (:data:`transformer.kernel_choice.MEASURED`, derived from
+            to the committed measurements for that device type, its hardware kind and
+            the dtype (:data:`transformer.kernel_choice.MEASURED`, derived from
             ``benchmarks/results/``); candidates with no measurement there rank after
             the measured ones, highest priority first, so where nothing is measured
-            (another device or dtype) the priority alone decides.
+            (another device, CPU kind or dtype) the priority alone decides.
 
     Raises:
         TypeError: ``name`` is not a non-empty string or ``fn`` is not callable.
@@ -149,10 +149,10 @@ def available_kernels(
     """Names of the kernels usable on ``device`` (default CPU), in ``kernel=None``'s order.
 
     First the candidates for ``kernel=None`` (priority ``>= 0``), fastest first by the
-    committed measurements for the device type and ``dtype`` (default: torch's default
-    dtype; see :func:`transformer.kernel_choice.rank_by_speed`), unmeasured ones after
-    them by priority; then the kernels only run when named (negative priority), by
-    priority. ``kernel=None`` runs the first name.
+    committed measurements for the device type, its hardware kind and ``dtype``
+    (default: torch's default dtype; see :func:`transformer.kernel_choice.rank_by_speed`),
+    unmeasured ones after them by priority; then the kernels only run when named
+    (negative priority), by priority. ``kernel=None`` runs the first name.
     """
     dev = torch.device("cpu" if device is None else device)
     named_only = sorted(

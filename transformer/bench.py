@@ -67,6 +67,7 @@ from transformer.bench_report import _plot, format_table
 from transformer.bench_report import attention_figure as attention_figure
 from transformer.bench_wrapper import WRAPPER_CANDIDATES as WRAPPER_CANDIDATES
 from transformer.bench_wrapper import run_wrapper_bench
+from transformer.kernel_choice import hardware_kind
 
 __all__ = [
     "PEAK_BF16_TFLOPS",
@@ -207,8 +208,10 @@ def run_attention_bench(
     """Measure every candidate kernel; return (and, with ``cfg.out``, write) the report.
 
     ``overrides`` replace fields of ``cfg`` (e.g. ``run_attention_bench(seq_lens=(128,))``).
-    The report: ``device``, ``hardware``, ``torch``, ``config``, ``flops_model``,
-    ``memory_method`` and ``rows`` (one per kernel x dtype x length x causal x mode).
+    The report: ``device``, ``hardware``, ``hardware_kind`` (what
+    :data:`transformer.kernel_choice.MEASURED` is keyed by), ``torch``, ``config``,
+    ``flops_model``, ``memory_method`` and ``rows`` (one per kernel x dtype x length x
+    causal x mode).
     With ``cfg.out`` it is written to ``DIR/attention-<device>.json`` with a plot
     ``DIR/attention-<device>.png`` (time and memory against length, log-log).
 
@@ -231,6 +234,7 @@ def run_attention_bench(
     report = {
         "device": cfg.device,
         "hardware": _hardware(cfg.device),
+        "hardware_kind": hardware_kind(cfg.device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
