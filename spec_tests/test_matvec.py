@@ -7,6 +7,11 @@ result as ``torch.nn.functional.linear`` wherever it is used, the split taken on
 where it applies (one row on the CPU, outside autograd, autocast and compilation), and
 a ``Linear`` module that is torch's ``nn.Linear`` in every visible way.
 
+Whether the split runs at all depends on the kind of CPU (it was measured faster on one
+and slower on another): the tests of the split itself turn it on, whatever this
+machine's kind, and one test checks that the per-kind switch follows the committed
+measurements.
+
 Reference: ``torch.nn.functional.linear`` and ``torch.nn.Linear``.
 
 Notation: I in_features, O out_features.
@@ -15,7 +20,10 @@ Notation: I in_features, O out_features.
 from __future__ import annotations
 
 import functools
+import json
+import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,12 +31,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from transformer.matvec import Linear, linear
+from transformer import matvec
+from transformer.kernel_choice import hardware_kind
+from transformer.matvec import SPLIT_MEASURED, Linear, linear
 from transformer.testing import assert_close
 
 spec = functools.partial(pytest.mark.spec, component="kv_cache", section="extra")
 
 I, O = 24, 36
+REPO = Path(__file__).resolve().parents[1]
+#: The switch as the module set it at import, before ``split_on`` patches it.
+SPLIT_HERE = matvec._SPLIT_HERE
+
+
+@pytest.fixture(autouse=True)
+def split_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split as on a CPU kind that measured it faster, whatever this machine's kind."""
+    monkeypatch.setattr(matvec, "_SPLIT_HERE", True)
 
 
 def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -285,3 +304,48 @@ def test_linear_is_a_torch_linear_with_its_keys_init_and_hooks(threads: int) -> 
         got = ours(x)
         assert_close(got, theirs(x))
     assert len(calls) == 1 and calls[0] is got
+
+
+# --------------------------------------------------------------------------------------
+# Property: the split runs on the CPU kinds that measured it faster, and only there.
+# --------------------------------------------------------------------------------------
+
+
+@spec(kind="property")
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_on_a_cpu_kind_where_the_split_was_slower_a_one_row_product_is_torch_linear(
+    threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the split off for this CPU kind, a one-row product that the split would take
+    (fp32, 2 threads, rows that divide) runs ``F.linear`` (no ``bmm``/``baddbmm``) and
+    gives its result bit for bit."""
+    monkeypatch.setattr(matvec, "_SPLIT_HERE", False)
+    x, w, b = randn(1, 1, I, seed=17), randn(O, I, seed=18), randn(O, seed=19)
+    with torch.no_grad():
+        call = functools.partial(linear, x, w, b)
+        ops = ops_of(call)
+        assert not {"bmm", "baddbmm"} & set(ops), ops
+        assert torch.equal(call(), F.linear(x, w, b))
+
+
+@spec(kind="equivalence")
+@pytest.mark.parametrize("kind", sorted(SPLIT_MEASURED))
+def test_the_split_is_on_for_a_cpu_kind_exactly_when_its_committed_measurement_shows_it_faster(
+    kind: str,
+) -> None:
+    """For each measured CPU kind, the committed ``model_bench.py matvec`` report it cites
+    gives a geometric-mean speed-up of the split over ``F.linear`` above 1 exactly when
+    ``SPLIT_MEASURED`` turns the split on there (a report that records its
+    ``hardware_kind`` records this one); this machine's switch is its kind's flag, off
+    for an unmeasured kind."""
+    source, faster = SPLIT_MEASURED[kind]
+    path = REPO / source
+    if not path.exists():
+        pytest.skip(f"{source} is not in this checkout (an installed package)")
+    report = json.loads(path.read_text())
+    assert report["environment"].get("hardware_kind", kind) == kind
+    speedups = [row["speedup"] for row in report["rows"]]
+    mean = math.exp(sum(math.log(r) for r in speedups) / len(speedups))
+    assert (mean > 1.0) == faster, (kind, speedups)
+    here = SPLIT_MEASURED.get(hardware_kind("cpu"), ("", False))[1]
+    assert SPLIT_HERE is here

@@ -12,10 +12,17 @@ equalled ``F.linear``'s bitwise there (``benchmarks/results/cpu-matvec.json``, f
 ``OMP_NUM_THREADS=2 python benchmarks/model_bench.py matvec``). Greedy decoding of the
 base-size model took 2.6 s instead of 3.4 s for 256 tokens at 2 threads.
 
+That was one machine. On 2 cores of an Intel Xeon with AMX the same benchmark found
+the split *slower*, 0.74x to 0.90x of ``F.linear`` on all five shapes
+(``benchmarks/results/cpu-xeon-amx-matvec.json``): MKL's own matrix-vector product ran
+at 31 to 43 GB/s there. So the split runs only on the CPU kinds
+(:func:`transformer.kernel_choice.hardware_kind`) whose committed measurement shows it
+faster, :data:`SPLIT_MEASURED`; on every other kind ``linear`` is ``F.linear``.
+
 Only a row-major fp32/fp64 weight times one row (its last dim ``in_features``), with no
 bias or a 1-D one of ``out_features`` in the input's dtype, on CPU, outside autograd,
 autocast and ``torch.compile``, with at least two threads and rows that split evenly
-takes the split; everything else is ``F.linear`` itself.
+takes the split, and only on those CPU kinds; everything else is ``F.linear`` itself.
 """
 
 from __future__ import annotations
@@ -24,9 +31,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Linear", "linear"]
+from transformer.kernel_choice import hardware_kind
+
+__all__ = ["SPLIT_MEASURED", "Linear", "linear"]
 
 _SPLIT_DTYPES = (torch.float32, torch.float64)
+
+#: CPU kind -> (the committed ``model_bench.py matvec`` report, whether the split was
+#: faster there). ``spec_tests/test_matvec.py`` checks each flag against its file.
+SPLIT_MEASURED: dict[str, tuple[str, bool]] = {
+    "x86-avx512": ("benchmarks/results/cpu-matvec.json", True),
+    "x86-amx": ("benchmarks/results/cpu-xeon-amx-matvec.json", False),
+}
+
+# Decided once, at import, like the kernel ranking: traced code may read a constant.
+_SPLIT_HERE = SPLIT_MEASURED.get(hardware_kind("cpu"), ("", False))[1]
 
 
 def _parts(x: Tensor, weight: Tensor, bias: Tensor | None) -> int:
@@ -56,11 +75,18 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``, with a one-row product split over torch's threads.
 
     Shapes: ``x (..., in)``, ``weight (out, in)``, ``bias (out,)`` -> ``(..., out)``.
-    When ``x`` holds one row (all leading dims 1) and the split applies (see the module
-    docstring), ``weight`` is viewed as ``(k, out / k, in)`` blocks, one per thread, and
-    the blocks are multiplied by the row as one batched matmul.
+    When ``x`` holds one row (all leading dims 1), the split applies and this CPU's kind
+    measured it faster (see the module docstring), ``weight`` is viewed as
+    ``(k, out / k, in)`` blocks, one per thread, and the blocks are multiplied by the
+    row as one batched matmul.
     """
-    k = _parts(x, weight, bias)
+    return _linear(x, weight, bias, _SPLIT_HERE)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, split: bool) -> Tensor:
+    """:func:`linear`, splitting where it applies if ``split`` (whatever the CPU kind:
+    the benchmark times the split on any machine)."""
+    k = _parts(x, weight, bias) if split else 1
     if k == 1:
         return F.linear(x, weight, bias)
     out_features, in_features = weight.shape
