@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from transformer.generate import greedy_decode
+from transformer.kernel_choice import hardware_kind
 from transformer.matvec import linear
 from transformer.model import ModelConfig, Seq2SeqTransformer
 
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
+            "hardware_kind": hardware_kind("cpu"),
             "python": platform.python_version(),
         },
     }
