@@ -14,17 +14,18 @@ those files, so the table cannot drift from the measurements it cites.
 
 The *hardware kind* (:func:`hardware_kind`) is there because one CPU's ranking is not
 another's. On the two CPUs measured, the bf16 relative times of the ``"torch"`` wrapper
-and of our ``"chunked"`` kernel were 1.118 and 0.951 on an AVX-512 CPU without AMX (an
+and of our ``"chunked"`` kernel were 1.118 and 0.951 on an x86 CPU without AMX (an
 AMD EPYC, where torch's bf16 backward is slow) but 1.082 and 3.218 on one with AMX (an
 Intel Xeon, where torch's bf16 matrix products run on the AMX tile units): a table
 keyed by device type alone would give the Xeon a bf16 default 3x slower than the other
-kernel. A CPU of an unmeasured kind falls
-back to the registry's priorities, as any unmeasured device or dtype does.
+kernel. A CPU of an unmeasured kind (not x86) falls back to the registry's priorities,
+as any unmeasured device or dtype does.
 """
 
 from __future__ import annotations
 
 import math
+import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,13 +66,13 @@ _XEON = "benchmarks/results/cpu-xeon-amx-2core-B4H8E64-kernels.json"
 #: (device type, hardware kind, dtype name) -> the committed measurement that decides
 #: ``kernel=None``. Both files come from ``transformer bench attention --kernels chunked
 #: torch --seq-lens 256 2048 --dtypes fp32 bf16 --modes fwd fwd+bwd --repeats 3`` (B 4,
-#: H 8, E 64, 2 threads, torch 2.13.0). On the AMD EPYC (AVX-512, no AMX; its report
+#: H 8, E 64, 2 threads, torch 2.13.0). On the AMD EPYC (x86 without AMX; its report
 #: predates the ``hardware_kind`` field, so the kind is given here) the "torch" wrapper is
 #: faster on fp32, "chunked" on bf16 (torch's bf16 CPU backward is 4x slower than its
 #: forward would suggest). On the Intel Xeon (AMX) the "torch" wrapper wins both.
 MEASURED: dict[tuple[str, str, str], Measured] = {
-    ("cpu", "x86-avx512", "fp32"): Measured(_EPYC, {"chunked": 1.252, "torch": 1.068}),
-    ("cpu", "x86-avx512", "bf16"): Measured(_EPYC, {"chunked": 0.951, "torch": 1.118}),
+    ("cpu", "x86", "fp32"): Measured(_EPYC, {"chunked": 1.252, "torch": 1.068}),
+    ("cpu", "x86", "bf16"): Measured(_EPYC, {"chunked": 0.951, "torch": 1.118}),
     ("cpu", "x86-amx", "fp32"): Measured(_XEON, {"chunked": 1.673, "torch": 1.035}),
     ("cpu", "x86-amx", "bf16"): Measured(_XEON, {"chunked": 3.218, "torch": 1.082}),
 }
@@ -80,11 +81,10 @@ MEASURED: dict[tuple[str, str, str], Measured] = {
 def _cpu_kind() -> str:
     cpu = getattr(torch, "cpu", None)
     amx = getattr(cpu, "_is_amx_tile_supported", None)
-    avx512 = getattr(cpu, "_is_avx512_supported", None)
     if callable(amx) and amx():
         return "x86-amx"
-    if callable(avx512) and avx512():
-        return "x86-avx512"
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return "x86"
     return "other"
 
 
@@ -97,9 +97,9 @@ def hardware_kind(device_type: str) -> str:
     """The kind of this machine's ``device_type`` hardware that :data:`MEASURED` is keyed by.
 
     For ``"cpu"``: ``"x86-amx"`` when torch reports AMX tile units (its bf16 matrix
-    products then run on them), ``"x86-avx512"`` for AVX-512 without AMX, otherwise
-    ``"other"``. Other device types have one kind, ``"any"``, until a measurement needs
-    more.
+    products then run on them), ``"x86"`` for any other x86-64 CPU (the AMD EPYC
+    measured is one), otherwise ``"other"``. Other device types have one kind,
+    ``"any"``, until a measurement needs more.
     """
     return _CPU_KIND if device_type == "cpu" else "any"
 
