@@ -287,6 +287,21 @@ def dropout_on_the_output(
     return torch.nn.functional.dropout(out, dropout_p) if dropout_p > 0.0 else out
 
 
+def dropout_path_forgets_causal(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    **kwargs: Any,
+) -> Tensor:
+    """Bug: the dropout path drops ``is_causal`` (right without dropout, and its drop rate
+    and scaling are right too)."""
+    causal = is_causal and dropout_p == 0.0
+    return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, causal, **kwargs)
+
+
 def softmax_over_queries(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Any = None, **kwargs: Any
 ) -> Tensor:
@@ -334,6 +349,7 @@ CAUGHT_BY: dict[str, str] = {
     "softmax_over_queries": "forward",
     "dropout_mask_shared_by_heads": "dropout-rate",
     "dropout_on_the_output": "dropout-rate",
+    "dropout_path_forgets_causal": "dropout-with-masks",
     "softmax_without_max": "explicit-scale",
     "wrong_unless_four_dims": "forward",
 }

@@ -1089,6 +1089,24 @@ def test_average_refuses_an_existing_out_unless_forced_and_another_architecture(
 
 
 @spec(kind="error")
+def test_average_warns_when_a_checkpoint_is_given_twice_and_counts_it_twice(
+    kept_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`average A A B` writes the mean with A counted twice, (2 A + B) / 3, and says on stderr that A is given 2 times (a weighted mean may be meant, a mistake more often)."""
+    a, b = sorted((kept_run / "checkpoints").iterdir())[:2]
+    out = tmp_path / "weighted"
+    assert main(["average", str(a), str(a), str(b), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"checkpoint {a.resolve()} is given 2 times" in err
+    assert str(b.resolve()) not in err
+    averaged, _ = load_checkpoint(out)
+    sa, sb = load_checkpoint(a)[0].state_dict(), load_checkpoint(b)[0].state_dict()
+    for name, tensor in averaged.state_dict().items():
+        expected = ((2 * sa[name].double() + sb[name].double()) / 3).to(tensor.dtype)
+        assert torch.equal(tensor, expected), name
+
+
+@spec(kind="error")
 @pytest.mark.parametrize("out", ["the-run-dir", "a-folder-of-notes"])
 def test_average_force_replaces_only_a_checkpoint_and_never_its_inputs(
     out: str,

@@ -433,6 +433,43 @@ def test_pytest_plugin_runs_the_suite_on_an_outside_kernel_from_an_empty_folder(
 
 
 @spec(section="extra", kind="error")
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--conformance-memory-length", "0"], "--conformance-memory-length must be a positive"),
+        (["--conformance-device", "cuda"], "--conformance-device cuda: torch sees no CUDA device"),
+    ],
+    ids=["memory-length", "cuda"],
+)
+def test_the_plugin_refuses_bad_options_before_collecting(
+    tmp_path: Path, option: list[str], message: str
+) -> None:
+    """A non-positive ``--conformance-memory-length``, or ``--conformance-device cuda`` where torch sees no CUDA device, ends the pytest run with a usage error naming the option (exit status 4) before any case runs."""
+    if option[0] == "--conformance-device" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            "--attention-kernel", "planted_kernels:forgets_scale", *option]  # fmt: skip
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert "passed" not in proc.stdout and "failed" not in proc.stdout
+
+
+@spec(section="extra", kind="shape")
+def test_the_plugins_memory_length_sets_the_length_of_the_memory_cases(tmp_path: Path) -> None:
+    """``--conformance-memory-length N`` makes the memory property's cases L = S = N, as ``transformer conform --memory-length`` does."""
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+            "--attention-kernel", "torch.nn.functional:scaled_dot_product_attention",
+            "--conformance-dtypes", "fp32", "--conformance-memory-length", "384",
+            "-k", "no-score-matrix"]  # fmt: skip
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "L384-S384" in proc.stdout and "L2048" not in proc.stdout
+
+
+@spec(section="extra", kind="error")
 def test_without_the_option_the_plugin_adds_nothing(tmp_path: Path) -> None:
     """Installed, the plugin is inert: a pytest run without ``--attention-kernel`` collects no conformance case."""
     (tmp_path / "test_one.py").write_text("def test_one():\n    pass\n")

@@ -5,6 +5,8 @@ checkpoints of one architecture, as the paper averages its last checkpoints.
 from __future__ import annotations
 
 import argparse
+import sys
+from collections import Counter
 from typing import Any
 
 from transformer.cli_common import CLIError, check_out_dir, resolve_checkpoint
@@ -17,6 +19,15 @@ def _cmd_average(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise CLIError(f"--out {out} already exists: replace it with --force")
     paths = [resolve_checkpoint(path) for path in args.checkpoints]
+    # A checkpoint named twice (a glob that overlaps, a pasted list) weighs twice: said
+    # on stderr, since a weighted mean may be what was meant.
+    counts = Counter(path.resolve() for path in paths)
+    for path, n in counts.items():
+        if n > 1:
+            print(
+                f"warning: checkpoint {path} is given {n} times: it counts {n} times in the mean",
+                file=sys.stderr,
+            )
     # --force replaces a checkpoint directory, nothing else: not a run directory (its
     # checkpoints/, metrics and the user's files would go), never one holding an input.
     target = out.resolve()

@@ -7,7 +7,9 @@ each output element *is* one weight: ``0`` where it was dropped, ``1 / (S (1 - p
 where kept. The drop count is binomial, so the observed rate must lie within five
 standard deviations of ``p``; no two (batch, head) slices, and not every query row,
 may drop the same weights; and with value rows of ones each output row must be one
-value (its kept share), which dropout on the output instead of the weights is not.
+value (its kept share), which dropout on the output instead of the weights is not. With
+a causal or boolean mask the same probe sees the mask applied before dropout: masked
+keys get nothing, allowed ones ``0`` or ``1 / (c (1 - p))`` for ``c`` allowed keys.
 
 Notation: L query length, S key length.
 """
@@ -108,6 +110,68 @@ def dropout_rate(kernel: Kernel, case: Case, device: str) -> str | None:
             f"weights\n    case: {case.describe()}"
         )
     return f"observed drop rate {rate:.4f} for p={p}"
+
+
+def _masked_rate_cases(settings: Settings) -> list[Case]:
+    base = Case(q=(2, 2, 64, 8), k=(2, 2, 64, 8), v=(2, 2, 64, 64), dropout_p=0.25, grads=False)
+    cases = [base.replace(is_causal=True), base.replace(mask="bool", mask_shape=(64, 64))]
+    return per_dtype(settings, cases)
+
+
+@conformance_property(
+    "dropout-with-masks",
+    section="core",
+    rank=82,
+    source=f"{_SDPA} (its reference: mask, softmax, then dropout)",
+    kind="masking",
+    cases=_masked_rate_cases,
+)
+def dropout_with_masks(kernel: Kernel, case: Case, device: str) -> str | None:
+    """With a causal or boolean mask and ``dropout_p > 0`` dropout acts after the mask and the softmax: a masked key gets no weight, each allowed weight of a row with ``c`` allowed keys is ``0`` or ``1/(c(1-p))``, and the allowed weights are dropped at rate ``p`` (within a binomial bound)."""
+    L, S, p = case.L, case.S, case.dropout_p
+    zeros = torch.zeros(case.q, dtype=case.dtype, device=device)
+    keys = torch.zeros(case.k, dtype=case.dtype, device=device)
+    eye = torch.eye(S, dtype=case.dtype, device=device).expand(case.v).contiguous()
+    if case.is_causal:
+        allowed = torch.ones(L, S, dtype=torch.bool).tril()
+        kwargs: dict[str, object] = {"is_causal": True}
+    else:
+        gen = torch.Generator().manual_seed(case.seed + 7)
+        allowed = torch.rand(L, S, generator=gen) < 0.5
+        allowed[:, 0] = True  # every row keeps a key: no row of zeros to argue about
+        kwargs = {"attn_mask": allowed.to(device)}
+    out = returned_tensor(invoke(lambda: kernel(zeros, keys, eye, dropout_p=p, **kwargs)))
+    weights = out.detach().double().cpu().reshape(-1, L, S)  # (B*H, L, S): weight = output
+    leaked = weights[:, ~allowed]
+    if bool((leaked != 0).any()):
+        raise Failure(
+            f"{int((leaked != 0).sum())} masked (query, key) pairs got a nonzero weight with "
+            f"dropout_p={p}: the mask is not applied on the dropout path"
+            f"\n    case: {case.describe()}"
+        )
+    count = allowed.sum(dim=-1, keepdim=True).double()  # (L, 1) allowed keys per row
+    want = (1.0 / (count * (1.0 - p))).expand(L, S)[allowed]  # (allowed,)
+    got = weights[:, allowed]  # (B*H, allowed)
+    kept = got != 0
+    tol = 4 * torch.finfo(case.dtype).eps * want.max().item()
+    wrong = (got - want).abs().masked_fill(~kept, 0.0)
+    if wrong.max().item() > tol:
+        worst = int(wrong.argmax()) % want.numel()
+        raise Failure(
+            f"a kept weight is {got.flatten()[int(wrong.argmax())].item():.6g}, expected "
+            f"1/(c(1-p)) = {want[worst].item():.6g} for its row's c allowed keys: the softmax "
+            f"is not over the allowed keys, or the kept weights are not scaled by 1/(1-p)"
+            f"\n    case: {case.describe()}"
+        )
+    n = got.numel()
+    dropped = n - int(kept.sum())
+    rate, spread = dropped / n, _SIGMAS * math.sqrt(p * (1 - p) / n) + 1 / n
+    if abs(rate - p) > spread:
+        raise Failure(
+            f"{dropped} of {n} allowed weights dropped: rate {rate:.4f}, expected {p} +- "
+            f"{spread:.4f}\n    case: {case.describe()}"
+        )
+    return f"observed drop rate {rate:.4f} of the allowed weights for p={p}"
 
 
 def _seed_cases(settings: Settings) -> list[Case]:

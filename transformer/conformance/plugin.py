@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from transformer.conformance.case import DTYPES, Case, Kernel, Settings
 from transformer.conformance.registry import Property
@@ -198,6 +199,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=["cpu", "cuda"],
         help="device of the outside kernel's cases (default cpu)",
     )
+    group.addoption(
+        "--conformance-memory-length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="L = S of the memory cases: above your kernel's largest fixed tile (default 2048)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -209,13 +217,19 @@ def pytest_configure(config: pytest.Config) -> None:
     here = str(config.invocation_params.dir)
     if here not in sys.path:
         sys.path.insert(0, here)
+    device = config.getoption("--conformance-device")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--conformance-device cuda: torch sees no CUDA device here")
+    length = config.getoption("--conformance-memory-length")
+    if length is not None and length < 1:
+        raise pytest.UsageError(
+            f"--conformance-memory-length must be a positive length, got {length}"
+        )
     try:
         kernel = load_kernel(spec)
     except ValueError as err:
         raise pytest.UsageError(f"--attention-kernel: {err}") from None
-    config.stash[_KERNEL_KEY] = KernelUnderTest(
-        spec, kernel, config.getoption("--conformance-device")
-    )
+    config.stash[_KERNEL_KEY] = KernelUnderTest(spec, kernel, device, memory_length=length)
     config.args.append(str(_SUITE_FILE))
 
 
