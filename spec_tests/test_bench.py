@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from transformer import attention, bench, bench_device
 from transformer.bench import BenchError, format_table, run_attention_bench
@@ -575,6 +577,32 @@ def test_torch_wrapper_bench_reports_ratios_to_raw_sdpa_and_writes_json(tmp_path
         for name in bench.WRAPPER_CANDIDATES:
             assert row[f"{name}_ms"] > 0 and row[f"{name}_ratio"] > 0, row
     assert main(["bench", "torch-wrapper", "--rounds", "0"]) == 2
+
+
+@spec(kind="shape")
+def test_torch_wrapper_bench_times_the_dtype_given_by_dtype(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``transformer bench torch-wrapper --dtype bf16`` times bf16 inputs: every call of the three candidates gets bf16 query, key and value, and the report's config says bf16; an unknown dtype exits 2 naming --dtype."""
+    seen: set[torch.dtype] = set()
+    real = F.scaled_dot_product_attention
+
+    def spy(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        seen.add(q.dtype)
+        return real(q, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    code = main(["bench", "torch-wrapper", "--seq-lens", "16", "--batch", "1", "--heads", "1",
+                 "--head-dim", "4", "--rounds", "1", "--min-run-time", "0.01", "--dtype", "bf16",
+                 "--out", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    assert seen == {torch.bfloat16}
+    assert (
+        json.loads((tmp_path / "torch-wrapper-cpu.json").read_text())["config"]["dtype"] == "bf16"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "torch-wrapper", "--dtype", "fp8"])
+    assert exit_info.value.code == 2
 
 
 def _synthetic_report(dtypes: tuple[str, ...], kernels: tuple[str, ...]) -> dict[str, object]:

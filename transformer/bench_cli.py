@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from transformer.bench_candidates import MODES, BenchError
+from transformer.bench_candidates import _DTYPES, MODES, BenchError
 from transformer.cli_common import nearest_existing
 
 
@@ -83,6 +83,9 @@ def add_bench_parser(subparsers: Any) -> None:
     w.add_argument("--batch", type=int, default=4, help="B (default 4)")
     w.add_argument("--heads", type=int, default=8, help="H (default 8)")
     w.add_argument("--head-dim", type=int, default=64, help="E (default 64)")
+    w.add_argument(
+        "--dtype", default="fp32", choices=sorted(_DTYPES), help="of q, k, v (default fp32)"
+    )
     w.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     w.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing")
     w.add_argument("--out", default=None, metavar="DIR", help="write JSON here")
@@ -188,6 +191,7 @@ def _cmd_bench_wrapper(args: argparse.Namespace) -> int:
             batch=args.batch,
             heads=args.heads,
             head_dim=args.head_dim,
+            dtype=args.dtype,
             rounds=args.rounds,
             min_run_time=args.min_run_time,
             out=args.out,
