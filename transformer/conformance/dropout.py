@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from transformer.conformance.case import (
     BackwardUnsupported,
@@ -34,6 +35,33 @@ from transformer.conformance.registry import conformance_property
 
 _SDPA = "torch.nn.functional.scaled_dot_product_attention docs (dropout_p)"
 _SIGMAS = 5.0
+
+
+def _probe(kernel: Kernel, case: Case, device: str, value: str, **kwargs: object) -> Tensor:
+    """The kernel's output, in float64 on the CPU, for zero query and keys (every score
+    equal) and value ``"eye"`` (each output element one weight) or ``"ones"``."""
+    zeros = torch.zeros(case.q, dtype=case.dtype, device=device)
+    keys = torch.zeros(case.k, dtype=case.dtype, device=device)
+    if value == "eye":
+        v = torch.eye(case.S, dtype=case.dtype, device=device).expand(case.v).contiguous()
+    else:
+        v = torch.ones(case.v, dtype=case.dtype, device=device)
+    p = case.dropout_p
+    out = returned_tensor(invoke(lambda: kernel(zeros, keys, v, dropout_p=p, **kwargs)))
+    return out.detach().double().cpu()
+
+
+def _check_rate(dropped: int, n: int, case: Case, what: str) -> float:
+    """The drop rate ``dropped / n``; a ``Failure`` when it is off ``p`` by more than the
+    binomial bound."""
+    p = case.dropout_p
+    rate, spread = dropped / n, _SIGMAS * math.sqrt(p * (1 - p) / n) + 1 / n
+    if abs(rate - p) > spread:
+        raise Failure(
+            f"{dropped} of {n} {what} dropped: rate {rate:.4f}, expected {p} +- {spread:.4f}"
+            f"\n    case: {case.describe()}"
+        )
+    return rate
 
 
 def _rate_cases(settings: Settings) -> list[Case]:
@@ -57,19 +85,8 @@ def _rate_cases(settings: Settings) -> list[Case]:
 def dropout_rate(kernel: Kernel, case: Case, device: str) -> str | None:
     """Dropout drops each attention weight with probability ``p`` (the observed rate lies within a binomial bound) and scales the kept ones by ``1/(1-p)``."""
     S, p = case.S, case.dropout_p
-    zeros = torch.zeros(case.q, dtype=case.dtype, device=device)
-    keys = torch.zeros(case.k, dtype=case.dtype, device=device)
-    eye = torch.eye(S, dtype=case.dtype, device=device).expand(case.v).contiguous()
-    out = returned_tensor(invoke(lambda: kernel(zeros, keys, eye, dropout_p=p)))
-    weights = out.detach().double().cpu()
-    n = weights.numel()
-    dropped = int((weights == 0).sum())
-    rate, spread = dropped / n, _SIGMAS * math.sqrt(p * (1 - p) / n) + 1 / n
-    if abs(rate - p) > spread:
-        raise Failure(
-            f"{dropped} of {n} weights dropped: rate {rate:.4f}, expected {p} +- {spread:.4f}"
-            f"\n    case: {case.describe()}"
-        )
+    weights = _probe(kernel, case, device, "eye")
+    rate = _check_rate(int((weights == 0).sum()), weights.numel(), case, "weights")
     kept = weights[weights != 0]
     want = 1.0 / (S * (1.0 - p))
     tol = 4 * torch.finfo(case.dtype).eps * want
@@ -99,9 +116,7 @@ def dropout_rate(kernel: Kernel, case: Case, device: str) -> str | None:
     # With every value row equal to ones, weight dropout gives each output row one value,
     # (kept keys) / (S (1 - p)), across its features; dropout on the output instead
     # gives 0 or 1/(1-p) feature by feature.
-    ones = torch.ones(case.v, dtype=case.dtype, device=device)
-    rows = returned_tensor(invoke(lambda: kernel(zeros, keys, ones, dropout_p=p)))
-    rows = rows.detach().double().cpu()
+    rows = _probe(kernel, case, device, "ones")
     spread_in_row = (rows.amax(dim=-1) - rows.amin(dim=-1)).max().item()
     if spread_in_row > 4 * torch.finfo(case.dtype).eps * rows.abs().max().item():
         raise Failure(
@@ -129,9 +144,6 @@ def _masked_rate_cases(settings: Settings) -> list[Case]:
 def dropout_with_masks(kernel: Kernel, case: Case, device: str) -> str | None:
     """With a causal or boolean mask and ``dropout_p > 0`` dropout acts after the mask and the softmax: a masked key gets no weight, each allowed weight of a row with ``c`` allowed keys is ``0`` or ``1/(c(1-p))``, and the allowed weights are dropped at rate ``p`` (within a binomial bound)."""
     L, S, p = case.L, case.S, case.dropout_p
-    zeros = torch.zeros(case.q, dtype=case.dtype, device=device)
-    keys = torch.zeros(case.k, dtype=case.dtype, device=device)
-    eye = torch.eye(S, dtype=case.dtype, device=device).expand(case.v).contiguous()
     if case.is_causal:
         allowed = torch.ones(L, S, dtype=torch.bool).tril()
         kwargs: dict[str, object] = {"is_causal": True}
@@ -140,8 +152,7 @@ def dropout_with_masks(kernel: Kernel, case: Case, device: str) -> str | None:
         allowed = torch.rand(L, S, generator=gen) < 0.5
         allowed[:, 0] = True  # every row keeps a key: no row of zeros to argue about
         kwargs = {"attn_mask": allowed.to(device)}
-    out = returned_tensor(invoke(lambda: kernel(zeros, keys, eye, dropout_p=p, **kwargs)))
-    weights = out.detach().double().cpu().reshape(-1, L, S)  # (B*H, L, S): weight = output
+    weights = _probe(kernel, case, device, "eye", **kwargs).reshape(-1, L, S)  # (B*H, L, S)
     leaked = weights[:, ~allowed]
     if bool((leaked != 0).any()):
         raise Failure(
@@ -163,14 +174,7 @@ def dropout_with_masks(kernel: Kernel, case: Case, device: str) -> str | None:
             f"is not over the allowed keys, or the kept weights are not scaled by 1/(1-p)"
             f"\n    case: {case.describe()}"
         )
-    n = got.numel()
-    dropped = n - int(kept.sum())
-    rate, spread = dropped / n, _SIGMAS * math.sqrt(p * (1 - p) / n) + 1 / n
-    if abs(rate - p) > spread:
-        raise Failure(
-            f"{dropped} of {n} allowed weights dropped: rate {rate:.4f}, expected {p} +- "
-            f"{spread:.4f}\n    case: {case.describe()}"
-        )
+    rate = _check_rate(got.numel() - int(kept.sum()), got.numel(), case, "allowed weights")
     return f"observed drop rate {rate:.4f} of the allowed weights for p={p}"
 
 

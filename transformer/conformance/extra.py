@@ -229,6 +229,16 @@ def _tracked_run(kernel: Kernel, case: Case, device: str, log: AllocationLog) ->
 )
 def no_score_matrix(kernel: Kernel, case: Case, device: str) -> str | None:
     """No op dispatched in the forward or the backward creates a tensor of ``L * S`` elements or more, and on the CPU torch's allocator never holds as much as the score matrices of all ``(batch, head)`` pairs meanwhile, and its peak, fitted as ``a + b n + c n^2`` through L = S = n / 4, n / 2, n, has a quadratic part ``c n^2`` under a quarter of those matrices (at n or, fitted through n / 8, n / 4, n / 2, at n / 2): the score matrix is never held, whole or a quarter of it or more in blocks."""
+    shorter: list[int] = []
+    if device == "cpu":
+        # Shortest first, and one call before any is measured: what a kernel allocates
+        # once (a JIT's or an interpreter's first-call buffers) would otherwise read as
+        # growth. The run at the case's own length, last, gives the fit its top point.
+        _tracked_run(kernel, _shortened(case, 8), device, AllocationLog())
+        shorter = [
+            _tracked_run(kernel, _shortened(case, f), device, AllocationLog()) or 0
+            for f in (8, 4, 2)
+        ]
     log = AllocationLog()
     peak = _tracked_run(kernel, case, device, log)
     limit = case.L * case.S
@@ -255,13 +265,8 @@ def no_score_matrix(kernel: Kernel, case: Case, device: str) -> str | None:
                 f"(batch, head) score matrices of L*S elements, although no single tensor "
                 f"was that large ({seen})\n    case: {case.describe()}"
             )
-        # Measured afresh, shortest first, after the run above: what a kernel allocates
-        # once (a JIT's or an interpreter's first-call buffers) went into that run and
-        # would otherwise read as growth.
-        eighth, quarter, half, full = (
-            _tracked_run(kernel, _shortened(case, f), device, AllocationLog()) or 0
-            for f in (8, 4, 2, 1)
-        )
+        eighth, quarter, half = shorter
+        full = peak
         # A second difference over m/4, m/2, m cancels a and b: it is 3/8 c m^2, and
         # the score matrices at m/2 are a quarter of those at m.
         top = (full - 3 * half + 2 * quarter) * 8 / 3 / matrices
