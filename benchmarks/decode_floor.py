@@ -2,7 +2,7 @@
 
 Standalone script (measures and reports; it never asserts time)::
 
-    OMP_NUM_THREADS=2 python benchmarks/decode_floor.py [--repeats 3]
+    OMP_NUM_THREADS=2 python benchmarks/decode_floor.py [--repeats 3] [--out PATH] [--force]
 
 A random base-size model (6+6 layers, d_model 512, 8 heads, d_ff 2048, EOS made
 impossible) greedily decodes 256 tokens from a 32-token source three ways, in one
@@ -20,7 +20,9 @@ process, interleaved so that machine load hits all three alike:
   stops.
 
 Reports the median seconds of each and the speed-ups ``uncached / cached`` and
-``uncached / floor``. Writes ``benchmarks/results/cpu-decode-floor.json``.
+``uncached / floor``. Writes ``--out`` (default ``benchmarks/results/cpu-decode-floor.json``);
+an existing file there is a measurement of some machine, so the script refuses to replace
+it, before measuring anything, unless ``--force`` is given.
 """
 
 from __future__ import annotations
@@ -95,9 +97,15 @@ def floor_decode(model: Seq2SeqTransformer, src: Tensor, steps: int) -> Tensor:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS / "cpu-decode-floor.json")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.out.is_dir():
+        parser.error(f"--out {args.out} is a directory, expected a file path")
+    if args.out.exists() and not args.force:
+        parser.error(f"--out {args.out} already exists: choose another path or pass --force")
     torch.manual_seed(0)
     config = ModelConfig(src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, dropout=0.0)
     model = Seq2SeqTransformer.from_config(config).eval()
@@ -139,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
         },
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "cpu-decode-floor.json"
+    path: Path = args.out
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(
         f"median: uncached {median['uncached']:.2f} s, cached {median['cached']:.2f} s "

@@ -28,6 +28,9 @@ L3 the Intel Xeon reports); ``F.linear`` and the split of
 results are bitwise equal. Writes ``benchmarks/results/cpu-matvec.json`` (the Xeon's
 was renamed ``cpu-xeon-amx-matvec.json``).
 
+Every target takes ``--out PATH`` instead of its default file, and refuses to replace an
+existing file (a committed measurement of some machine) unless ``--force`` is given.
+
 Medians over repeats; the CPU is shared, so run on an idle machine for stable numbers.
 """
 
@@ -55,6 +58,12 @@ from transformer.positional import sinusoidal_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAD, BOS, EOS = 0, 1, 2
+#: Where each target writes when ``--out`` is not given.
+DEFAULT_OUT = {
+    "generation": "cpu-generation.json",
+    "training": "cpu-training-throughput.json",
+    "matvec": "cpu-matvec.json",
+}
 
 
 def _environment() -> dict[str, Any]:
@@ -68,9 +77,8 @@ def _environment() -> dict[str, Any]:
     }
 
 
-def _write(name: str, record: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+def _write(path: Path, record: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
 
@@ -311,13 +319,23 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--warmup", type=int, default=2)
     m = sub.add_parser("matvec", help="one-row linear maps: F.linear vs the threaded split")
     m.add_argument("--repeats", type=int, default=5)
+    for p in (g, t, m):
+        p.add_argument("--out", type=Path, help="the JSON file to write (default: see above)")
+        p.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
+    # A committed result is some machine's measurement: refuse to replace it unasked,
+    # before spending minutes measuring.
+    path: Path = args.out or RESULTS / DEFAULT_OUT[args.target]
+    if path.is_dir():
+        parser.error(f"--out {path} is a directory, expected a file path")
+    if path.exists() and not args.force:
+        parser.error(f"--out {path} already exists: choose another path or pass --force")
     if args.target == "matvec":
         record = bench_matvec(args)
-        path = _write("cpu-matvec.json", record)
+        _write(path, record)
     elif args.target == "generation":
         record = bench_generation(args)
-        path = _write("cpu-generation.json", record)
+        _write(path, record)
         print(
             f"cached {record['median_seconds']['cached']:.3f} s, uncached "
             f"{record['median_seconds']['uncached']:.3f} s: {record['speedup']:.1f}x, "
@@ -325,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         record = bench_training(args)
-        path = _write("cpu-training-throughput.json", record)
+        _write(path, record)
         print(
             f"ours {record['tokens_per_s']['ours']:.0f} tok/s, torch "
             f"{record['tokens_per_s']['torch']:.0f} tok/s: ours takes "
