@@ -28,7 +28,6 @@ it, before measuring anything, unless ``--force`` is given.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -37,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from result_file import check_out, write_record
 from torch import Tensor
 
 from transformer.generate import greedy_decode
@@ -102,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
-    if args.out.is_dir():
-        parser.error(f"--out {args.out} is a directory, expected a file path")
-    if args.out.exists() and not args.force:
-        parser.error(f"--out {args.out} already exists: choose another path or pass --force")
+    check_out(parser, args.out, force=args.force)
     torch.manual_seed(0)
     config = ModelConfig(src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, dropout=0.0)
     model = Seq2SeqTransformer.from_config(config).eval()
@@ -148,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     path: Path = args.out
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(path, record)
     print(
         f"median: uncached {median['uncached']:.2f} s, cached {median['cached']:.2f} s "
         f"({record['speedup_cached']:.2f}x), floor {median['floor']:.2f} s "

@@ -37,7 +37,6 @@ Medians over repeats; the CPU is shared, so run on an idle machine for stable nu
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -48,6 +47,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from result_file import check_out, write_record
 from torch import Tensor, nn
 
 from transformer.generate import greedy_decode
@@ -75,12 +75,6 @@ def _environment() -> dict[str, Any]:
         "hardware_kind": hardware_kind("cpu"),
         "python": platform.python_version(),
     }
-
-
-def _write(path: Path, record: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return path
 
 
 # --------------------------------------------------------------------------- generation
@@ -323,19 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", type=Path, help="the JSON file to write (default: see above)")
         p.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
-    # A committed result is some machine's measurement: refuse to replace it unasked,
-    # before spending minutes measuring.
     path: Path = args.out or RESULTS / DEFAULT_OUT[args.target]
-    if path.is_dir():
-        parser.error(f"--out {path} is a directory, expected a file path")
-    if path.exists() and not args.force:
-        parser.error(f"--out {path} already exists: choose another path or pass --force")
+    check_out(parser, path, force=args.force)
     if args.target == "matvec":
         record = bench_matvec(args)
-        _write(path, record)
     elif args.target == "generation":
         record = bench_generation(args)
-        _write(path, record)
         print(
             f"cached {record['median_seconds']['cached']:.3f} s, uncached "
             f"{record['median_seconds']['uncached']:.3f} s: {record['speedup']:.1f}x, "
@@ -343,12 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         record = bench_training(args)
-        _write(path, record)
         print(
             f"ours {record['tokens_per_s']['ours']:.0f} tok/s, torch "
             f"{record['tokens_per_s']['torch']:.0f} tok/s: ours takes "
             f"{record['time_ratio_ours_over_torch']:.2f}x torch's time"
         )
+    write_record(path, record)
     print(f"wrote {path}")
     return 0
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from result_file import check_out, write_record
 from torch.utils import benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -89,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rows < 1 or args.keys < 1:
         parser.error(f"--rows and --keys must be >= 1, got {args.rows} and {args.keys}")
-    if args.out.exists() and not args.force:
-        parser.error(f"--out {args.out} exists; replace it with --force")
+    check_out(parser, args.out, force=args.force)
     record = measure(args.rows, args.keys, args.min_run_time)
     record["environment"] = {
         "torch": torch.__version__,
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "processor": platform.processor(),
     }
     print(json.dumps({k: v for k, v in record.items() if k != "meaning"}, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.out, record)
     print(f"wrote {args.out}")
     return 0
 
