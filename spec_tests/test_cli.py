@@ -912,6 +912,46 @@ def test_new_run_into_a_directory_holding_a_run_is_refused_unless_forced(
 
 
 @spec(kind="error")
+def test_a_torchrun_restart_continues_only_a_run_its_own_job_started(
+    trained_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """torchrun --max-restarts runs a failed command again with TORCHELASTIC_RESTART_COUNT 1 and the job's TORCHELASTIC_RUN_ID. A first attempt refused because --out held another run fails, and its restart must be refused the same way (exit 1 naming --resume and --force), that run's files unchanged, not resume it. A job whose first attempt started the run and died after logging goes on: its restart replaces that attempt's metrics and trains the run."""
+    theirs = tmp_path / "theirs"
+    _copy_tree(trained_run, theirs)
+    before = _file_bytes(theirs)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    argv = ["train", *TINY_RUN, "--steps", "14", "--log-every", "1"]
+    assert main([*argv, "--out", str(theirs)]) == 1
+    line = _one_line_error(capsys)
+    assert "--resume" in line and "--force" in line
+    assert _file_bytes(theirs) == before
+
+    import transformer.training
+
+    real_train = transformer.training.train
+
+    def dies_after_logging(*args: object, **kwargs: object) -> None:
+        out = Path(str(args[3]))  # train(model, tokenizer, examples, out_dir, config, ...)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n', encoding="utf-8")
+        raise RuntimeError("worker died")
+
+    ours = tmp_path / "ours"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.setattr(transformer.training, "train", dies_after_logging)
+    assert main([*argv, "--steps", "3", "--out", str(ours)]) == 1
+    assert "error: RuntimeError: worker died" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setattr(transformer.training, "train", real_train)
+    assert main([*argv, "--steps", "3", "--out", str(ours)]) == 0
+    assert [r["step"] for r in read_metrics(ours / "metrics.jsonl")] == [1, 2, 3]
+
+
+@spec(kind="error")
 @pytest.mark.parametrize(
     "bad",
     [["--data", "no-such-file.tsv"], ["--device", "cuda"]],

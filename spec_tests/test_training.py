@@ -285,6 +285,7 @@ def _run(  # type: ignore[no-untyped-def]
     *,
     seed: int = 0,
     resume: bool = False,
+    overwrite: bool = False,
     dropout: float = 0.1,
     prepare: Callable[[Seq2SeqTransformer], object] | None = None,
     **overrides: object,
@@ -314,6 +315,7 @@ def _run(  # type: ignore[no-untyped-def]
         out,
         TrainConfig(**settings),  # type: ignore[arg-type]
         resume=resume,
+        overwrite=overwrite,
         progress=False,
     )
     return model, result
@@ -408,6 +410,62 @@ def test_resume_with_other_trajectory_settings_is_refused(
     changed = rf"{field}: {re.escape(repr(old))} -> {re.escape(repr(value))}"
     with pytest.raises(ValueError, match=rf"cannot resume.*{changed}"):
         _run(tmp_path, 6, resume=True, **{field: value})
+
+
+def _file_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder``, by path relative to it, with its contents."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@spec(section="extra", kind="error")
+def test_a_new_run_into_a_folder_holding_a_run_is_refused_and_the_run_left_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """train(resume=False) into the folder of a finished run (checkpoint, step checkpoints, metrics, plot) raises FileExistsError naming the folder, resume=True and overwrite=True, and every file of the old run keeps its bytes: a new run would truncate its metrics and mix its step checkpoints with the new run's."""
+    _run(tmp_path, 6, checkpoint_every=3, keep_last=2)
+    before = _file_bytes(tmp_path)
+    assert {"metrics.jsonl", "loss.png"} <= set(before)
+    assert any(name.startswith(STEP_CHECKPOINTS_DIR) for name in before)
+    with pytest.raises(FileExistsError, match="already holds a run") as raised:
+        _run(tmp_path, 3, seed=1)
+    assert str(tmp_path) in str(raised.value)
+    assert "resume=True" in str(raised.value) and "overwrite=True" in str(raised.value)
+    assert _file_bytes(tmp_path) == before
+
+
+@spec(section="extra", kind="property")
+def test_overwrite_replaces_the_old_run_so_that_nothing_of_it_is_left(tmp_path: Path) -> None:
+    """train(overwrite=True) into the folder of a 9-step run that kept step checkpoints leaves what the same 4-step run leaves in an empty folder: the same files, the same metrics records, no step checkpoint of the old run, a checkpoint at step 4."""
+    _run(tmp_path / "old", 9, checkpoint_every=3, keep_last=3)
+    _run(tmp_path / "old", 4, seed=1, overwrite=True)
+    _run(tmp_path / "fresh", 4, seed=1)
+    assert set(_file_bytes(tmp_path / "old")) == set(_file_bytes(tmp_path / "fresh"))
+    old = read_metrics(tmp_path / "old" / "metrics.jsonl")
+    assert _curve(old) == _curve(read_metrics(tmp_path / "fresh" / "metrics.jsonl"))
+    assert step_checkpoints(tmp_path / "old") == []
+    _, meta = load_checkpoint(tmp_path / "old" / "checkpoint")
+    assert meta["training"]["step"] == 4
+
+
+@spec(section="extra", kind="error")
+@pytest.mark.parametrize(
+    ("flags", "error", "message"),
+    [
+        ({"resume": True, "overwrite": True}, ValueError, "pass one of them"),
+        ({"overwrite": "yes"}, TypeError, "overwrite must be a bool, got str"),
+        ({"resume": 1}, TypeError, "resume must be a bool, got int"),
+    ],
+    ids=["resume and overwrite", "overwrite a str", "resume an int"],
+)
+def test_train_refuses_resume_with_overwrite_and_flags_that_are_not_bools(
+    tmp_path: Path, flags: dict[str, object], error: type[Exception], message: str
+) -> None:
+    """resume=True continues the run in the folder and overwrite=True deletes it, so both together are a ValueError; a flag that is not a bool is a TypeError naming it. Both come before anything is written."""
+    with pytest.raises(error, match=message):
+        _run(tmp_path / "run", 2, **flags)  # type: ignore[arg-type]
+    assert not (tmp_path / "run").exists()
 
 
 @spec(section="extra", kind="error")

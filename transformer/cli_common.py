@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import math
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -109,28 +108,11 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-#: The files of a run directory, as ``train`` (and ``demo``) write them.
-RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoints", "metrics.jsonl", "loss.png")
 #: Marks a folder the demo wrote: a later demo may replace its files without --force.
 #: ``train`` removes it from a folder it writes a run into: the run is then the user's.
 DEMO_MARK = ".transformer-demo"
 #: What a demo writes into its folder besides the mark (``tiny`` holds its tiny-set run).
 DEMO_FILES = ("checkpoint", "checkpoint.old", "metrics.jsonl", "loss.png", "tiny")
-
-
-def held_run_files(out: Path) -> list[str]:
-    """The names of :data:`RUN_FILES` present in ``out``."""
-    return [name for name in RUN_FILES if (out / name).exists()]
-
-
-def remove_run_files(out: Path, names: list[str]) -> None:
-    """Delete ``names`` (run files or folders) from ``out``; call only once every check passed."""
-    for name in names:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
 
 
 def resolve_checkpoint(path: str) -> Path:

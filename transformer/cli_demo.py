@@ -14,15 +14,14 @@ from transformer.cli_common import (
     DEMO_MARK,
     CLIError,
     check_out_dir,
-    held_run_files,
     n_params,
     non_negative_int,
     positive_float,
     positive_int,
     print_by_length,
-    remove_run_files,
 )
 from transformer.cli_config import DEFAULT_TASK, DEFAULT_TRAIN, DEFAULT_VOCAB, model_config
+from transformer.run_files import held_run_files, remove_run_files
 
 TINY_SET = 32
 TINY_STEPS = 150

@@ -19,14 +19,12 @@ from transformer.cli_common import (
     describe_data,
     file_digest,
     fraction,
-    held_run_files,
     load_run,
     n_params,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
-    remove_run_files,
     split_for,
 )
 from transformer.cli_config import (
@@ -39,6 +37,7 @@ from transformer.cli_config import (
     model_config,
     train_setting,
 )
+from transformer.run_files import held_run_files, remove_run_files
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -65,8 +64,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     done = 0
     replaced: list[str] = []
     # torchrun --max-restarts starts every worker again after one fails: with the same
-    # command line, but TORCHELASTIC_RESTART_COUNT > 0, so it goes on from the checkpoint.
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    # command line, but TORCHELASTIC_RESTART_COUNT > 0, so it goes on from the checkpoint,
+    # or starts again where the first attempt failed before its first one. Only a run this
+    # job started: a first attempt refused because --out held another run fails too, and
+    # its restart must not take that run over.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and _started_here(out)
     resume = args.resume or (
         restarted and any((out / name).is_dir() for name in ("checkpoint", "checkpoint.old"))
     )
@@ -145,6 +147,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if lead:
         # The run written here is the user's: a later demo must ask before replacing it.
         (out / DEMO_MARK).unlink(missing_ok=True)
+    if lead and not restarted and ELASTIC_JOB_VAR in os.environ:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ELASTIC_MARK).write_text(os.environ[ELASTIC_JOB_VAR], encoding="utf-8")
     if lead and resume:
         print(f"resuming from step {done} of {train_config.steps}", file=sys.stderr)
     if lead:
@@ -162,6 +167,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             out,
             train_config,
             resume=resume,
+            # A restart before the first checkpoint replaces what its failed attempt
+            # logged; every other fresh run's folder was checked (or cleared) above.
+            overwrite=not resume,
             progress=not args.no_progress,
             meta={"data": data},
         )
@@ -171,11 +179,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
             dist.destroy_process_group()
     if lead:
+        (out / ELASTIC_MARK).unlink(missing_ok=True)  # the job's run is complete
         print(
             f"step {result.step}: loss {result.final_loss:.4f}, {result.elapsed:.1f} s; "
             f"wrote {out / 'checkpoint'}, {out / 'metrics.jsonl'}, {out / 'loss.png'}"
         )
     return 0
+
+
+#: Set by torchrun in every worker: the rendezvous id of the job (``--rdzv-id``; a fresh
+#: one for each ``--standalone`` job).
+ELASTIC_JOB_VAR = "TORCHELASTIC_RUN_ID"
+#: Written by rank 0 of a torchrun job into the folder of the run it starts, holding the
+#: job's id, and removed when the run completes: a restart of that job (and only of it)
+#: continues the run there.
+ELASTIC_MARK = ".torchrun-job"
+
+
+def _started_here(out: Path) -> bool:
+    """Did this torchrun job start the run in ``out`` (its id is in :data:`ELASTIC_MARK`)?"""
+    job = os.environ.get(ELASTIC_JOB_VAR)
+    mark = out / ELASTIC_MARK
+    return job is not None and mark.is_file() and mark.read_text(encoding="utf-8") == job
 
 
 def _check_fresh_run_dir(out: Path, *, force: bool, restarted: bool) -> list[str]:

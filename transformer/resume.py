@@ -32,7 +32,7 @@ from transformer.checkpoint import load_checkpoint, save_checkpoint
 from transformer.data import BucketBatcher
 from transformer.distributed import world
 from transformer.model import Seq2SeqTransformer
-from transformer.run_files import CHECKPOINT_DIR
+from transformer.run_files import CHECKPOINT_DIR, STEP_CHECKPOINTS_DIR
 from transformer.train_config import TrainConfig
 
 __all__ = [
@@ -60,9 +60,6 @@ _TRAJECTORY_FIELDS = (
     "accumulate",
     "batch_tokens",
 )
-
-#: Where ``keep_last`` keeps the step checkpoints, beside ``DIR/checkpoint``.
-STEP_CHECKPOINTS_DIR = "checkpoints"
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

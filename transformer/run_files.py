@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,14 @@ __all__ = [
     "CHECKPOINT_DIR",
     "METRICS_FILE",
     "PLOT_FILE",
+    "RUN_FILES",
+    "STEP_CHECKPOINTS_DIR",
+    "held_run_files",
     "plot_metrics",
     "plot_title",
     "read_metrics",
     "read_metrics_until_torn",
+    "remove_run_files",
     "write_atomically",
 ]
 
@@ -29,6 +34,28 @@ CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 #: The loss and learning-rate plot.
 PLOT_FILE = "loss.png"
+#: Where ``keep_last`` keeps the step checkpoints, beside ``DIR/checkpoint``.
+STEP_CHECKPOINTS_DIR = "checkpoints"
+#: Everything a run writes into its directory: its checkpoint (``.old``: the previous one,
+#: kept while a save is between its two renames), the step checkpoints of ``keep_last``,
+#: the metrics and the plot. A new run into a directory holding any of them would mix
+#: two runs, so ``train`` and the command line refuse it unless told to replace them.
+RUN_FILES = (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", STEP_CHECKPOINTS_DIR, METRICS_FILE, PLOT_FILE)
+
+
+def held_run_files(out: Path) -> list[str]:
+    """The names of :data:`RUN_FILES` present in the run directory ``out``."""
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def remove_run_files(out: Path, names: Sequence[str]) -> None:
+    """Delete ``names`` (run files or folders) from ``out``; call only once every check passed."""
+    for name in names:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -61,9 +61,11 @@ from transformer.run_files import (
     CHECKPOINT_DIR,
     METRICS_FILE,
     PLOT_FILE,
+    held_run_files,
     plot_metrics,
     read_metrics,
     read_metrics_until_torn,
+    remove_run_files,
     write_atomically,
 )
 from transformer.tokenizer import Tokenizer
@@ -279,6 +281,7 @@ def train(
     config: TrainConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
 ) -> TrainResult:
@@ -301,7 +304,11 @@ def train(
     With ``resume=True`` the model, optimizer, schedule, gradient scaler, RNG states and
     data position are restored from ``out_dir/checkpoint`` and the run goes on to
     ``config.steps``; on CPU the losses then equal those of a run that was never
-    interrupted.
+    interrupted. A new run (``resume=False``) refuses an ``out_dir`` that already holds
+    a run's files (:data:`~transformer.run_files.RUN_FILES`: its checkpoints, metrics
+    or plot) with :class:`FileExistsError`, before any work: its metrics would be
+    truncated and its step checkpoints mixed with the new run's. ``overwrite=True``
+    deletes those files first and writes the new run in their place.
 
     Data parallel: inside an initialised ``torch.distributed`` group (``torchrun``) the
     model runs under ``DistributedDataParallel``; every process draws the same global
@@ -316,6 +323,22 @@ def train(
     rank = world()[0]
     lead = rank == 0
     out = Path(out_dir)
+    for name, flag in (("resume", resume), ("overwrite", overwrite)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"train: {name} must be a bool, got {type(flag).__name__}")
+    if resume and overwrite:
+        raise ValueError(
+            "train: resume=True continues the run in out_dir and overwrite=True replaces "
+            "it; pass one of them"
+        )
+    # Rank 0 alone writes the run, so its view of out_dir alone decides (another node
+    # may not even see the folder); if it refuses, torchrun stops the other ranks.
+    replaced = held_run_files(out) if lead and not resume else []
+    if replaced and not overwrite:
+        raise FileExistsError(
+            f"train: out_dir {out} already holds a run ({', '.join(replaced)}): continue "
+            "it with resume=True or replace it with overwrite=True"
+        )
     ckpt_dir = out / CHECKPOINT_DIR
     metrics_path = out / METRICS_FILE
     model_config: ModelConfig = model.config
@@ -364,6 +387,7 @@ def train(
         np.random.seed(config.seed + rank)  # noqa: NPY002
         if lead:
             out.mkdir(parents=True, exist_ok=True)
+            remove_run_files(out, replaced)
             write_atomically(metrics_path, "")
     # DDP broadcasts rank 0's weights: every rank starts from the same model.
     net = wrap_data_parallel(model, device)
