@@ -287,6 +287,47 @@ def dropout_on_the_output(
     return torch.nn.functional.dropout(out, dropout_p) if dropout_p > 0.0 else out
 
 
+def _value_of_one_gradient_of_other(value_from: Tensor, gradient_from: Tensor) -> Tensor:
+    """``value_from``'s values with ``gradient_from``'s gradients (a backward of other math)."""
+    return value_from.detach() + (gradient_from - gradient_from.detach())
+
+
+def dropout_backward_redraws_mask(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    **kwargs: Any,
+) -> Tensor:
+    """Bug: the backward regenerates the keep-mask from the wrong random offset: the
+    output, its drop rate, scale and seed are right, the gradients are those of other
+    dropped weights."""
+    out = plain(query, key, value, attn_mask, dropout_p, **kwargs)
+    if not dropout_p:
+        return out
+    redrawn = plain(query, key, value, attn_mask, dropout_p, **kwargs)  # the next draw
+    return _value_of_one_gradient_of_other(out, redrawn)
+
+
+def dropout_backward_unscaled(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    **kwargs: Any,
+) -> Tensor:
+    """Bug: the backward drops the forward's weights but forgets their ``1/(1-p)``."""
+    if not dropout_p:
+        return plain(query, key, value, attn_mask, dropout_p, **kwargs)
+    with torch.random.fork_rng(devices=[query.device] if query.is_cuda else []):
+        out = plain(query, key, value, attn_mask, dropout_p, **kwargs)
+    # The RNG is back where it was: the same keep-mask, drawn again.
+    unscaled = plain(query, key, value, attn_mask, dropout_p, scale_kept=False, **kwargs)
+    return _value_of_one_gradient_of_other(out, unscaled)
+
+
 def dropout_path_forgets_causal(
     query: Tensor,
     key: Tensor,
@@ -350,6 +391,8 @@ CAUGHT_BY: dict[str, str] = {
     "dropout_mask_shared_by_heads": "dropout-rate",
     "dropout_on_the_output": "dropout-rate",
     "dropout_path_forgets_causal": "dropout-with-masks",
+    "dropout_backward_redraws_mask": "dropout-values",
+    "dropout_backward_unscaled": "dropout-values",
     "softmax_without_max": "explicit-scale",
     "wrong_unless_four_dims": "forward",
 }

@@ -18,14 +18,19 @@ fall in four sections: *core* (torch's documented semantics), *memory* (no ``L x
 matrix), *extensions* (what this package's kernels add) and *errors* (bad input).
 
 Modules: ``case`` (one call's inputs), ``reference``, ``compare``, ``registry``,
-``checks``, the properties (``core``, ``dropout``, ``extra``), ``memory``,
+``checks``, the properties (``core``, ``dropout``, ``dropout_values``, ``extra``), ``memory``,
 ``runner``, ``report``, ``plugin`` (pytest), ``cli`` and ``adapters`` (torch's own
 kernels, pinned, as targets).
 """
 
 from __future__ import annotations
 
-from transformer.conformance import core, dropout, extra  # noqa: F401 - registers properties
+from transformer.conformance import (  # noqa: F401 - registers properties
+    core,
+    dropout,
+    dropout_values,
+    extra,
+)
 from transformer.conformance.case import DTYPES, Case, Failure, Settings, Unsupported
 from transformer.conformance.registry import PROPERTIES, SECTIONS, Property
 from transformer.conformance.runner import Report, load_kernel, run, run_case

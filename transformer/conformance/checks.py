@@ -38,9 +38,17 @@ def upstream_for(out: Tensor, seed: int) -> Tensor:
 
 
 def _reference_run(
-    case: Case, inputs: Inputs, upcast: bool, upstream: Tensor | None
+    case: Case,
+    inputs: Inputs,
+    upcast: bool,
+    upstream: Tensor | None,
+    dropout: tuple[Tensor, float] | None = None,
 ) -> tuple[Tensor, list[Tensor | None]]:
-    """The reference's output and gradients, in float64 on the CPU or in the case's dtype."""
+    """The reference's output and gradients, in float64 on the CPU or in the case's dtype.
+
+    ``dropout``: ``(keep, p)``, a bool keep-mask ``(..., L, S)`` and the rate; the
+    weights are then ``softmax(...) * keep / (1 - p)`` before they multiply the value.
+    """
     device = "cpu" if upcast else inputs.query.device
 
     def leaf(t: Tensor) -> Tensor:
@@ -56,9 +64,19 @@ def _reference_run(
     elif isinstance(mask, Tensor):
         mask = mask.detach().to(device)
         mask = mask.double() if upcast and mask.is_floating_point() else mask
-    out = reference_attention(
-        q, k, v, mask, case.is_causal, case.scale, case.enable_gqa, upcast=upcast
-    )
+    if dropout is None:
+        out = reference_attention(
+            q, k, v, mask, case.is_causal, case.scale, case.enable_gqa, upcast=upcast
+        )
+    else:
+        keep, p = dropout
+        # The weights themselves: the value the identity (S, S); exact in any dtype.
+        eye = torch.eye(k.size(-2), dtype=q.dtype, device=device)
+        weights = reference_attention(
+            q, k, eye, mask, case.is_causal, case.scale, case.enable_gqa, upcast=upcast
+        )  # (..., L, S)
+        dropped = weights * keep.to(device=device, dtype=weights.dtype) / (1.0 - p)
+        out = torch.matmul(dropped, v)  # (..., L, Ev)
     if upstream is None or out.numel() == 0:
         return out.detach(), []
     up = upstream.to(device=device, dtype=out.dtype)
@@ -67,11 +85,18 @@ def _reference_run(
 
 
 def reference_results(
-    case: Case, inputs: Inputs, upstream: Tensor | None
+    case: Case,
+    inputs: Inputs,
+    upstream: Tensor | None,
+    *,
+    dropout: tuple[Tensor, float] | None = None,
 ) -> tuple[tuple[Tensor, list[Tensor | None]], tuple[Tensor, list[Tensor | None]]]:
-    """``(exact, in_dtype)``: the float64 truth and the reference math in the case's dtype."""
-    return _reference_run(case, inputs, True, upstream), _reference_run(
-        case, inputs, False, upstream
+    """``(exact, in_dtype)``: the float64 truth and the reference math in the case's dtype.
+
+    ``dropout``: ``(keep, p)`` drops the weights by that keep-mask, ``(..., L, S)``.
+    """
+    return _reference_run(case, inputs, True, upstream, dropout), _reference_run(
+        case, inputs, False, upstream, dropout
     )
 
 

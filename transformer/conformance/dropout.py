@@ -10,6 +10,8 @@ may drop the same weights; and with value rows of ones each output row must be o
 value (its kept share), which dropout on the output instead of the weights is not. With
 a causal or boolean mask the same probe sees the mask applied before dropout: masked
 keys get nothing, allowed ones ``0`` or ``1 / (c (1 - p))`` for ``c`` allowed keys.
+The output and the gradients on random inputs under dropout are checked by
+:mod:`~transformer.conformance.dropout_values`, which reads the keep-mask with this probe.
 
 Notation: L query length, S key length.
 """
