@@ -58,6 +58,30 @@ def test_every_planted_bug_is_caught_by_its_property(name: str, caught_by: str) 
     assert report.exit_code(strict=section == "extensions") == 1
 
 
+def _dropout_rate_notes(dtypes: tuple[torch.dtype, ...]) -> dict[str, str]:
+    """The observed drop rates of torch SDPA's dropout-rate cases, by case id."""
+    report = run(
+        F.scaled_dot_product_attention, Settings("quick", dtypes), properties=["dropout-rate"]
+    )
+    return {r.case.id: r.detail for p in report.properties for r in p.results}
+
+
+@spec(section="extra", kind="property")
+def test_a_case_draws_the_same_dropout_whatever_ran_before_it() -> None:
+    """Each case runs under its own seed, in a fork of torch's random state: the drop rates dropout-rate observes for torch SDPA are the same after another global seed and after the bf16 cases ran first, and the caller's random state is where it was before the run."""
+    torch.manual_seed(1)
+    first = _dropout_rate_notes((torch.float32,))
+    torch.manual_seed(2)
+    assert _dropout_rate_notes((torch.float32,)) == first
+    after_bf16 = _dropout_rate_notes((torch.bfloat16, torch.float32))
+    assert {case: note for case, note in after_bf16.items() if case in first} == first
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    _dropout_rate_notes((torch.float32,))
+    assert torch.equal(torch.rand(4), want)
+
+
 @spec(section="extra", kind="property")
 @pytest.mark.parametrize(
     ("name", "root"),

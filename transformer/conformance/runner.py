@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import cast
@@ -121,9 +122,28 @@ class Report:
         return 0
 
 
+def case_seed(prop: Property, case: Case) -> int:
+    """The ``torch.manual_seed`` a case runs under: from the property's name and the case."""
+    return zlib.crc32(f"{prop.name}:{case.id}:{case.seed}".encode())
+
+
 def run_case(prop: Property, kernel: Kernel, case: Case, device: str) -> CaseResult:
-    """Check one case; never raises for what the kernel does (it is recorded instead)."""
+    """Check one case; never raises for what the kernel does (it is recorded instead).
+
+    The case runs under its own seed (:func:`case_seed`) in a fork of torch's random
+    state: a kernel's random draws (dropout) are the same whichever cases ran before it,
+    alone, in a full run or under pytest, so a result reproduces; the caller's random
+    state is as it was.
+    """
     start = time.perf_counter()
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
+        torch.manual_seed(case_seed(prop, case))
+        status, detail, follows = _checked(prop, kernel, case, device)
+    return CaseResult(case, status, detail, time.perf_counter() - start, follows)
+
+
+def _checked(prop: Property, kernel: Kernel, case: Case, device: str) -> tuple[str, str, bool]:
+    """``(status, detail, follows)`` of one case: :func:`run_case` without the timing and seed."""
     follows = False
     try:
         note = prop.check(kernel, case, device)
@@ -148,7 +168,7 @@ def run_case(prop: Property, kernel: Kernel, case: Case, device: str) -> CaseRes
         # A failed case may leave a CUDA error or a pending allocation behind.
         if device == "cuda":
             torch.cuda.synchronize()
-    return CaseResult(case, status, detail, time.perf_counter() - start, follows)
+    return status, detail, follows
 
 
 def selected(names: Iterable[str] | None = None) -> list[Property]:
