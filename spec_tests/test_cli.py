@@ -918,7 +918,7 @@ def test_a_torchrun_restart_continues_only_a_run_its_own_job_started(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """torchrun --max-restarts runs a failed command again with TORCHELASTIC_RESTART_COUNT 1 and the job's TORCHELASTIC_RUN_ID. A first attempt refused because --out held another run fails, and its restart must be refused the same way (exit 1 naming --resume and --force), that run's files unchanged, not resume it. A job whose first attempt started the run and died after logging goes on: its restart replaces that attempt's metrics and trains the run."""
+    """torchrun --max-restarts runs a failed command again with TORCHELASTIC_RESTART_COUNT 1 and the job's TORCHELASTIC_RUN_ID. A first attempt refused because --out held another run fails, and its restart must be refused the same way (exit 1 naming --resume and --force), that run's files unchanged, not resume it. A job whose first attempt started the run and died after logging goes on: its restart replaces that attempt's metrics and trains the run, and leaves no job mark once it completes. A later job under the same id is refused in its first attempt and its restart alike, by a folder an earlier job of that id started and left."""
     theirs = tmp_path / "theirs"
     _copy_tree(trained_run, theirs)
     before = _file_bytes(theirs)
@@ -949,6 +949,25 @@ def test_a_torchrun_restart_continues_only_a_run_its_own_job_started(
     monkeypatch.setattr(transformer.training, "train", real_train)
     assert main([*argv, "--steps", "3", "--out", str(ours)]) == 0
     assert [r["step"] for r in read_metrics(ours / "metrics.jsonl")] == [1, 2, 3]
+    assert not (ours / ".torchrun-job").exists()  # the run is complete: no job continues it
+
+    # A job that died for good (its restarts spent) leaves its mark; a later job under
+    # the same id (torchrun's static --rdzv_id) must not take that folder for its own.
+    crashed = tmp_path / "crashed"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.setattr(transformer.training, "train", dies_after_logging)
+    assert main([*argv, "--steps", "3", "--out", str(crashed)]) == 1
+    monkeypatch.setattr(transformer.training, "train", real_train)
+    left = _file_bytes(crashed)
+    capsys.readouterr()
+    for attempt in ("0", "1"):  # the later job's first attempt, then its restart
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        assert main([*argv, "--steps", "3", "--out", str(crashed)]) == 1
+        line = _one_line_error(capsys)
+        assert "--resume" in line and "--force" in line
+    assert {k: v for k, v in _file_bytes(crashed).items() if k in left} == {
+        k: v for k, v in left.items() if k.name != ".torchrun-job"
+    }
 
 
 @spec(kind="error")

@@ -937,6 +937,59 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+_REFUSED_RANK_1 = """
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+
+sys.path.insert(0, sys.argv[1])
+from test_training import _run
+
+dist.init_process_group(
+    "gloo", init_method=sys.argv[2], rank=1, world_size=2, timeout=timedelta(seconds=60)
+)
+try:
+    _run(Path(sys.argv[3]), 3)
+except FileExistsError as refusal:
+    print(refusal)
+else:
+    print("rank 1 trained into a folder holding a run")
+finally:
+    dist.destroy_process_group()  # before exit: gloo aborts if its group outlives main
+"""
+
+
+@spec(section="extra", kind="error")
+def test_every_rank_refuses_a_folder_holding_a_run_not_rank_0_alone(tmp_path: Path) -> None:
+    """In a 2-process gloo group (this process rank 0, a child rank 1) train(resume=False) into a folder holding a run raises FileExistsError on both ranks: rank 0 alone looks at the folder (it alone writes), and rank 1 learns its answer instead of waiting for it in DistributedDataParallel's first broadcast until the group times out."""
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available here")
+    _run(tmp_path, 3)
+    before = _file_bytes(tmp_path)
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _REFUSED_RANK_1, str(Path(__file__).parent), init, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    dist.init_process_group(
+        "gloo", init_method=init, rank=0, world_size=2, timeout=timedelta(seconds=60)
+    )
+    try:
+        with pytest.raises(FileExistsError, match="already holds a run"):
+            _run(tmp_path, 3)
+    finally:
+        dist.destroy_process_group()
+        stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 0, stderr
+    assert "already holds a run (as rank 0 found)" in stdout
+    assert _file_bytes(tmp_path) == before
+
+
 @spec(section="extra", kind="equivalence")
 @pytest.mark.parametrize("accumulate", ["1", "2"], ids=["one-batch-steps", "accumulate-2"])
 def test_gloo_run_with_this_process_as_rank_0_takes_the_one_process_step(

@@ -68,7 +68,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # or starts again where the first attempt failed before its first one. Only a run this
     # job started: a first attempt refused because --out held another run fails too, and
     # its restart must not take that run over.
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and _started_here(out)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 and ELASTIC_JOB_VAR in os.environ and os.environ.get("RANK", "0") == "0":
+        # A job's first attempt: a mark already there was left by another job (one that
+        # crashed, under the same --rdzv_id); kept, it would let this job's restarts
+        # take over that run.
+        (out / ELASTIC_MARK).unlink(missing_ok=True)
+    restarted = attempt > 0 and _started_here(out)
     resume = args.resume or (
         restarted and any((out / name).is_dir() for name in ("checkpoint", "checkpoint.old"))
     )

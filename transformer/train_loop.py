@@ -331,19 +331,21 @@ def train(
             "train: resume=True continues the run in out_dir and overwrite=True replaces "
             "it; pass one of them"
         )
-    # Rank 0 alone writes the run, so its view of out_dir alone decides (another node
-    # may not even see the folder); if it refuses, torchrun stops the other ranks.
-    replaced = held_run_files(out) if lead and not resume else []
-    if replaced and not overwrite:
-        raise FileExistsError(
-            f"train: out_dir {out} already holds a run ({', '.join(replaced)}): continue "
-            "it with resume=True or replace it with overwrite=True"
-        )
     ckpt_dir = out / CHECKPOINT_DIR
     metrics_path = out / METRICS_FILE
     model_config: ModelConfig = model.config
     pad_id = model_config.pad_id
     device = next(model.parameters()).device
+    # Rank 0 alone writes the run, so its view of out_dir decides (another node may not
+    # even see the folder); every rank learns it, so that all of them refuse together
+    # instead of the others waiting for rank 0 in their first collective.
+    replaced = held_run_files(out) if lead and not resume else []
+    if any_rank(bool(replaced) and not overwrite, device):
+        found = ", ".join(replaced) if lead else "as rank 0 found"
+        raise FileExistsError(
+            f"train: out_dir {out} already holds a run ({found}): continue it with "
+            "resume=True or replace it with overwrite=True"
+        )
     if pad_id != tokenizer.pad_id:
         raise ValueError(f"model pad_id {pad_id} differs from the tokenizer's {tokenizer.pad_id}")
     encoded = [(tokenizer.encode(s), tokenizer.encode(t)) for s, t in examples]
