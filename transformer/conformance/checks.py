@@ -47,8 +47,11 @@ def _reference_run(
     """The reference's output and gradients, in float64 on the CPU or in the case's dtype.
 
     ``dropout``: ``(keep, p)``, a bool keep-mask ``(..., L, S)`` and the rate; the
-    weights are then ``softmax(...) * keep / (1 - p)`` before they multiply the value.
+    weights are then ``softmax(...) * keep / (1 - p)`` before they multiply the value
+    (not with ``enable_gqa``: the weights are read through an ``(S, S)`` identity value).
     """
+    if dropout is not None and case.enable_gqa:
+        raise ValueError("the reference under dropout takes no enable_gqa case")
     device = "cpu" if upcast else inputs.query.device
 
     def leaf(t: Tensor) -> Tensor:

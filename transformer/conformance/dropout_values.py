@@ -50,11 +50,17 @@ _SEED = 2718
 def _keep_mask(kernel: Kernel, case: Case, kwargs: dict[str, object], device: str) -> Tensor:
     """The keep-mask ``(..., L, S)`` the kernel draws after ``torch.manual_seed(_SEED)`` for
     this case's shapes and arguments, read through the identity-value probe."""
-    zeros_q = torch.zeros(case.q, dtype=case.dtype, device=device)
-    zeros_k = torch.zeros(case.k, dtype=case.dtype, device=device)
+    # Inputs that require grad as the checked call's do: a kernel may take another path
+    # (and draw otherwise) when it has to save for a backward.
+    grads = case.grads
+    zeros_q = torch.zeros(case.q, dtype=case.dtype, device=device, requires_grad=grads)
+    zeros_k = torch.zeros(case.k, dtype=case.dtype, device=device, requires_grad=grads)
     eye = torch.eye(case.S, dtype=case.dtype, device=device).expand(case.v).contiguous()
+    eye.requires_grad_(grads)
     probe_kwargs = {
-        name: value.detach() if isinstance(value, Tensor) else value
+        name: value.detach().clone().requires_grad_(value.requires_grad)
+        if isinstance(value, Tensor)
+        else value
         for name, value in kwargs.items()
     }
     torch.manual_seed(_SEED)
@@ -63,10 +69,12 @@ def _keep_mask(kernel: Kernel, case: Case, kwargs: dict[str, object], device: st
 
 
 def _cases(settings: Settings) -> list[Case]:
-    # Value (..., S, S): the probe's identity needs Ev = S. L != S, both ways round.
+    # Value (..., S, S): the probe's identity needs Ev = S. L != S, both ways round; one
+    # case with E = Ev = S, which fused kernels (flash: Ev = E) need to take part at all.
     base = bhle(2, 2, 24, 20, 16, Ev=20, dropout_p=0.3)
     cases = [
         base,
+        bhle(2, 2, 24, 32, 32, Ev=32, dropout_p=0.3),
         base.replace(scale=0.5),
         base.replace(q=(2, 2, 20, 16), k=(2, 2, 24, 16), v=(2, 2, 24, 24), is_causal=True),
         base.replace(mask="bool", mask_shape=(24, 20)),

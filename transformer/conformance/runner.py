@@ -136,8 +136,15 @@ def run_case(prop: Property, kernel: Kernel, case: Case, device: str) -> CaseRes
     state is as it was.
     """
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
-        torch.manual_seed(case_seed(prop, case))
+    seed = case_seed(prop, case)
+    # A CPU run seeds (and restores) the CPU generator alone, leaving every GPU's as it
+    # was; a CUDA run seeds and restores them all, as torch.manual_seed reaches them all.
+    gpus = list(range(torch.cuda.device_count())) if device == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        if device == "cuda":
+            torch.manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
         status, detail, follows = _checked(prop, kernel, case, device)
     return CaseResult(case, status, detail, time.perf_counter() - start, follows)
 
