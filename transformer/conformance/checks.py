@@ -27,7 +27,13 @@ from transformer.conformance.case import (
 from transformer.conformance.compare import Mismatch, judge
 from transformer.conformance.reference import MaskSpec, reference_attention
 
-__all__ = ["check_equivalence", "kernel_gradients", "reference_results", "upstream_for"]
+__all__ = [
+    "check_equivalence",
+    "check_gradients",
+    "kernel_gradients",
+    "reference_results",
+    "upstream_for",
+]
 
 
 def upstream_for(out: Tensor, seed: int) -> Tensor:
@@ -152,6 +158,25 @@ def _check_equivalence(kernel: Kernel, case: Case, device: str, extension: bool)
     if upstream is None:
         return None
     grads = kernel_gradients(out, inputs, upstream, any_error_unsupported=extension)
+    check_gradients(case, inputs, grads, exact_grads, low_grads)
+    return None
+
+
+def check_gradients(
+    case: Case,
+    inputs: Inputs,
+    grads: list[Tensor | None],
+    exact_grads: list[Tensor | None],
+    low_grads: list[Tensor | None],
+    why: str = "",
+) -> None:
+    """Judge the kernel's gradients of ``inputs.grad_inputs`` against the reference's.
+
+    ``exact_grads`` are the float64 truth, ``low_grads`` the reference math in the case's
+    dtype (:func:`reference_results`). Raises :class:`Failure` for the first input no
+    gradient reaches or whose gradient breaks its bound; ``why`` (a line of its own,
+    starting with a newline) follows the mismatch in the message.
+    """
     for (name, _), grad, g_exact, g_low in zip(
         inputs.grad_inputs, grads, exact_grads, low_grads, strict=True
     ):
@@ -161,5 +186,4 @@ def _check_equivalence(kernel: Kernel, case: Case, device: str, extension: bool)
             raise Failure(f"no gradient reaches {name}\n    case: {case.describe()}")
         mismatch = judge(f"grad of {name}", grad, g_exact, g_low)
         if mismatch is not None:
-            raise _fail(case, mismatch)
-    return None
+            raise Failure(f"{mismatch.describe()}{why}\n    case: {case.describe()}")

@@ -37,7 +37,12 @@ from transformer.conformance.case import (
     kernel_kwargs,
     returned_tensor,
 )
-from transformer.conformance.checks import kernel_gradients, reference_results, upstream_for
+from transformer.conformance.checks import (
+    check_gradients,
+    kernel_gradients,
+    reference_results,
+    upstream_for,
+)
 from transformer.conformance.compare import judge
 from transformer.conformance.core import bhle, per_dtype
 from transformer.conformance.registry import conformance_property
@@ -119,19 +124,14 @@ def dropout_values(kernel: Kernel, case: Case, device: str) -> str | None:
         raise BackwardUnsupported(
             f"forward right under dropout; backward refused: {refusal}"
         ) from None
-    for (name, _), grad, g_exact, g_low in zip(
-        inputs.grad_inputs, grads, exact_grads, low_grads, strict=True
-    ):
-        if g_exact is None or g_low is None:
-            continue
-        if grad is None:
-            raise Failure(f"no gradient reaches {name}\n    case: {case.describe()}")
-        mismatch = judge(f"grad of {name}", grad, g_exact, g_low)
-        if mismatch is not None:
-            raise Failure(
-                f"{mismatch.describe()}\n    the output is right under dropout but this "
-                f"gradient is not that of softmax(...) * M / (1-p) @ V with the forward's "
-                f"keep-mask M ({kept}): the backward drops other weights, or scales them "
-                f"otherwise\n    case: {case.describe()}"
-            )
+    check_gradients(
+        case,
+        inputs,
+        grads,
+        exact_grads,
+        low_grads,
+        f"\n    the output is right under dropout but this gradient is not that of "
+        f"softmax(...) * M / (1-p) @ V with the forward's keep-mask M ({kept}): the "
+        f"backward drops other weights, or scales them otherwise",
+    )
     return kept
