@@ -31,6 +31,9 @@ from torch.nn.attention.bias import causal_lower_right
 import transformer
 from transformer.attention import reference_attention
 from transformer.conformance.memory import AllocationLog, track_allocations
+from transformer.kernels import _chunked_ops as chunked_ops
+from transformer.kernels import _chunked_threads as chunked_threads
+from transformer.kernels import _chunked_tiles as chunked_tiles
 from transformer.kernels import chunked
 from transformer.testing import assert_close
 
@@ -184,13 +187,13 @@ def test_backward_saves_no_tensor_with_both_query_and_key_length(causal: bool) -
 def tile_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int, int]]:
     """Records ``(i0, i1, j0, j1)`` of every tile the chunked kernel computes."""
     log: list[tuple[int, int, int, int]] = []
-    original = chunked._scores
+    original = chunked_tiles.scores
 
     def counting(pb, unit, qb, j0, j1, buf):  # type: ignore[no-untyped-def]
         log.append((unit.i0, unit.i1, j0, j1))
         return original(pb, unit, qb, j0, j1, buf)
 
-    monkeypatch.setattr(chunked, "_scores", counting)
+    monkeypatch.setattr(chunked_tiles, "scores", counting)
     return log
 
 
@@ -245,7 +248,7 @@ def test_worker_threads_give_the_single_thread_result(
     monkeypatch.setattr(chunked, "TILE_ELEMENTS", 64)  # many slice chunks and tiles
     inline = run_case(name, block_l=8, block_s=8)
     threads = torch.get_num_threads()
-    monkeypatch.setattr(chunked, "PARALLEL_MIN_SCORES", 0)
+    monkeypatch.setattr(chunked_threads, "PARALLEL_MIN_SCORES", 0)
     try:
         # Several chunks per worker, then one chunk for all; then a new thread count,
         # which replaces the pool of worker threads.
@@ -274,7 +277,7 @@ def test_worker_threads_run_under_the_callers_inference_mode(
     with torch.inference_mode():
         inline = forward()
     threads = torch.get_num_threads()
-    monkeypatch.setattr(chunked, "PARALLEL_MIN_SCORES", 0)
+    monkeypatch.setattr(chunked_threads, "PARALLEL_MIN_SCORES", 0)
     try:
         torch.set_num_threads(2)
         with torch.inference_mode():
@@ -299,7 +302,7 @@ def test_cpu_autocast_changes_nothing_inside_the_kernel(
 
     monkeypatch.setattr(chunked, "TILE_ELEMENTS", 64)
     if where == "worker threads":
-        monkeypatch.setattr(chunked, "PARALLEL_MIN_SCORES", 0)
+        monkeypatch.setattr(chunked_threads, "PARALLEL_MIN_SCORES", 0)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -332,10 +335,10 @@ def test_a_dispatch_mode_sees_the_tile_ops_of_problems_large_enough_for_workers(
         return counter.get_total_flops()
 
     monkeypatch.setattr(chunked, "TILE_ELEMENTS", 64)
-    monkeypatch.setattr(chunked, "PARALLEL_MIN_SCORES", 1 << 62)
+    monkeypatch.setattr(chunked_threads, "PARALLEL_MIN_SCORES", 1 << 62)
     inline = flops()
     threads = torch.get_num_threads()
-    monkeypatch.setattr(chunked, "PARALLEL_MIN_SCORES", 0)
+    monkeypatch.setattr(chunked_threads, "PARALLEL_MIN_SCORES", 0)
     try:
         torch.set_num_threads(2)
         large = flops()
@@ -348,7 +351,7 @@ def test_a_dispatch_mode_sees_the_tile_ops_of_problems_large_enough_for_workers(
 @spec(section="extra", kind="property")
 def test_worker_threads_leave_torch_thread_count_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """Worker threads run their ops single-threaded without calling torch.set_num_threads (a process-wide setting): the caller and threads started afterwards keep torch's thread count."""
-    if chunked._SET_THREAD_COUNT is None:
+    if chunked_threads.SET_THREAD_COUNT is None:
         pytest.skip("no per-thread OpenMP control here: the kernel runs in the calling thread")
     calls: list[str] = []
     real_set = torch.set_num_threads
@@ -358,15 +361,15 @@ def test_worker_threads_leave_torch_thread_count_alone(monkeypatch: pytest.Monke
         real_set(n)
 
     seen: list[tuple[str, int]] = []
-    real_forward = chunked._forward_units
+    real_forward = chunked_ops.forward_units
 
     def recording_forward(pb, units, out, lse):  # type: ignore[no-untyped-def]
         seen.append((threading.current_thread().name, torch.get_num_threads()))
         return real_forward(pb, units, out, lse)
 
-    monkeypatch.setattr(chunked, "PARALLEL_MIN_SCORES", 0)
+    monkeypatch.setattr(chunked_threads, "PARALLEL_MIN_SCORES", 0)
     monkeypatch.setattr(chunked, "TILE_ELEMENTS", 64)
-    monkeypatch.setattr(chunked, "_forward_units", recording_forward)
+    monkeypatch.setattr(chunked_ops, "forward_units", recording_forward)
     threads = torch.get_num_threads()
     try:
         real_set(2)
