@@ -603,7 +603,7 @@ def test_front_door_broadcast_agrees_with_torch_broadcast_shapes(
     shapes: list[tuple[int, ...]],
 ) -> None:
     """The front door's shape broadcast (a fast stand-in for ``torch.broadcast_shapes``) gives torch's broadcast shape, and ``None`` exactly where torch raises, for shapes with 0, 1 and other sizes."""
-    from transformer.attention import _broadcast
+    from transformer.attention_checks import _broadcast
 
     try:
         want: tuple[int, ...] | None = tuple(torch.broadcast_shapes(*shapes))

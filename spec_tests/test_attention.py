@@ -28,6 +28,7 @@ from torch import Tensor
 
 import transformer
 from transformer import attention as attention_module
+from transformer import kernel_registry
 from transformer.conformance.plugin import ConformanceSuite, KernelUnderTest
 from transformer.testing import assert_close, assert_error_within_reference
 
@@ -296,7 +297,7 @@ def registered_names() -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        attention_module._KERNELS.pop(name, None)
+        kernel_registry._KERNELS.pop(name, None)
 
 
 @spec(section="extra", kind="equivalence")

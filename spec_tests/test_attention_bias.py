@@ -30,6 +30,7 @@ from torch.nn.attention import bias as attn_bias
 
 import transformer
 from transformer import attention as attention_module
+from transformer import kernel_registry
 from transformer.testing import assert_close
 
 spec = functools.partial(pytest.mark.spec, component="attention")
@@ -189,8 +190,8 @@ def test_front_door_hands_the_bias_object_to_the_kernel_unchanged(
         seen.append(kwargs)
         return attention_module.reference_attention(q, k, v, **kwargs)  # type: ignore[arg-type]
 
-    entry = attention_module._Entry(recording, attention_module._always, -1)
-    monkeypatch.setitem(attention_module._KERNELS, "recording", entry)
+    entry = kernel_registry._Entry(recording, kernel_registry._always, -1)
+    monkeypatch.setitem(kernel_registry._KERNELS, "recording", entry)
     bias = make_bias(variant, 3, 5)
     q, k = randn(3, 4, seed=12), randn(5, 4, seed=13)
     transformer.scaled_dot_product_attention(q, k, k, attn_mask=bias, kernel="recording")

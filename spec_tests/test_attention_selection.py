@@ -22,7 +22,7 @@ import torch
 import transformer
 import transformer.kernels  # registers "chunked"
 from transformer import attention as attention_module
-from transformer import kernel_choice
+from transformer import kernel_choice, kernel_registry
 from transformer.kernel_choice import MEASURED, Measured, measured_from_report, rank_by_speed
 
 spec = functools.partial(pytest.mark.spec, component="attention", section="extra")
@@ -33,8 +33,8 @@ CPU = torch.device("cpu")
 
 def _picked(dtype: torch.dtype, device: torch.device = CPU) -> str:
     """The name of the kernel ``kernel=None`` dispatches to for this device and dtype."""
-    fn = attention_module._pick_kernel(None, device, dtype)
-    (name,) = [n for n, entry in attention_module._KERNELS.items() if entry.fn is fn]
+    fn = kernel_registry.pick_kernel(None, device, dtype)
+    (name,) = [n for n, entry in kernel_registry._KERNELS.items() if entry.fn is fn]
     return name
 
 
@@ -73,7 +73,7 @@ def test_default_kernel_is_the_fastest_available_kernel_in_the_committed_table(
     candidates = [
         n
         for n in transformer.available_kernels(device, dtype)
-        if attention_module._KERNELS[n].priority >= 0 and n in times
+        if kernel_registry._KERNELS[n].priority >= 0 and n in times
     ]
     fastest = min(candidates, key=lambda n: times[n])
     assert _picked(dtype, device) == fastest
@@ -152,7 +152,7 @@ def test_a_kernel_registered_without_priority_is_never_the_default_even_if_measu
     fake_table: dict[tuple[str, str, str], Measured], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A kernel registered with the default priority (-1) is only run when named: a table showing it fastest still leaves ``kernel=None`` on the fastest candidate, and it is listed after all of them."""
-    monkeypatch.setattr(attention_module, "_KERNELS", dict(attention_module._KERNELS))
+    monkeypatch.setattr(kernel_registry, "_KERNELS", dict(kernel_registry._KERNELS))
     transformer.register_kernel("user-fast", attention_module.reference_attention)
     fake_table[("cpu", KIND, "fp32")] = Measured("made-up.json", {"user-fast": 0.1, "torch": 1.0})
     assert _picked(torch.float32) == "torch"

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transformer import attention, bench, bench_device
+from transformer import attention, bench, bench_device, kernel_registry
 from transformer.bench import BenchError, format_table, run_attention_bench
 from transformer.cli import main
 from transformer.kernel_choice import hardware_kind
@@ -237,7 +237,7 @@ def test_a_kernel_failing_on_some_combinations_is_skipped_there_and_measured_els
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A kernel that raises on some combinations (here every causal call) gets those rows skipped with the error's first line, in the report and the table, while its other rows and the other kernels are measured and plotted."""
-    monkeypatch.setattr(attention, "_KERNELS", dict(attention._KERNELS))
+    monkeypatch.setattr(kernel_registry, "_KERNELS", dict(kernel_registry._KERNELS))
 
     def no_causal(query, key, value, *, is_causal=False, **kwargs):  # type: ignore[no-untyped-def]
         if is_causal:
@@ -358,7 +358,7 @@ def test_bwd_mode_runs_the_backward_alone_over_one_forward(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Mode "bwd" runs the candidate's forward once, when the closure is built, and each call only its backward (so backward time is not forward + backward); "fwd+bwd" runs one forward per call."""
-    monkeypatch.setattr(attention, "_KERNELS", dict(attention._KERNELS))
+    monkeypatch.setattr(kernel_registry, "_KERNELS", dict(kernel_registry._KERNELS))
     forwards: list[int] = []
 
     def counting(query, key, value, **kwargs):  # type: ignore[no-untyped-def]
@@ -499,7 +499,7 @@ def test_cpu_peak_memory_counts_a_buffer_a_kernel_frees_before_returning(
     monkeypatch: pytest.MonkeyPatch, on_worker: bool
 ) -> None:
     """The CPU peak-memory column counts every allocation a kernel makes through torch's allocator, also one it frees before returning and also one made on a worker thread: a kernel that holds an L x S fp32 buffer internally reports at least L * S * 4 bytes, where its output alone is 64 times smaller."""
-    monkeypatch.setattr(attention, "_KERNELS", dict(attention._KERNELS))
+    monkeypatch.setattr(kernel_registry, "_KERNELS", dict(kernel_registry._KERNELS))
     L = S = 512
     attention.register_kernel("planted", _planted_kernel(L, S, on_worker))
     report = run_attention_bench(

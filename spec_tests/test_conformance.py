@@ -387,15 +387,15 @@ def test_conform_refuses_a_registered_kernel_not_available_on_the_device(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``conform --kernel NAME`` for a kernel registered but not available on the run's device (``triton`` where it is not installed) exits 2 before any case runs, naming --kernel and the kernels available, instead of reporting a FAIL for every refused call."""
-    from transformer import attention
+    from transformer import kernel_registry
 
     def never_called(*args: object, **kwargs: object) -> None:
         raise AssertionError("a case ran")
 
     monkeypatch.setitem(
-        attention._KERNELS,
+        kernel_registry._KERNELS,
         "elsewhere",
-        attention._Entry(never_called, lambda device: False, -1),
+        kernel_registry._Entry(never_called, lambda device: False, -1),
     )
     assert main(["conform", "--kernel", "elsewhere", "--tier", "quick"]) == 2
     err = capsys.readouterr().err

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from transformer import MultiheadAttention, attention
+from transformer import MultiheadAttention, attention, kernel_registry
 from transformer.generate import beam_search, greedy_decode
 from transformer.kv_cache import MIN_CAPACITY, DecoderCache, KVCache
 from transformer.masks import square_subsequent_mask
@@ -193,7 +193,7 @@ def test_cached_decoding_runs_attention_through_the_kernel_registry(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A cached decoding step reaches attention through ``scaled_dot_product_attention``'s registry: a kernel registered to win ``kernel=None`` runs every self- and cross-attention of every step (one query each), and the tokens equal those of uncached decoding."""
-    monkeypatch.setattr(attention, "_KERNELS", dict(attention._KERNELS))
+    monkeypatch.setattr(kernel_registry, "_KERNELS", dict(kernel_registry._KERNELS))
     calls: list[tuple[int, int]] = []
 
     def spy(query: Tensor, key: Tensor, value: Tensor, *args: object, **kw: object) -> Tensor:

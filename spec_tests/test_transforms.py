@@ -30,7 +30,7 @@ spec = functools.partial(pytest.mark.spec, section="torch", kind="equivalence")
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
 E, H, FF = 8, 2, 16
-B, L = 3, 5  # L < 64: the wrapper's NaN-row rule applies (see attention._show_nan_rows)
+B, L = 3, 5  # L < 64: the wrapper's NaN-row rule applies (see torch_kernel._show_nan_rows)
 
 
 def _randn(*shape: int, seed: int) -> Tensor:

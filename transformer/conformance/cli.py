@@ -45,7 +45,8 @@ class ConformUsageError(ValueError):
 
 def _registered(name: str, device: str) -> Kernel:
     """The package's front door with ``kernel=name``, a kernel usable on ``device``."""
-    from transformer.attention import _KERNELS, available_kernels, scaled_dot_product_attention
+    from transformer.attention import available_kernels, scaled_dot_product_attention
+    from transformer.kernel_registry import _KERNELS
 
     if name not in _KERNELS:
         raise ConformUsageError(f"--kernel: unknown kernel {name!r}; known: {sorted(_KERNELS)}")
