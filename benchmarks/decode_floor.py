@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
             "hardware_kind": hardware_kind("cpu"),
+            "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
             "python": platform.python_version(),
         },
     }

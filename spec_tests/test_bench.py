@@ -45,7 +45,7 @@ ROW_FIELDS = {
 
 @spec(kind="shape")
 def test_bench_writes_json_report_and_plot_with_every_kernel_row(tmp_path: Path) -> None:
-    """run_attention_bench writes attention-cpu.json (device, torch version, hardware and its kind as kernel_choice names it, config, one row per kernel x dtype x length x causal x mode, the modes fwd, bwd and fwd+bwd) and a PNG plot."""
+    """run_attention_bench writes attention-cpu.json (device, torch version, hardware and its kind as kernel_choice names it, the vector instruction set torch reports, config, one row per kernel x dtype x length x causal x mode, the modes fwd, bwd and fwd+bwd) and a PNG plot."""
     sizes = {**TINY, "seq_lens": (16,), "repeats": 1}
     report = run_attention_bench(dtypes=("fp32",), out=str(tmp_path), log=None, **sizes)
     written = json.loads((tmp_path / "attention-cpu.json").read_text())
@@ -53,6 +53,7 @@ def test_bench_writes_json_report_and_plot_with_every_kernel_row(tmp_path: Path)
     assert {"device", "hardware", "torch", "config", "rows", "memory_method"} <= set(written)
     assert written["device"] == "cpu"
     assert written["hardware_kind"] == hardware_kind("cpu")
+    assert written["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     png = tmp_path / "attention-cpu.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     kernels = {r["kernel"] for r in written["rows"]}

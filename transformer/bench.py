@@ -52,7 +52,14 @@ from transformer.bench_candidates import (
     make_attention_call,
 )
 from transformer.bench_cli import add_bench_parser
-from transformer.bench_device import PEAK_BF16_TFLOPS, _free_memory, _hardware, _sync, peak_tflops
+from transformer.bench_device import (
+    PEAK_BF16_TFLOPS,
+    _free_memory,
+    _hardware,
+    _sync,
+    cpu_capability,
+    peak_tflops,
+)
 from transformer.bench_memory import (
     CPU_MEMORY_METHOD,
     CUDA_MEMORY_METHOD,
@@ -209,7 +216,8 @@ def run_attention_bench(
 
     ``overrides`` replace fields of ``cfg`` (e.g. ``run_attention_bench(seq_lens=(128,))``).
     The report: ``device``, ``hardware``, ``hardware_kind`` (what
-    :data:`transformer.kernel_choice.MEASURED` is keyed by), ``torch``, ``config``,
+    :data:`transformer.kernel_choice.MEASURED` is keyed by), ``cpu_capability`` (the
+    vector instruction set torch's CPU kernels run, on a CPU run), ``torch``, ``config``,
     ``flops_model``, ``memory_method`` and ``rows`` (one per kernel x dtype x length x
     causal x mode).
     With ``cfg.out`` it is written to ``DIR/attention-<device>.json`` with a plot
@@ -235,6 +243,7 @@ def run_attention_bench(
         "device": cfg.device,
         "hardware": _hardware(cfg.device),
         "hardware_kind": hardware_kind(cfg.device),
+        "cpu_capability": cpu_capability() if cfg.device == "cpu" else None,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -67,6 +67,15 @@ def _hardware(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_capability() -> str:
+    """The vector instruction set of torch's CPU kernels here: ``"AVX512"``, ``"AVX2"``...
+
+    A report names it because the same CPU model name can come with either (a virtual
+    machine may hide AVX-512), and the speed of every CPU row depends on it.
+    """
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
 def _sync(device: str) -> None:
     if device == "cuda":  # pragma: no cover  (CUDA only, see _free_memory)
         torch.cuda.synchronize()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from transformer.bench_candidates import _DTYPES, BenchError
-from transformer.bench_device import _hardware
+from transformer.bench_device import _hardware, cpu_capability
 
 #: What ``run_wrapper_bench`` times, by the names its report uses.
 WRAPPER_CANDIDATES = {
@@ -111,6 +111,7 @@ def run_wrapper_bench(
     report = {
         "what": "the 'torch' kernel vs raw F.scaled_dot_product_attention, forward, no mask",
         "hardware": _hardware("cpu"),
+        "cpu_capability": cpu_capability(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
