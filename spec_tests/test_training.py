@@ -990,6 +990,97 @@ def test_every_rank_refuses_a_folder_holding_a_run_not_rank_0_alone(tmp_path: Pa
     assert _file_bytes(tmp_path) == before
 
 
+_RESUMING_RANK_1 = """
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+
+sys.path.insert(0, sys.argv[1])
+from test_training import _run
+
+shared, own, resume = Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5] == "resume"
+
+
+def group(init):
+    dist.init_process_group(
+        "gloo", init_method=init, rank=1, world_size=2, timeout=timedelta(seconds=60)
+    )
+
+
+group(sys.argv[2])
+try:
+    _run(shared, 3)  # the two-process run rank 0 will resume
+finally:
+    dist.destroy_process_group()
+group(sys.argv[6])
+try:
+    _run(own, 6, resume=resume)  # this rank's own, empty folder: not the run rank 0 sees
+except Exception as error:
+    print(type(error).__name__, error)
+else:
+    print("rank 1 trained on")
+finally:
+    dist.destroy_process_group()
+"""
+
+
+@spec(section="extra", kind="error")
+@pytest.mark.parametrize(
+    ("rank_1", "says"),
+    [
+        ("resume", "FileNotFoundError cannot resume: no checkpoint"),
+        ("fresh", "RuntimeError train: the ranks do not see the same run"),
+    ],
+    ids=["rank-1-cannot-resume", "rank-1-starts-afresh"],
+)
+def test_ranks_that_do_not_see_the_same_run_all_stop_before_training(
+    rank_1: str, says: str, tmp_path: Path
+) -> None:
+    """In a 2-process gloo group whose rank 0 resumes a two-process run, a rank 1 that reads another (empty) folder stops every rank with an error naming the cause, before any step and with rank 0's run left as it was: a rank 1 that cannot load a checkpoint raises FileNotFoundError and rank 0 a RuntimeError naming rank 1, instead of waiting for it in the first collective until the group times out; a rank 1 that starts afresh beside a rank 0 resuming at step 3 makes both raise, instead of training on from different steps with different optimizer states."""
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available here")
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    inits = [f"tcp://127.0.0.1:{_free_port()}" for _ in range(2)]
+    child = subprocess.Popen(
+        [
+            *(sys.executable, "-c", _RESUMING_RANK_1, str(Path(__file__).parent), inits[0]),
+            *(str(shared), str(own), rank_1, inits[1]),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+    def group(init: str) -> None:
+        dist.init_process_group(
+            "gloo", init_method=init, rank=0, world_size=2, timeout=timedelta(seconds=60)
+        )
+
+    try:
+        group(inits[0])
+        try:
+            _run(shared, 3)
+        finally:
+            dist.destroy_process_group()
+        before = _file_bytes(shared)
+        group(inits[1])
+        expected = "rank 1 could not resume" if rank_1 == "resume" else "do not see the same run"
+        try:
+            with pytest.raises(RuntimeError, match=expected):
+                _run(shared, 6, resume=True)
+        finally:
+            dist.destroy_process_group()
+    finally:
+        stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 0, stderr
+    assert says in stdout, stdout
+    assert _file_bytes(shared) == before
+    assert not own.exists() or not any(own.iterdir())
+
+
 @spec(section="extra", kind="equivalence")
 @pytest.mark.parametrize("accumulate", ["1", "2"], ids=["one-batch-steps", "accumulate-2"])
 def test_gloo_run_with_this_process_as_rank_0_takes_the_one_process_step(

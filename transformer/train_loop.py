@@ -209,11 +209,11 @@ def _restore_run(
     scaler: torch.amp.GradScaler,
     batcher: BucketBatcher,
     config: TrainConfig,
-) -> tuple[int, float, dict[str, Any], list[dict[str, Any]]]:
-    """Load ``out/checkpoint`` into the run's parts and cut metrics.jsonl back to it.
+) -> tuple[int, float, dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """Load ``out/checkpoint`` into the run's parts; writes nothing (:func:`_trim_run_files` does).
 
-    Returns the step, the elapsed seconds before this call, the open metrics window and
-    the records kept.
+    Returns the step, the elapsed seconds before this call, the open metrics window, the
+    records to keep and the training state.
     """
     metrics_path = out / METRICS_FILE
     state = load_training_state(
@@ -233,20 +233,57 @@ def _restore_run(
         for r in read_metrics_until_torn(metrics_path)
         if r["step"] < step or (r["step"] == step and (step % logged_every == 0 or finished))
     ]
-    if world()[0] == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomically(metrics_path, "".join(_json_line(r) for r in previous))
-        # A run extended past its old last step would not have kept that step's
-        # checkpoint where it lies off the grid: drop it, so the rotation holds what the
-        # longer run keeps. Only that one: the others were saved on the grid the run had
-        # (it may differ from this one's) and are what keep_last promised to keep.
-        saved_every = int(state.get("config", {}).get("checkpoint_every", config.checkpoint_every))
-        for kept in step_checkpoints(out):
-            saved_at = int(kept.name.removeprefix("step-"))
-            off_grid = saved_at % saved_every and saved_at % config.checkpoint_every
-            if saved_at == step and off_grid and saved_at < config.steps:
-                shutil.rmtree(kept)
-    return step, elapsed_before, window, previous
+    return step, elapsed_before, window, previous, state
+
+
+def _trim_run_files(
+    out: Path, state: dict[str, Any], config: TrainConfig, previous: list[dict[str, Any]]
+) -> None:
+    """Cut metrics.jsonl back to the checkpoint a resume starts from (rank 0 alone)."""
+    step = int(state["step"])
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(out / METRICS_FILE, "".join(_json_line(r) for r in previous))
+    # A run extended past its old last step would not have kept that step's
+    # checkpoint where it lies off the grid: drop it, so the rotation holds what the
+    # longer run keeps. Only that one: the others were saved on the grid the run had
+    # (it may differ from this one's) and are what keep_last promised to keep.
+    saved_every = int(state.get("config", {}).get("checkpoint_every", config.checkpoint_every))
+    for kept in step_checkpoints(out):
+        saved_at = int(kept.name.removeprefix("step-"))
+        off_grid = saved_at % saved_every and saved_at % config.checkpoint_every
+        if saved_at == step and off_grid and saved_at < config.steps:
+            shutil.rmtree(kept)
+
+
+def _agree_on_start(out: Path, resume: bool, step: int, failure: Exception | None) -> None:
+    """Raise on every rank unless all ranks start the same run: all afresh, or all resuming
+    the same step, with no rank's resume failed.
+
+    Each rank reads ``out_dir`` itself on a resume (and, under the CLI, decides from it
+    whether to resume), so ranks that do not see one directory would otherwise part
+    ways: the one that cannot load fails alone while the others wait for it in the first
+    collective until the group times out, or ranks start from different steps and train
+    on with different optimizer states, the weights drifting apart unseen.
+    """
+    failed = None if failure is None else f"{type(failure).__name__}: {failure}"
+    views = gather_objects((resume, step, failed))
+    if any(view[2] for view in views):
+        if failure is not None:
+            raise failure
+        rank, why = next((r, view[2]) for r, view in enumerate(views) if view[2])
+        raise RuntimeError(
+            f"train: rank {rank} could not resume the run in {out} ({why}); "
+            "every rank must read the same out_dir"
+        )
+    if len({view[:2] for view in views}) > 1:
+        seen = ", ".join(
+            f"rank {r} " + (f"resumes at step {s}" if res else "starts afresh")
+            for r, (res, s, _) in enumerate(views)
+        )
+        raise RuntimeError(
+            f"train: the ranks do not see the same run in {out} ({seen}); out_dir must "
+            "be one directory every rank sees (on several machines, a shared filesystem)"
+        )
 
 
 def check_examples_fit(
@@ -378,10 +415,19 @@ def train(
     window = _new_window()
     step, elapsed_before = 0, 0.0
     previous: list[dict[str, Any]] = []
+    restored: dict[str, Any] = {}
+    failure: Exception | None = None
     if resume:
-        step, elapsed_before, window, previous = _restore_run(
-            out, model, optimizer, scheduler, scaler, batcher, config
-        )
+        try:
+            step, elapsed_before, window, previous, restored = _restore_run(
+                out, model, optimizer, scheduler, scaler, batcher, config
+            )
+        except Exception as error:  # re-raised below, once every rank knows
+            failure = error
+    _agree_on_start(out, resume, step, failure)
+    if resume:
+        if lead:
+            _trim_run_files(out, restored, config, previous)
     else:
         # Each rank its own dropout stream; rank 0's is the one-process run's.
         torch.manual_seed(config.seed + rank)
