@@ -1,4 +1,4 @@
-"""The training loop: ``TrainConfig``, ``train`` and its step, the state a checkpoint carries.
+"""The training loop: ``train``, and the state a checkpoint carries for it.
 
 ``train`` is seeded and deterministic on CPU, and its checkpoint carries everything the
 run's future depends on (weights, Adam moments, schedule step, the fp16 gradient
@@ -6,9 +6,11 @@ scaler, every RNG state of every rank, the position in the data stream and the o
 metrics window), so ``resume=True`` continues a stopped run with the very losses the
 uninterrupted run would have logged.
 
-Imports the recipe (:mod:`transformer.recipe`), mixed precision
-(:mod:`transformer.precision`), data parallelism (:mod:`transformer.distributed`), the
-run's files (:mod:`transformer.run_files`), checkpoints and what a resume needs
+Imports one step (:mod:`transformer.train_step`), how a run starts
+(:mod:`transformer.run_start`: afresh or from its checkpoint, the ranks agreeing), the
+recipe (:mod:`transformer.recipe`), mixed precision (:mod:`transformer.precision`), data
+parallelism (:mod:`transformer.distributed`), the run's files
+(:mod:`transformer.run_files`), checkpoints and what a resume needs
 (:mod:`transformer.resume`: stop requests, RNG states, step checkpoints); nothing of the CLI.
 
 Notation: B batch, S source length, T target length, V vocabulary size.
@@ -17,40 +19,33 @@ Notation: B batch, S source length, T target length, V vocabulary size.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
-from transformer.data import Batch, BucketBatcher, Pair
+from transformer.data import BucketBatcher, Pair
 from transformer.distributed import (
     any_rank,
     barrier,
     gather_objects,
-    shard_batch,
-    sum_over_ranks,
     world,
     wrap_data_parallel,
 )
 from transformer.model import ModelConfig, Seq2SeqTransformer
-from transformer.precision import autocast, make_grad_scaler, optimizer_step
-from transformer.recipe import make_optimizer, make_scheduler, sequence_loss
+from transformer.precision import make_grad_scaler, optimizer_step
+from transformer.recipe import make_optimizer, make_scheduler
 from transformer.resume import (
     STEP_CHECKPOINTS_DIR,
     TrainInterrupted,
-    load_training_state,
     restore_rng_state,
     rng_state,
     save_training_state,
@@ -64,12 +59,13 @@ from transformer.run_files import (
     held_run_files,
     plot_metrics,
     read_metrics,
-    read_metrics_until_torn,
     remove_run_files,
     write_atomically,
 )
+from transformer.run_start import agree_on_start, json_line, new_window, restore_run, trim_run_files
 from transformer.tokenizer import Tokenizer
 from transformer.train_config import TrainConfig
+from transformer.train_step import step_losses
 
 __all__ = [
     "STEP_CHECKPOINTS_DIR",
@@ -97,193 +93,6 @@ class TrainResult:
     elapsed: float
     #: The run directory.
     out_dir: Path
-
-
-def _new_window() -> dict[str, Any]:
-    """The running sums of one metrics record: losses, steps, skipped steps, tokens."""
-    return {"loss": 0.0, "nll": 0.0, "steps": 0, "skipped": 0, "tokens": 0}
-
-
-# --------------------------------------------------------------------------- one step
-
-
-def _forward_backward(
-    net: nn.Module,
-    batch: Batch,
-    shard: Batch | None,
-    *,
-    config: TrainConfig,
-    pad_id: int,
-    device: torch.device,
-    scaler: torch.amp.GradScaler,
-    step_tokens: int | None = None,
-) -> Tensor:
-    """Forward and backward of this rank's share of ``batch``; its losses, (2,) float64.
-
-    One process divides by its own token count (torch's mean, bit-stable); with several,
-    each divides its summed loss by the global count, so the ranks' losses add up to
-    the batch mean, and backpropagates ``world_size`` times that, since DDP averages
-    the ranks' gradients. A rank that a small last batch leaves no row still runs
-    rank 0's rows with weight 0: DDP's all-reduce needs every rank's backward.
-    ``step_tokens``, when one step accumulates several batches, is the token count of
-    all of them: each batch's summed loss is divided by it, so the gradients add up to
-    those of the mean loss of one batch holding them all.
-    """
-    world_size = world()[1]
-    part = shard if shard is not None else shard_batch(batch, 0, world_size, pad_id=pad_id)
-    assert part is not None  # rank 0 always has a row
-    src, tgt_in, tgt_out = part.src.to(device), part.tgt_in.to(device), part.tgt_out.to(device)
-    if step_tokens is not None:
-        divisor: int | None = step_tokens
-    else:
-        divisor = batch.n_tokens if world_size > 1 else None
-    with autocast(device, config.autocast):
-        logits = net(src, tgt_in)  # (B', T', V)
-        loss = sequence_loss(
-            logits,
-            tgt_out,
-            pad_id=pad_id,
-            label_smoothing=config.label_smoothing,
-            num_tokens=divisor,
-        )
-    weight = float(world_size) if shard is not None else 0.0
-    scaler.scale(loss if weight == 1.0 else loss * weight).backward()
-    with torch.no_grad():
-        nll = sequence_loss(logits.detach().float(), tgt_out, pad_id=pad_id, num_tokens=divisor)
-    losses = torch.stack([loss.detach().float(), nll]).double()  # (2,)
-    return losses if shard is not None else torch.zeros_like(losses)
-
-
-def _sync_gradients(net: nn.Module, *, last: bool) -> AbstractContextManager[Any]:
-    """DDP's ``no_sync`` for every accumulated batch but the last one of a step.
-
-    Gradients then add up locally and are all-reduced once per optimizer step, as
-    ``DistributedDataParallel`` documents for accumulation, not once per batch.
-    """
-    if last or not isinstance(net, nn.parallel.DistributedDataParallel):
-        return nullcontext()
-    return net.no_sync()
-
-
-def _step_losses(
-    net: nn.Module,
-    batches: list[Batch],
-    *,
-    config: TrainConfig,
-    pad_id: int,
-    device: torch.device,
-    scaler: torch.amp.GradScaler,
-) -> Tensor:
-    """Forward and backward of the ``accumulate`` batches of one step; their summed losses
-    over all ranks, (2,) float64 on the CPU. The gradients are all-reduced once, after
-    the last batch."""
-    rank, world_size = world()
-    step_tokens = sum(b.n_tokens for b in batches)
-    summed: Tensor | None = None
-    for i, batch in enumerate(batches):
-        shard = shard_batch(batch, rank, world_size, pad_id=pad_id) if world_size > 1 else batch
-        with _sync_gradients(net, last=i == len(batches) - 1):
-            part = _forward_backward(
-                net,
-                batch,
-                shard,
-                config=config,
-                pad_id=pad_id,
-                device=device,
-                scaler=scaler,
-                step_tokens=step_tokens if len(batches) > 1 else None,
-            )
-        summed = part if summed is None else summed + part
-    assert summed is not None  # accumulate >= 1
-    return sum_over_ranks(summed).cpu()
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-def _restore_run(
-    out: Path,
-    model: Seq2SeqTransformer,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    batcher: BucketBatcher,
-    config: TrainConfig,
-) -> tuple[int, float, dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """Load ``out/checkpoint`` into the run's parts; writes nothing (:func:`_trim_run_files` does).
-
-    Returns the step, the elapsed seconds before this call, the open metrics window, the
-    records to keep and the training state.
-    """
-    metrics_path = out / METRICS_FILE
-    state = load_training_state(
-        out / CHECKPOINT_DIR, model, optimizer, scheduler, scaler, batcher, config
-    )
-    step, elapsed_before = int(state["step"]), float(state["elapsed"])
-    window = {**_new_window(), **state["window"]}
-    # Drop records written after the checkpoint and an off-grid record of the stop (at
-    # the checkpoint's step, off the grid it was logged on), which a run going on past it
-    # would not have; a run with no step left to take ends there, so it keeps that final
-    # record as an uninterrupted run would. Earlier records stay whatever --log-every
-    # the resumed run asks for.
-    finished = step >= config.steps
-    logged_every = int(state.get("config", {}).get("log_every", config.log_every))
-    previous = [
-        r
-        for r in read_metrics_until_torn(metrics_path)
-        if r["step"] < step or (r["step"] == step and (step % logged_every == 0 or finished))
-    ]
-    return step, elapsed_before, window, previous, state
-
-
-def _trim_run_files(
-    out: Path, state: dict[str, Any], config: TrainConfig, previous: list[dict[str, Any]]
-) -> None:
-    """Cut metrics.jsonl back to the checkpoint a resume starts from (rank 0 alone)."""
-    step = int(state["step"])
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / METRICS_FILE, "".join(_json_line(r) for r in previous))
-    # A run extended past its old last step would not have kept that step's
-    # checkpoint where it lies off the grid: drop it, so the rotation holds what the
-    # longer run keeps. Only that one: the others were saved on the grid the run had
-    # (it may differ from this one's) and are what keep_last promised to keep.
-    saved_every = int(state.get("config", {}).get("checkpoint_every", config.checkpoint_every))
-    for kept in step_checkpoints(out):
-        saved_at = int(kept.name.removeprefix("step-"))
-        off_grid = saved_at % saved_every and saved_at % config.checkpoint_every
-        if saved_at == step and off_grid and saved_at < config.steps:
-            shutil.rmtree(kept)
-
-
-def _agree_on_start(out: Path, resume: bool, step: int, failure: Exception | None) -> None:
-    """Raise on every rank unless all ranks start the same run: all afresh, or all resuming
-    the same step, with no rank's resume failed.
-
-    Each rank reads ``out_dir`` itself on a resume (and, under the CLI, decides from it
-    whether to resume), so ranks that do not see one directory would otherwise part
-    ways: the one that cannot load fails alone while the others wait for it in the first
-    collective until the group times out, or ranks start from different steps and train
-    on with different optimizer states, the weights drifting apart unseen.
-    """
-    failed = None if failure is None else f"{type(failure).__name__}: {failure}"
-    views = gather_objects((resume, step, failed))
-    if any(view[2] for view in views):
-        if failure is not None:
-            raise failure
-        rank, why = next((r, view[2]) for r, view in enumerate(views) if view[2])
-        raise RuntimeError(
-            f"train: rank {rank} could not resume the run in {out} ({why}); "
-            "every rank must read the same out_dir"
-        )
-    if len({view[:2] for view in views}) > 1:
-        seen = ", ".join(
-            f"rank {r} " + (f"resumes at step {s}" if res else "starts afresh")
-            for r, (res, s, _) in enumerate(views)
-        )
-        raise RuntimeError(
-            f"train: the ranks do not see the same run in {out} ({seen}); out_dir must "
-            "be one directory every rank sees (on several machines, a shared filesystem)"
-        )
 
 
 def check_examples_fit(
@@ -412,22 +221,22 @@ def train(
 
     # The running window of the current metrics record survives a resume, so records
     # straddling the stop are the same as in an uninterrupted run.
-    window = _new_window()
+    window = new_window()
     step, elapsed_before = 0, 0.0
     previous: list[dict[str, Any]] = []
     restored: dict[str, Any] = {}
     failure: Exception | None = None
     if resume:
         try:
-            step, elapsed_before, window, previous, restored = _restore_run(
+            step, elapsed_before, window, previous, restored = restore_run(
                 out, model, optimizer, scheduler, scaler, batcher, config
             )
         except Exception as error:  # re-raised below, once every rank knows
             failure = error
-    _agree_on_start(out, resume, step, failure)
+    agree_on_start(out, resume, step, failure)
     if resume:
         if lead:
-            _trim_run_files(out, restored, config, previous)
+            trim_run_files(out, restored, config, previous)
     else:
         # Each rank its own dropout stream; rank 0's is the one-process run's.
         torch.manual_seed(config.seed + rank)
@@ -481,7 +290,7 @@ def train(
         }
         if lead:
             with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(_json_line(record))
+                f.write(json_line(record))
             bar.set_postfix(
                 loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
             )
@@ -501,7 +310,7 @@ def train(
                 batches = [next(batcher) for _ in range(config.accumulate)]
                 step_tokens = sum(b.n_tokens for b in batches)
                 optimizer.zero_grad(set_to_none=True)
-                losses = _step_losses(
+                losses = step_losses(
                     net, batches, config=config, pad_id=pad_id, device=device, scaler=scaler
                 )
                 if not torch.isfinite(losses).all():
@@ -533,7 +342,7 @@ def train(
                 bar.update(1)
                 if step % config.log_every == 0:
                     last_loss = flush(lr)["loss"]
-                    window = _new_window()
+                    window = new_window()
                     window_start = time.perf_counter()
                 if step % config.checkpoint_every == 0 or last:
                     # Saved before an off-grid flush: the window is what an uninterrupted run holds.
@@ -561,11 +370,6 @@ def train(
         elapsed=elapsed_before + (time.perf_counter() - start),
         out_dir=out,
     )
-
-
-def _json_line(record: dict[str, Any]) -> str:
-    """One metrics.jsonl line."""
-    return json.dumps(record) + "\n"
 
 
 def _progress_bar(total: int, initial: int, *, enabled: bool) -> Any:
