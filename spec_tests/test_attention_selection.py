@@ -82,11 +82,11 @@ def test_default_kernel_is_the_fastest_available_kernel_in_the_committed_table(
 
 
 @spec(kind="equivalence")
-@pytest.mark.parametrize("kind", ["x86", "x86-amx"])
+@pytest.mark.parametrize("kind", ["x86", "x86-amx", "x86-avx512-bf16"])
 def test_on_cpu_fp32_the_committed_results_make_the_torch_wrapper_the_default(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On both measured CPU kinds the committed fp32 measurements show the ``"torch"`` kernel faster than ``"chunked"``, so a float32 call with ``kernel=None`` returns exactly what ``kernel="torch"`` returns."""
+    """On every measured CPU kind the committed fp32 measurements show the ``"torch"`` kernel faster than ``"chunked"``, so a float32 call with ``kernel=None`` returns exactly what ``kernel="torch"`` returns."""
     times = MEASURED[("cpu", kind, "fp32")].relative_time
     assert times["torch"] < times["chunked"]
     _pretend_kind(monkeypatch, kind)
@@ -124,11 +124,12 @@ def test_the_table_of_this_machines_hardware_kind_decides_not_another_kinds(
 
 
 @spec(kind="equivalence")
-def test_the_hardware_kind_is_x86_amx_x86_or_other_as_torch_and_platform_report_the_cpu() -> None:
-    """``hardware_kind("cpu")`` is ``"x86-amx"`` exactly when torch reports AMX tile units, else ``"x86"`` exactly when the machine is x86-64, else ``"other"``; every other device type is ``"any"``."""
+def test_the_hardware_kind_follows_the_bf16_units_torch_reports_on_the_cpu() -> None:
+    """``hardware_kind("cpu")`` is ``"x86-amx"`` exactly when torch reports AMX tile units, else ``"x86-avx512-bf16"`` exactly when it reports AVX-512 BF16 instructions, else ``"x86"`` exactly when the machine is x86-64, else ``"other"``; every other device type is ``"any"``."""
     amx = torch.cpu._is_amx_tile_supported()
+    bf16 = torch.cpu._is_avx512_bf16_supported()
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    expected = "x86-amx" if amx else "x86" if x86 else "other"
+    expected = "x86-amx" if amx else "x86-avx512-bf16" if bf16 else "x86" if x86 else "other"
     assert kernel_choice.hardware_kind("cpu") == expected
     assert kernel_choice.hardware_kind("cuda") == "any"
 

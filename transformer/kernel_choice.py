@@ -13,12 +13,15 @@ rounded to three decimals; ``spec_tests/test_attention_selection.py`` re-derives
 those files, so the table cannot drift from the measurements it cites.
 
 The *hardware kind* (:func:`hardware_kind`) is there because one CPU's ranking is not
-another's. On the two CPUs measured, the bf16 relative times of the ``"torch"`` wrapper
+another's. On the CPUs measured, the bf16 relative times of the ``"torch"`` wrapper
 and of our ``"chunked"`` kernel were 1.118 and 0.951 on an x86 CPU without AMX (an
-AMD EPYC, where torch's bf16 backward is slow) but 1.082 and 3.218 on one with AMX (an
-Intel Xeon, where torch's bf16 matrix products run on the AMX tile units): a table
-keyed by device type alone would give the Xeon a bf16 default 3x slower than the other
-kernel. A CPU of an unmeasured kind (not x86) falls back to the registry's priorities,
+AMD EPYC, where torch's bf16 backward is slow; its report predates the records of
+the CPU's instruction set, and the README of the time called it AVX2), 1.082 and 3.218 on one
+with AMX (an Intel Xeon, where torch's bf16 matrix products run on the AMX tile units)
+and 0.986 and 1.399 on an AMD EPYC with AVX-512 BF16: a table keyed by device type
+alone would give the Xeon a bf16 default 3x slower than the other kernel, and one
+keyed by "x86 without AMX" gave that EPYC a bf16 default 1.4x slower. A CPU of an
+unmeasured kind (not x86) falls back to the registry's priorities,
 as any unmeasured device or dtype does.
 """
 
@@ -62,6 +65,7 @@ class Measured:
 
 _EPYC = "benchmarks/results/cpu-epyc-2core-B4H8E64-kernels.json"
 _XEON = "benchmarks/results/cpu-xeon-amx-2core-B4H8E64-kernels.json"
+_EPYC_BF16 = "benchmarks/results/cpu-epyc-avx512-bf16-2core-B4H8E64-kernels.json"
 
 #: (device type, hardware kind, dtype name) -> the committed measurement that decides
 #: ``kernel=None``. Both files come from ``transformer bench attention --kernels chunked
@@ -69,12 +73,16 @@ _XEON = "benchmarks/results/cpu-xeon-amx-2core-B4H8E64-kernels.json"
 #: H 8, E 64, 2 threads, torch 2.13.0). On the AMD EPYC (x86 without AMX; its report
 #: predates the ``hardware_kind`` field, so the kind is given here) the "torch" wrapper is
 #: faster on fp32, "chunked" on bf16 (torch's bf16 CPU backward is 4x slower than its
-#: forward would suggest). On the Intel Xeon (AMX) the "torch" wrapper wins both.
+#: forward would suggest). On the Intel Xeon (AMX), and on an AMD EPYC with AVX-512
+#: BF16 (where torch's bf16 forward+backward at L = 2048 took 0.82x and 0.96x of its
+#: fp32 time, against 5.4x and 4.3x on the EPYC above), the "torch" wrapper wins both.
 MEASURED: dict[tuple[str, str, str], Measured] = {
     ("cpu", "x86", "fp32"): Measured(_EPYC, {"chunked": 1.252, "torch": 1.068}),
     ("cpu", "x86", "bf16"): Measured(_EPYC, {"chunked": 0.951, "torch": 1.118}),
     ("cpu", "x86-amx", "fp32"): Measured(_XEON, {"chunked": 1.673, "torch": 1.035}),
     ("cpu", "x86-amx", "bf16"): Measured(_XEON, {"chunked": 3.218, "torch": 1.082}),
+    ("cpu", "x86-avx512-bf16", "fp32"): Measured(_EPYC_BF16, {"chunked": 1.346, "torch": 0.96}),
+    ("cpu", "x86-avx512-bf16", "bf16"): Measured(_EPYC_BF16, {"chunked": 1.399, "torch": 0.986}),
 }
 
 
@@ -83,6 +91,9 @@ def _cpu_kind() -> str:
     amx = getattr(cpu, "_is_amx_tile_supported", None)
     if callable(amx) and amx():
         return "x86-amx"
+    bf16 = getattr(cpu, "_is_avx512_bf16_supported", None)
+    if callable(bf16) and bf16():
+        return "x86-avx512-bf16"
     if platform.machine().lower() in ("x86_64", "amd64"):
         return "x86"
     return "other"
@@ -97,9 +108,11 @@ def hardware_kind(device_type: str) -> str:
     """The kind of this machine's ``device_type`` hardware that :data:`MEASURED` is keyed by.
 
     For ``"cpu"``: ``"x86-amx"`` when torch reports AMX tile units (its bf16 matrix
-    products then run on them), ``"x86"`` for any other x86-64 CPU (the AMD EPYC
-    measured is one), otherwise ``"other"``. Other device types have one kind,
-    ``"any"``, until a measurement needs more.
+    products then run on them), ``"x86-avx512-bf16"`` when it reports AVX-512 BF16
+    dot-product instructions without AMX (torch's bf16 attention then runs several
+    times faster than without them), ``"x86"`` for any other x86-64 CPU, otherwise
+    ``"other"``. Two AMD EPYC machines measured fall on either side of the bf16 split.
+    Other device types have one kind, ``"any"``, until a measurement needs more.
     """
     return _CPU_KIND if device_type == "cpu" else "any"
 

@@ -42,6 +42,7 @@ _SPLIT_DTYPES = (torch.float32, torch.float64)
 SPLIT_MEASURED: dict[str, tuple[str, bool]] = {
     "x86": ("benchmarks/results/cpu-matvec.json", True),
     "x86-amx": ("benchmarks/results/cpu-xeon-amx-matvec.json", False),
+    "x86-avx512-bf16": ("benchmarks/results/cpu-epyc-avx512-bf16-matvec.json", True),
 }
 
 # Decided once, at import, like the kernel ranking: traced code may read a constant.
