@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from result_file import check_out, write_record
 from torch import Tensor
 
+from transformer.bench_device import cpu_capability
 from transformer.generate import greedy_decode
 from transformer.kernel_choice import hardware_kind
 from transformer.matvec import linear
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
             "hardware_kind": hardware_kind("cpu"),
-            "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+            "cpu_capability": cpu_capability(),
             "python": platform.python_version(),
         },
     }

@@ -92,15 +92,17 @@ class Problem:
 
     def tile_buffer(self) -> Tensor:
         """Scratch for one tile's scores, reused across tiles (fresh pages are slow)."""
-        N, g, L, _ = self.q.shape
-        per_slice = g * min(self.block_l, L) * min(self.block_s, self.k.shape[1])
-        return self.q.new_empty(min(N, self.slices_per_chunk()) * per_slice)
+        N = self.q.shape[0]
+        return self.q.new_empty(min(N, self.slices_per_chunk()) * self._scores_per_slice())
 
     def slices_per_chunk(self) -> int:
         """Slices batched into one tile so that it holds about ``tile_elements`` scores."""
+        return max(1, self.tile_elements // max(1, self._scores_per_slice()))
+
+    def _scores_per_slice(self) -> int:
+        """Scores of one slice in a full tile: ``g`` heads x query rows x key columns."""
         _, g, L, _ = self.q.shape
-        per_slice = g * min(self.block_l, L) * min(self.block_s, self.k.shape[1])
-        return max(1, self.tile_elements // max(1, per_slice))
+        return g * min(self.block_l, L) * min(self.block_s, self.k.shape[1])
 
     def units(self) -> list[Unit]:
         """The work units, chunk by chunk; they depend on the sizes only, not on thread count."""
